@@ -1,0 +1,46 @@
+# Quickstart: `make run` then `make test`. Both create .venv and install the pinned dependencies.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+# Datasets: $$CROSSSIM_DATA_DIR, else data/raw (DVC-tracked), else ../shared/data where a checkout has it beside it.
+export CROSSSIM_DATA_DIR ?= $(if $(wildcard data/raw),data/raw,$(if $(wildcard ../shared/data),../shared/data,data/raw))
+# Prefect's state (ephemeral server database, cached task results) stays inside the project.
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+
+.PHONY: setup run test bench-source data dvc-repro mlflow-ui prefect-ui clean
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	test -x $(UV) || $(PY) -m pip install -q uv==0.13.9
+	$(UV) pip sync --python $(PY) -q requirements.lock
+	$(UV) pip install --python $(PY) -q --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(VENV)/bin/crosssim run --config params.yaml
+
+test: setup
+	$(PY) -m pytest -q
+
+bench-source: setup
+	$(PY) benchmarks/source_pneumoniamnist.py
+
+# Put the datasets under DVC: link $CROSSSIM_DATA_DIR's folders into data/raw, then `dvc add data`.
+data: setup
+	$(PY) -m flows.dvc_data --from "$(CROSSSIM_DATA_DIR)"
+
+dvc-repro: setup
+	$(VENV)/bin/dvc repro && $(VENV)/bin/dvc metrics show
+
+mlflow-ui: setup
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --host 127.0.0.1 --port 5000
+
+prefect-ui: setup
+	$(VENV)/bin/prefect server start --host 127.0.0.1
+
+clean:
+	rm -rf outputs .cache .prefect mlflow

@@ -1,0 +1,133 @@
+"""``crosssim`` command line: each stage on its own (as DVC runs them) and the whole flow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from pipeline.config import PipelineConfig, load_config
+from pipeline.errors import DataValidationError, PipelineError
+
+app = typer.Typer(help="CrossSim: retrain and evaluate a chest X-ray pneumonia classifier.", no_args_is_help=True)
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Optional[Path], typer.Option("--config", "-c", help="params.yaml to read (default: ./params.yaml if present).")
+]
+SetOption = Annotated[
+    Optional[list[str]], typer.Option("--set", "-s", help="Override a config key, e.g. --set train.epochs=2.")
+]
+
+
+def _config(config: Path | None, overrides: list[str] | None) -> PipelineConfig:
+    if config is None and Path("params.yaml").is_file():
+        config = Path("params.yaml")
+    return load_config(config, overrides or [])
+
+
+def _fail(error: PipelineError) -> None:
+    err_console.print(f"[bold red]error:[/] {error}", highlight=False, markup=True)
+    raise typer.Exit(error.exit_code)
+
+
+@app.command()
+def validate(
+    dataset_dir: Annotated[Optional[Path], typer.Argument(help="One dataset folder; default: every configured site.")] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Check a dataset with the data-quality suite; exit 3 on a blocking failure."""
+    from flows import steps
+    from pipeline.data.readers import read_dataset
+    from pipeline.data.splits import assign_splits
+
+    try:
+        cfg = _config(config, set_)
+        if dataset_dir is not None:
+            manifest = assign_splits(read_dataset(dataset_dir), cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+            targets = {dataset_dir.name: manifest}
+        else:
+            targets = {site: steps.load_site(cfg, site) for site in steps.sites(cfg)}
+        blocked = False
+        for site, manifest in targets.items():
+            report = steps.validate_site(cfg, site, manifest)
+            console.print(report.summary(), highlight=False, markup=False)
+            console.print(f"report: {report.report_json_path}\nData Docs: {report.data_docs_index}")
+            blocked |= not report.success
+        if blocked:
+            raise DataValidationError("blocking data-quality rules failed (see above)")
+    except PipelineError as error:
+        _fail(error)
+
+
+@app.command()
+def prepare(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Validate, then decode/resize every configured site into outputs/prepared/<site>."""
+    from flows import steps
+
+    try:
+        cfg = _config(config, set_)
+        for site in steps.sites(cfg):
+            manifest = steps.load_site(cfg, site)
+            steps.validate_site(cfg, site, manifest).raise_if_blocking()
+            console.print(f"{site}: {len(manifest)} images → {steps.prepare_site(cfg, site, manifest)}")
+    except PipelineError as error:
+        _fail(error)
+
+
+@app.command()
+def train(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from outputs/train/last.pt.")] = False,
+) -> None:
+    """Train on the prepared source site (run `crosssim prepare` first)."""
+    from flows import steps
+
+    try:
+        cfg = _config(config, [*(set_ or []), *(["train.resume=true"] if resume else [])])
+        result = steps.train_step(cfg)
+        console.print(f"best val AUC {result.state.best_val_auc:.4f} at epoch {result.state.best_epoch}: {result.model_path}")
+    except PipelineError as error:
+        _fail(error)
+
+
+@app.command()
+def evaluate(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Score the trained model on the source test split and every external site."""
+    from flows import steps
+    from pipeline.evaluation import metrics_table_markdown
+
+    try:
+        cfg = _config(config, set_)
+        result = steps.evaluate_step(cfg, cfg.train.output_dir / "best.pt")
+        console.print(metrics_table_markdown(result["sets"]), highlight=False, markup=False)
+        console.print(f"metrics: {cfg.evaluate.output_dir / 'metrics.json'}")
+    except PipelineError as error:
+        _fail(error)
+
+
+@app.command()
+def run(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """The whole retraining flow under Prefect, tracked in MLflow."""
+    from flows.retrain import retrain
+
+    try:
+        cfg_path = config if config is not None else (Path("params.yaml") if Path("params.yaml").is_file() else None)
+        _config(cfg_path, set_)  # fail fast on a bad config, before Prefect starts
+        summary = retrain(config_path=str(cfg_path) if cfg_path else None, overrides=set_ or [])
+    except PipelineError as error:
+        _fail(error)
+    console.print(json.dumps(summary["metrics"], indent=2), highlight=False)
+    console.print(f"\n[bold green]done.[/] MLflow run: {summary['mlflow_run_url']}")
+    console.print(f"evaluation outputs: {summary['outputs']}\nmodel: {summary['model_uri']}")
+    console.print("browse runs: make mlflow-ui   |   flow runs: make prefect-ui")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,143 @@
+"""Prefect 3 retraining flow: validate → prepare → train → evaluate, tracked in MLflow.
+
+Runs in Prefect's local ephemeral mode unless PREFECT_API_URL points at a server.
+One MLflow run spans the flow: a blocked validation leaves a FAILED run holding the
+validation reports and no model.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pandas as pd
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.context import get_run_context
+
+from flows import steps
+from pipeline.config import PipelineConfig, load_config
+from pipeline.data.prepare import content_key
+from pipeline.errors import DataValidationError
+from pipeline.evaluation import metrics_table_markdown
+from pipeline.tracking import MlflowTracker, run_context_tags
+from pipeline.validation import ValidationReport, compute_image_facts
+
+
+@task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def read_site(cfg: PipelineConfig, site: str) -> pd.DataFrame:
+    return steps.load_site(cfg, site)
+
+
+def _facts_cache_key(context, parameters) -> str:
+    # Keyed on the bytes of every image and the manifest rows, not on object identity.
+    return f"facts-{content_key(parameters['manifest'], 0)}"
+
+
+@task(cache_key_fn=_facts_cache_key, cache_expiration=timedelta(days=30), persist_result=True)
+def image_facts(manifest: pd.DataFrame) -> pd.DataFrame:
+    return compute_image_facts(manifest)
+
+
+@task(cache_policy=NO_CACHE)
+def validate_site(cfg: PipelineConfig, site: str, manifest: pd.DataFrame, facts: pd.DataFrame) -> ValidationReport:
+    from pipeline.validation import validate_dataset
+
+    return validate_dataset(manifest, facts, cfg.validation, cfg.validation.report_dir / site)
+
+
+@task(retries=1, cache_policy=NO_CACHE)
+def prepare_site(cfg: PipelineConfig, site: str, manifest: pd.DataFrame) -> Path:
+    return steps.prepare_site(cfg, site, manifest)
+
+
+@task(cache_policy=NO_CACHE)
+def train(cfg: PipelineConfig, tracker: MlflowTracker):
+    return steps.train_step(cfg, tracker)
+
+
+@task(cache_policy=NO_CACHE)
+def evaluate(cfg: PipelineConfig, model_path: Path) -> dict:
+    return steps.evaluate_step(cfg, model_path)
+
+
+def _validation_gate(reports: dict[str, ValidationReport], tracker: MlflowTracker) -> None:
+    for site, report in reports.items():
+        tracker.log_artifacts(report.report_dir, artifact_path=f"validation/{site}")
+    blocking = [report for report in reports.values() if not report.success]
+    if blocking:
+        summary = "\n\n".join(report.summary() for report in blocking)
+        raise DataValidationError(f"data validation failed; training did not start.\n{summary}")
+
+
+def _flow_run_id() -> str | None:
+    try:
+        return str(get_run_context().flow_run.id)
+    except Exception:  # outside a Prefect run context (direct call of .fn)
+        return None
+
+
+@flow(name="crosssim-retrain", log_prints=True)
+def retrain(config_path: str | None = None, overrides: list[str] | None = None) -> dict:
+    """Retrain on the configured source dataset and evaluate on it and every external site."""
+    cfg = load_config(Path(config_path) if config_path else None, overrides or [])
+    logger = get_run_logger()
+    manifests = {site: read_site(cfg, site) for site in steps.sites(cfg)}
+    with MlflowTracker(cfg.tracking, run_name="retrain") as tracker:
+        tags = run_context_tags() | {f"data_version.{site}": v for site, v in steps.data_versions(cfg).items()}
+        tracker.set_tags(tags | {"prefect_flow_run_id": _flow_run_id() or ""})
+        tracker.log_params(cfg.model_dump(mode="json"))
+        reports = {
+            site: validate_site(cfg, site, manifest, image_facts(manifest)) for site, manifest in manifests.items()
+        }
+        _validation_gate(reports, tracker)
+        for site, manifest in manifests.items():
+            prepare_site(cfg, site, manifest)
+        trained = train(cfg, tracker)
+        tracker.log_artifact(trained.summary_path, artifact_path="train")
+        evaluation = evaluate(cfg, trained.model_path)
+        tracker.log_metrics(_flat_metrics(evaluation))
+        tracker.log_artifacts(cfg.evaluate.output_dir, artifact_path="eval")
+        model, example = steps.serving_model(cfg, trained.model_path)
+        model_uri = tracker.log_model(model, name="model", input_example=example)
+        table = metrics_table_markdown(evaluation["sets"])
+        create_markdown_artifact(
+            key="retrain-summary",
+            markdown=_summary_markdown(cfg, tracker, trained, evaluation, table, model_uri),
+            description="CrossSim retraining run",
+        )
+        logger.info("MLflow run %s: %s", tracker.run_id, tracker.run_url)
+        return {
+            "mlflow_run_id": tracker.run_id,
+            "mlflow_run_url": tracker.run_url,
+            "model_uri": model_uri,
+            "threshold": evaluation["threshold"],
+            "metrics": {name: result["at_threshold"] for name, result in evaluation["sets"].items()},
+            "outputs": str(cfg.evaluate.output_dir),
+        }
+
+
+def _flat_metrics(evaluation: dict) -> dict[str, float]:
+    metrics = {"threshold": evaluation["threshold"]}
+    for name, result in evaluation["sets"].items():
+        prefix = name.replace("/", "_")
+        for key, value in result["at_threshold"].items():
+            if isinstance(value, (int, float)):
+                metrics[f"{prefix}.{key}"] = float(value)
+    return metrics
+
+
+def _summary_markdown(cfg: PipelineConfig, tracker, trained, evaluation: dict, table: str, model_uri: str) -> str:
+    return "\n".join(
+        [
+            "# CrossSim retraining run",
+            f"- MLflow run: [{tracker.run_id}]({tracker.run_url})",
+            f"- Model: `{model_uri}` ({cfg.train.backbone}, {cfg.data.image_size}×{cfg.data.image_size})",
+            f"- Epochs run: {trained.state.epoch}, best epoch {trained.state.best_epoch} "
+            f"(val AUC {trained.state.best_val_auc:.4f})",
+            f"- Decision threshold {evaluation['threshold']:.4f}, chosen on `{cfg.data.source}/val`",
+            "",
+            table,
+        ]
+    )

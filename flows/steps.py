@@ -1,0 +1,130 @@
+"""The stages run against the project's output layout, shared by the CLI, DVC and Prefect.
+
+Each function is one stage of ``dvc.yaml`` and one task of the retraining flow; they
+only compose ``pipeline`` functions and decide where artifacts live:
+
+    outputs/validation/<site>/   validation.json + GX Data Docs
+    outputs/prepared/<site>/     images.npy + manifest.csv (hard links into the content-keyed cache)
+    outputs/train/               best.pt, last.pt, train_summary.json
+    outputs/eval/                metrics.json (DVC metrics), plots, predictions.csv
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.augment import PIXEL_MEAN, PIXEL_STD
+from pipeline.config import DATA_DIR_ENV, PipelineConfig
+from pipeline.data.prepare import PreparedDataset, open_prepared, prepare_dataset
+from pipeline.data.readers import read_dataset
+from pipeline.data.splits import assign_splits, subsample
+from pipeline.errors import DatasetError
+from pipeline.evaluation import choose_threshold, evaluate_sites
+from pipeline.models import PneumoniaProbability
+from pipeline.training import TrainResult, load_trained_model, train_model
+from pipeline.training.engine import predict_proba, select_device
+from pipeline.validation import ValidationReport, compute_image_facts, validate_dataset
+from pipeline.versioning import dataset_version
+
+
+def prepared_dir(cfg: PipelineConfig, site: str) -> Path:
+    return cfg.data.prepared_dir / site
+
+
+def sites(cfg: PipelineConfig) -> list[str]:
+    return [cfg.data.source, *cfg.data.external]
+
+
+def site_dir(cfg: PipelineConfig, site: str) -> Path:
+    root = cfg.data.resolved_root()
+    if not root.is_dir():
+        raise DatasetError(
+            f"data folder {root} does not exist. Set {DATA_DIR_ENV} (or data.root in params.yaml) to the folder "
+            f"holding one sub-folder per dataset, e.g. {DATA_DIR_ENV}=../shared/data (see README, 'Data')."
+        )
+    return root / site
+
+
+def load_site(cfg: PipelineConfig, site: str) -> pd.DataFrame:
+    """Read a dataset, assign patient-disjoint splits, subsample if configured."""
+    manifest = read_dataset(site_dir(cfg, site))
+    manifest = assign_splits(manifest, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+    return subsample(manifest, cfg.data.max_images_per_class, cfg.seed)
+
+
+def validate_site(cfg: PipelineConfig, site: str, manifest: pd.DataFrame) -> ValidationReport:
+    """Run the data-quality suite; the caller decides whether blocking failures stop the run."""
+    facts = compute_image_facts(manifest)
+    return validate_dataset(manifest, facts, cfg.validation, cfg.validation.report_dir / site)
+
+
+def _publish(entry: PreparedDataset, destination: Path) -> None:
+    """Expose a cache entry at a stable path (hard links: no copy of the pixels)."""
+    staging = destination.with_name(destination.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for file in entry.directory.iterdir():
+        try:
+            os.link(file, staging / file.name)
+        except OSError:  # another filesystem: copy instead
+            shutil.copy2(file, staging / file.name)
+    shutil.rmtree(destination, ignore_errors=True)
+    os.replace(staging, destination)
+
+
+def prepare_site(cfg: PipelineConfig, site: str, manifest: pd.DataFrame) -> Path:
+    entry = prepare_dataset(manifest, cfg.data.image_size, cfg.data.cache_dir)
+    destination = prepared_dir(cfg, site)
+    _publish(entry, destination)
+    return destination
+
+
+def data_versions(cfg: PipelineConfig) -> dict[str, str]:
+    """DVC md5 of each input dataset folder: the data version recorded with a run."""
+    return {site: dataset_version(site_dir(cfg, site)) for site in sites(cfg)}
+
+
+def train_step(cfg: PipelineConfig, tracker=None, show_progress: bool = True) -> TrainResult:
+    return train_model(open_prepared(prepared_dir(cfg, cfg.data.source)), cfg, tracker, show_progress)
+
+
+def _predictions(model, prepared: PreparedDataset, mask: pd.Series, device: torch.device) -> pd.DataFrame:
+    images, rows = prepared.subset(mask)
+    rows = rows.copy()
+    rows["prob"] = predict_proba(model, images, device)
+    return rows
+
+
+def evaluate_step(cfg: PipelineConfig, model_path: Path) -> dict:
+    """Threshold from the source val split; scores on source test and on every external site."""
+    device = select_device(cfg.train.device)
+    model = load_trained_model(model_path, cfg.train.backbone).to(device).to(memory_format=torch.channels_last)
+    source = open_prepared(prepared_dir(cfg, cfg.data.source))
+    val = _predictions(model, source, source.manifest["split"] == "val", device)
+    threshold = choose_threshold(val["label"].to_numpy(dtype=int), val["prob"].to_numpy())
+    sets = {f"{cfg.data.source}/test": _predictions(model, source, source.manifest["split"] == "test", device)}
+    for site in cfg.data.external:
+        external = open_prepared(prepared_dir(cfg, site))
+        sets[site] = _predictions(model, external, external.manifest["label"].notna(), device)
+    out_dir = cfg.evaluate.output_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pd.concat([frame.assign(set=name) for name, frame in sets.items()]).drop(columns=["path"]).to_csv(
+        out_dir / "predictions.csv", index=False
+    )
+    results = evaluate_sites(sets, threshold, cfg.evaluate, out_dir)
+    (out_dir / "threshold.json").write_text(json.dumps({"threshold": threshold, "chosen_on": f"{cfg.data.source}/val"}))
+    return {"threshold": threshold, "sets": results}
+
+
+def serving_model(cfg: PipelineConfig, model_path: Path) -> tuple[PneumoniaProbability, np.ndarray]:
+    """The model as registered (pixels in [0, 1] → probability) and an input example for its signature."""
+    model = PneumoniaProbability(load_trained_model(model_path, cfg.train.backbone), PIXEL_MEAN, PIXEL_STD).eval()
+    size = cfg.data.image_size
+    return model, np.zeros((1, 1, size, size), dtype=np.float32)

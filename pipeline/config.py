@@ -1,0 +1,189 @@
+"""One typed configuration for every stage, loaded from ``params.yaml``.
+
+The same file is read by the CLI, the Prefect flows and ``dvc.yaml`` (DVC reads its
+keys as stage params), so a run is fully described by it plus ``--set key=value``
+overrides. Relative paths are resolved against the folder of the config file (the
+project root), so a run does not depend on the directory it was started from.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.errors import ConfigError
+
+DATA_DIR_ENV = "CROSSSIM_DATA_DIR"
+DEFAULT_DATA_DIR = "data/raw"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Section):
+    """Where the datasets are and how they become model inputs."""
+
+    root: Path | None = Field(
+        default=None,
+        description=f"Folder holding one sub-folder per dataset; default ${DATA_DIR_ENV}, else {DEFAULT_DATA_DIR}.",
+    )
+    source: str = "kermany-pediatric"
+    external: list[str] = Field(default_factory=lambda: ["nih-cxr8"])
+    image_size: int = Field(default=64, ge=16, le=1024)
+    val_fraction: float = Field(default=0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(default=0.2, gt=0, lt=0.5)
+    max_images_per_class: int | None = Field(
+        default=None, ge=1, description="Subsample each split/class to at most this many (quick runs, tests)."
+    )
+    cache_dir: Path = Path(".cache/prepared")
+    prepared_dir: Path = Path("outputs/prepared")
+
+    def resolved_root(self) -> Path:
+        """``root`` if set, else $CROSSSIM_DATA_DIR, else ``data/raw``."""
+        if self.root is not None:
+            return self.root
+        return Path(os.environ.get(DATA_DIR_ENV, DEFAULT_DATA_DIR))
+
+
+class ValidationConfig(_Section):
+    """Thresholds of the data-quality rules (see pipeline.validation)."""
+
+    min_side: int = Field(default=64, ge=1)
+    max_side: int = Field(default=8192, ge=1)
+    min_std: float = Field(default=2.0, ge=0, description="Below this pixel std an image counts as blank/constant.")
+    min_images: int = Field(default=50, ge=1)
+    min_class_share: float = Field(default=0.1, ge=0, le=0.5)
+    allowed_labels: list[int] = Field(default_factory=lambda: [0, 1])
+    report_dir: Path = Path("outputs/validation")
+
+
+class AugmentConfig(_Section):
+    """Dynamic augmentation applied on batched tensors during training."""
+
+    enabled: bool = True
+    rotation_degrees: float = Field(default=15.0, ge=0, le=180)
+    brightness: float = Field(default=0.2, ge=0, le=1)
+    contrast: float = Field(default=0.0, ge=0, le=1)
+    scale: tuple[float, float] | None = None
+    translate: float = Field(default=0.0, ge=0, le=0.5)
+    hflip: bool = False
+
+
+class TrainConfig(_Section):
+    backbone: Literal["resnet18", "resnet50", "densenet121", "mobilenet_v3_small", "efficientnet_b0"] = "resnet18"
+    pretrained_weights: Path | None = Field(default=None, description="Local state_dict file; never downloaded.")
+    epochs: int = Field(default=8, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    warmup_epochs: float = Field(default=1.0, ge=0)
+    label_smoothing: float = Field(default=0.05, ge=0, lt=1)
+    class_weighted: bool = True
+    grad_clip_norm: float | None = Field(default=1.0, gt=0)
+    grad_accum_steps: int = Field(default=1, ge=1)
+    early_stopping_patience: int | None = Field(default=4, ge=1)
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    device: str = "auto"
+    num_threads: int | None = Field(default=None, ge=1)
+    output_dir: Path = Path("outputs/train")
+    resume: bool = False
+
+
+class EvaluateConfig(_Section):
+    bootstrap_samples: int = Field(default=1000, ge=0)
+    calibration_bins: int = Field(default=10, ge=2)
+    output_dir: Path = Path("outputs/eval")
+
+
+class TrackingConfig(_Section):
+    experiment: str = "crosssim-retrain"
+    tracking_uri: str | None = Field(default=None, description="Default: $MLFLOW_TRACKING_URI, else sqlite under mlflow/.")
+    local_dir: Path = Path("mlflow")
+
+
+class PipelineConfig(_Section):
+    seed: int = 42
+    data: DataConfig = Field(default_factory=DataConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def anchored(self, base: Path) -> PipelineConfig:
+        """A copy whose relative paths (outputs, caches, data root) are made absolute under ``base``."""
+        raw = self.model_dump()
+        raw["data"]["root"] = self.data.resolved_root()
+        for section, key in _PATH_FIELDS:
+            value = raw[section][key]
+            if value is not None and not Path(value).is_absolute():
+                raw[section][key] = (base / value).resolve()
+        return PipelineConfig.model_validate(raw)
+
+    @field_validator("data")
+    @classmethod
+    def _external_differs_from_source(cls, data: DataConfig) -> DataConfig:
+        if data.source in data.external:
+            raise ValueError(f"data.external must not repeat data.source ({data.source!r})")
+        return data
+
+
+_PATH_FIELDS = (
+    ("data", "root"),
+    ("data", "cache_dir"),
+    ("data", "prepared_dir"),
+    ("validation", "report_dir"),
+    ("train", "output_dir"),
+    ("train", "pretrained_weights"),
+    ("evaluate", "output_dir"),
+    ("tracking", "local_dir"),
+)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=2)")
+    key, raw = item.split("=", 1)
+    # YAML parsing gives ints, floats, bools, null and [lists] the same meaning as in params.yaml.
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted ``key=value`` pairs in a raw config mapping (values parsed as YAML)."""
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = raw
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {key!r} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read ``params.yaml`` (or defaults when ``path`` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    base = path.resolve().parent if path is not None else Path.cwd()
+    try:
+        return PipelineConfig.model_validate(raw).anchored(base)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid configuration: {problems}") from exc

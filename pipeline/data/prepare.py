@@ -1,0 +1,100 @@
+"""Decode, grayscale, resize and store a manifest's images as one uint8 memory-mapped array.
+
+The cache entry is keyed by a hash of the file contents, the manifest rows and the
+image size, so an unchanged rerun opens the existing array and costs nothing. An
+entry is built in a temporary folder and renamed into place: a crash never leaves a
+half-written entry that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.data.images import decode_image, resize_square, to_grayscale
+from pipeline.data.manifest import load_manifest, save_manifest
+
+PREPARE_FORMAT = "v1"  # bump when the pixel pipeline changes, so old cache entries are not reused
+
+
+@dataclass(frozen=True)
+class PreparedDataset:
+    """Images (N, S, S) uint8 aligned row-for-row with ``manifest``."""
+
+    key: str
+    directory: Path
+    images: np.ndarray
+    manifest: pd.DataFrame
+
+    def subset(self, mask: pd.Series | np.ndarray) -> tuple[np.ndarray, pd.DataFrame]:
+        mask = np.asarray(mask, dtype=bool)
+        return self.images[mask], self.manifest[mask].reset_index(drop=True)
+
+
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def content_key(manifest: pd.DataFrame, image_size: int) -> str:
+    """Hash of what determines the prepared array: file bytes, row order/labels/splits, size."""
+    digest = hashlib.sha256(f"{PREPARE_FORMAT}:{image_size}".encode())
+    digests = {path: _file_digest(path) for path in sorted(set(manifest["path"]))}
+    columns = ["image_id", "path", "frame", "array_key", "label", "patient_id", "site", "split"]
+    for row in manifest[columns].astype(str).itertuples(index=False):
+        digest.update("|".join(row).encode())
+        digest.update(digests[row.path].encode())
+    return digest.hexdigest()[:20]
+
+
+def _decode_row(args: tuple[str, object, object, int]) -> np.ndarray:
+    path, frame, array_key, size = args
+    frame = None if pd.isna(frame) else int(frame)
+    return resize_square(to_grayscale(decode_image(path, frame, array_key)), size)
+
+
+def prepare_dataset(manifest: pd.DataFrame, image_size: int, cache_dir: Path, workers: int | None = None) -> PreparedDataset:
+    """Return the prepared dataset for ``manifest``, building it only if not cached."""
+    key = content_key(manifest, image_size)
+    entry = Path(cache_dir) / key
+    if (entry / "meta.json").is_file():
+        return open_prepared(entry)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=entry.parent))
+    try:
+        images = np.lib.format.open_memmap(
+            staging / "images.npy", mode="w+", dtype=np.uint8, shape=(len(manifest), image_size, image_size)
+        )
+        jobs = [(r.path, r.frame, r.array_key, image_size) for r in manifest.itertuples(index=False)]
+        workers = workers or min(4, os.cpu_count() or 1)
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for index, pixels in enumerate(pool.map(_decode_row, jobs, chunksize=64)):
+                images[index] = pixels
+        images.flush()
+        del images
+        save_manifest(manifest, staging / "manifest.csv")
+        meta = {"key": key, "image_size": image_size, "count": len(manifest), "format": PREPARE_FORMAT}
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+        os.replace(staging, entry)  # atomic: the entry appears complete or not at all
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return open_prepared(entry)
+
+
+def open_prepared(entry: Path) -> PreparedDataset:
+    meta = json.loads((entry / "meta.json").read_text())
+    images = np.load(entry / "images.npy", mmap_mode="r")
+    return PreparedDataset(key=meta["key"], directory=entry, images=images, manifest=load_manifest(entry / "manifest.csv"))

@@ -1,0 +1,81 @@
+"""Training stage: ``train_model`` turns a prepared dataset into a model checkpoint."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.config import PipelineConfig
+from pipeline.data.prepare import PreparedDataset
+from pipeline.errors import TrainingError
+from pipeline.models import Classifier, build_model
+from pipeline.training.engine import Trainer, TrainState
+from pipeline.training.handlers import Checkpointer, EarlyStopping, MetricsLogger, ProgressBar
+
+__all__ = ["TrainResult", "train_model", "load_trained_model"]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    model_path: Path  # best weights (state_dict) by validation AUC
+    checkpoint_path: Path  # full state of the last epoch, for --resume
+    summary_path: Path
+    state: TrainState
+
+
+def train_model(
+    prepared: PreparedDataset, cfg: PipelineConfig, tracker=None, show_progress: bool = True
+) -> TrainResult:
+    """Train ``cfg.train.backbone`` on the train split, select on val AUC, checkpoint every epoch."""
+    manifest = prepared.manifest
+    train_images, train_rows = prepared.subset(manifest["split"] == "train")
+    val_images, val_rows = prepared.subset(manifest["split"] == "val")
+    output_dir = Path(cfg.train.output_dir)
+    checkpointer = Checkpointer(output_dir)
+    handlers: list = [checkpointer, ProgressBar(show_progress)]
+    if cfg.train.early_stopping_patience:
+        handlers.append(EarlyStopping(cfg.train.early_stopping_patience))
+    if tracker is not None:
+        handlers.append(MetricsLogger(tracker))
+    trainer = Trainer(
+        build_model(cfg.train.backbone, cfg.train.pretrained_weights),
+        train_images,
+        train_rows["label"].to_numpy(dtype="int64"),
+        val_images,
+        val_rows["label"].to_numpy(dtype="int64"),
+        cfg.train,
+        cfg.augment,
+        cfg.seed,
+        handlers,
+    )
+    if cfg.train.resume:
+        if not checkpointer.last.is_file():
+            raise TrainingError(f"--resume: no checkpoint at {checkpointer.last}")
+        trainer.restore(torch.load(checkpointer.last, map_location=trainer.device, weights_only=False))
+    state = trainer.fit()
+    summary = {
+        "backbone": cfg.train.backbone,
+        "image_size": int(prepared.images.shape[-1]),
+        "epochs_run": state.epoch,
+        "best_epoch": state.best_epoch,
+        "best_val_auc": state.best_val_auc,
+        "train_images_per_second": state.train_images_per_second,
+        "n_train": len(train_rows),
+        "n_val": len(val_rows),
+        "history": state.history,
+    }
+    summary_path = output_dir / "train_summary.json"
+    summary_path.write_text(json.dumps(summary, indent=2))
+    return TrainResult(checkpointer.best, checkpointer.last, summary_path, state)
+
+
+def load_trained_model(model_path: Path, backbone: str) -> Classifier:
+    model = build_model(backbone)
+    try:
+        model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise TrainingError(f"{model_path}: cannot load a {backbone} model ({exc})") from exc
+    return model.eval()

@@ -1,0 +1,255 @@
+"""A small supervised training engine: the loop only trains; handlers attach the rest.
+
+Handlers (checkpointing, early stopping, progress, experiment tracking) are objects
+with any of ``on_fit_start``, ``on_step_end``, ``on_epoch_end``, ``on_fit_end``
+taking the trainer, in the spirit of MONAI's engine + handlers.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torchmetrics.functional.classification import binary_auroc
+
+from pipeline.augment import augment_batch, build_augmentation, normalise, to_model_input
+from pipeline.config import AugmentConfig, TrainConfig
+from pipeline.errors import TrainingError
+
+
+class Handler(Protocol):
+    """Any subset of on_fit_start/on_step_end/on_epoch_end/on_fit_end(trainer)."""
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+    last_loss: float = math.nan
+    best_val_auc: float = -math.inf
+    best_epoch: int = 0
+    should_stop: bool = False
+    train_images_per_second: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def select_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
+    if choice == "off" or (choice == "auto" and device.type != "cuda"):
+        return None  # CPU autocast is slower than fp32 for these convnets
+    if choice == "fp16" or (choice == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+def class_weights(labels: torch.Tensor) -> torch.Tensor:
+    """Inverse class frequency, normalised so a balanced set gets weight 1 per class."""
+    counts = torch.bincount(labels, minlength=2).float()
+    if (counts == 0).any():
+        raise TrainingError(f"training split must contain both classes (counts normal/pneumonia: {counts.tolist()})")
+    return counts.sum() / (2 * counts)
+
+
+class Trainer:
+    """Trains ``model`` on uint8 image arrays (N, H, W) with 0/1 labels."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_images: np.ndarray,
+        train_labels: np.ndarray,
+        val_images: np.ndarray,
+        val_labels: np.ndarray,
+        cfg: TrainConfig,
+        augment: AugmentConfig,
+        seed: int,
+        handlers: list[Any] | None = None,
+    ) -> None:
+        if len(train_images) < 2 or len(val_images) == 0:
+            raise TrainingError(f"need ≥2 training and ≥1 validation images (got {len(train_images)}, {len(val_images)})")
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        seed_everything(seed)
+        self.cfg = cfg
+        self.device = select_device(cfg.device)
+        self.channels_last = cfg.channels_last == "on" or cfg.channels_last == "auto"
+        self.amp_dtype = _amp_dtype(cfg.amp, self.device)
+        self.model = model.to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.train_images = torch.from_numpy(np.ascontiguousarray(train_images))
+        self.train_labels = torch.as_tensor(np.asarray(train_labels, dtype=np.int64))
+        self.val_images = torch.from_numpy(np.ascontiguousarray(val_images))
+        self.val_labels = torch.as_tensor(np.asarray(val_labels, dtype=np.int64))
+        weights = class_weights(self.train_labels) if cfg.class_weighted else None
+        self.criterion = nn.CrossEntropyLoss(
+            weight=None if weights is None else weights.to(self.device), label_smoothing=cfg.label_smoothing
+        )
+        self.transform = build_augmentation(augment)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.steps_per_epoch = math.ceil(self._batches_per_epoch() / cfg.grad_accum_steps)
+        self.scheduler = self._warmup_cosine(self.steps_per_epoch * cfg.epochs)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
+        self.state = TrainState()
+        self.handlers = list(handlers or [])
+
+    def _batches_per_epoch(self) -> int:
+        full, rest = divmod(len(self.train_images), self.cfg.batch_size)
+        return full + (1 if rest >= 2 else 0)  # a batch of one breaks BatchNorm: it is dropped
+
+    def _warmup_cosine(self, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+        warmup = min(int(self.cfg.warmup_epochs * self.steps_per_epoch), max(total_steps - 1, 0))
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(1, total_steps - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+
+    def _emit(self, event: str) -> None:
+        for handler in self.handlers:
+            callback = getattr(handler, f"on_{event}", None)
+            if callback is not None:
+                callback(self)
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
+
+    def fit(self) -> TrainState:
+        self._emit("fit_start")
+        while self.state.epoch < self.cfg.epochs and not self.state.should_stop:
+            started = time.perf_counter()
+            train_loss, images = self._train_epoch()
+            self.state.train_images_per_second = images / (time.perf_counter() - started)
+            val_probs = self.predict(self.val_images)
+            val_auc = float(binary_auroc(torch.from_numpy(val_probs), self.val_labels))
+            self.state.epoch += 1
+            if val_auc > self.state.best_val_auc:
+                self.state.best_val_auc, self.state.best_epoch = val_auc, self.state.epoch
+            self.state.history.append(
+                {
+                    "epoch": self.state.epoch,
+                    "train_loss": train_loss,
+                    "val_auc": val_auc,
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "train_images_per_second": self.state.train_images_per_second,
+                }
+            )
+            self._emit("epoch_end")
+        self._emit("fit_end")
+        return self.state
+
+    def _train_epoch(self) -> tuple[float, int]:
+        self.model.train()
+        order = torch.randperm(len(self.train_images), generator=self.generator)
+        accum = self.cfg.grad_accum_steps
+        batches = self._batches_per_epoch()
+        total_loss, seen = 0.0, 0
+        self.optimizer.zero_grad(set_to_none=True)
+        for index in range(batches):
+            rows = order[index * self.cfg.batch_size : (index + 1) * self.cfg.batch_size]
+            inputs = to_model_input(self.train_images[rows], self.device, self.channels_last)
+            inputs = normalise(augment_batch(inputs, self.transform))
+            targets = self.train_labels[rows].to(self.device, non_blocking=True)
+            with self._autocast():
+                loss = self.criterion(self.model(inputs), targets)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"training diverged: loss is {loss.item()} at epoch {self.state.epoch + 1}, batch {index}")
+            (self.scaler.scale(loss / accum) if self.scaler else loss / accum).backward()
+            if (index + 1) % accum == 0 or index + 1 == batches:
+                self._optimizer_step()
+            self.state.last_loss = loss.item()
+            total_loss += self.state.last_loss * len(rows)
+            seen += len(rows)
+            self._emit("step_end")
+        return total_loss / seen, seen
+
+    def _optimizer_step(self) -> None:
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.grad_clip_norm:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip_norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.state.step += 1
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor | np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Probability of pneumonia for each uint8 image."""
+        return predict_proba(self.model, images, self.device, self.channels_last, batch_size, self._autocast)
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": np.random.get_state(),
+            "python_rng": random.getstate(),
+            "state": self.state.__dict__.copy(),
+        }
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if self.scaler and checkpoint["scaler"]:
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.generator.set_state(checkpoint["generator"])
+        torch.set_rng_state(checkpoint["torch_rng"])
+        np.random.set_state(checkpoint["numpy_rng"])
+        random.setstate(checkpoint["python_rng"])
+        self.state = TrainState(**checkpoint["state"])
+
+
+@torch.no_grad()
+def predict_proba(
+    model: nn.Module,
+    images: torch.Tensor | np.ndarray,
+    device: torch.device,
+    channels_last: bool = True,
+    batch_size: int = 256,
+    autocast=None,
+) -> np.ndarray:
+    """Softmax probability of class 1 for uint8 images (N, H, W), in eval mode."""
+    images = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+    was_training = model.training
+    model.eval()
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        inputs = normalise(to_model_input(images[start : start + batch_size], device, channels_last))
+        if autocast is None:
+            logits = model(inputs)
+        else:
+            with autocast():
+                logits = model(inputs)
+        outputs.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu())
+    model.train(was_training)
+    return torch.cat(outputs).numpy() if outputs else np.zeros(0, dtype=np.float32)

@@ -1,0 +1,105 @@
+"""Cross-cutting concerns that attach to the Trainer instead of living in its loop."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+LAST_CHECKPOINT = "last.pt"
+BEST_CHECKPOINT = "best.pt"
+
+
+def save_atomic(payload: Any, path: Path) -> None:
+    """torch.save through a temporary file, so an interrupted save never leaves a broken checkpoint."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+class Checkpointer:
+    """Saves the full training state every epoch (for --resume) and the best model weights."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def last(self) -> Path:
+        return self.directory / LAST_CHECKPOINT
+
+    @property
+    def best(self) -> Path:
+        return self.directory / BEST_CHECKPOINT
+
+    def on_epoch_end(self, trainer) -> None:
+        if trainer.state.best_epoch == trainer.state.epoch:
+            save_atomic(trainer.model.state_dict(), self.best)
+        save_atomic(trainer.checkpoint(), self.last)
+
+
+class EarlyStopping:
+    """Stops when validation AUC has not improved for ``patience`` epochs."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+
+    def on_epoch_end(self, trainer) -> None:
+        if trainer.state.epoch - trainer.state.best_epoch >= self.patience:
+            trainer.state.should_stop = True
+
+
+class ProgressBar:
+    """Rich progress bar over optimizer batches, showing loss and the last validation AUC."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._progress: Progress | None = None
+        self._task = None
+
+    def on_fit_start(self, trainer) -> None:
+        if not self.enabled:
+            return
+        self._progress = Progress(
+            TextColumn("[bold]epoch {task.fields[epoch]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}  val AUC {task.fields[auc]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            transient=False,
+        )
+        total = trainer._batches_per_epoch() * trainer.cfg.epochs
+        done = trainer._batches_per_epoch() * trainer.state.epoch
+        self._task = self._progress.add_task(
+            "train", total=total, completed=done, epoch=trainer.state.epoch + 1, loss=float("nan"), auc="-"
+        )
+        self._progress.start()
+
+    def on_step_end(self, trainer) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, advance=1, loss=trainer.state.last_loss)
+
+    def on_epoch_end(self, trainer) -> None:
+        if self._progress is not None:
+            auc = trainer.state.history[-1]["val_auc"]
+            self._progress.update(self._task, epoch=trainer.state.epoch + 1, auc=f"{auc:.4f}")
+
+    def on_fit_end(self, trainer) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+class MetricsLogger:
+    """Sends each epoch's metrics to a tracker (pipeline.tracking.Tracker)."""
+
+    def __init__(self, tracker) -> None:
+        self.tracker = tracker
+
+    def on_epoch_end(self, trainer) -> None:
+        record = dict(trainer.state.history[-1])
+        epoch = int(record.pop("epoch"))
+        self.tracker.log_metrics(record, step=epoch)

@@ -53,8 +53,8 @@ def content_key(manifest: pd.DataFrame, image_size: int) -> str:
     digest = hashlib.sha256(f"{PREPARE_FORMAT}:{image_size}".encode())
     digests = {path: _file_digest(path) for path in sorted(set(manifest["path"]))}
     columns = ["image_id", "path", "frame", "array_key", "label", "patient_id", "site", "split"]
-    for row in manifest[columns].astype(str).itertuples(index=False):
-        digest.update("|".join(row).encode())
+    for row in manifest[columns].itertuples(index=False):
+        digest.update("|".join(map(str, row)).encode())
         digest.update(digests[row.path].encode())
     return digest.hexdigest()[:20]
 

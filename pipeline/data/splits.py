@@ -45,7 +45,6 @@ def subsample(manifest: pd.DataFrame, max_per_class: int | None, seed: int) -> p
     """At most ``max_per_class`` images per (split, label): quick runs on a real subset."""
     if max_per_class is None:
         return manifest
-    sampled = manifest.groupby(["split", "label"], dropna=False, group_keys=False).apply(
-        lambda group: group.sample(n=min(len(group), max_per_class), random_state=seed)
-    )
-    return sampled.sort_index()
+    shuffled = manifest.sample(frac=1.0, random_state=seed)
+    rank = shuffled.groupby(["split", "label"], dropna=False).cumcount()
+    return shuffled[rank < max_per_class].sort_index()

@@ -12,7 +12,7 @@ from pipeline.config import PipelineConfig
 from pipeline.data.prepare import PreparedDataset
 from pipeline.errors import TrainingError
 from pipeline.models import Classifier, build_model
-from pipeline.training.engine import Trainer, TrainState
+from pipeline.training.engine import Trainer, TrainState, seed_everything
 from pipeline.training.handlers import Checkpointer, EarlyStopping, MetricsLogger, ProgressBar
 
 __all__ = ["TrainResult", "train_model", "load_trained_model"]
@@ -27,7 +27,11 @@ class TrainResult:
 
 
 def train_model(
-    prepared: PreparedDataset, cfg: PipelineConfig, tracker=None, show_progress: bool = True
+    prepared: PreparedDataset,
+    cfg: PipelineConfig,
+    tracker=None,
+    show_progress: bool = True,
+    extra_handlers: list | None = None,
 ) -> TrainResult:
     """Train ``cfg.train.backbone`` on the train split, select on val AUC, checkpoint every epoch."""
     manifest = prepared.manifest
@@ -40,6 +44,8 @@ def train_model(
         handlers.append(EarlyStopping(cfg.train.early_stopping_patience))
     if tracker is not None:
         handlers.append(MetricsLogger(tracker))
+    handlers.extend(extra_handlers or [])
+    seed_everything(cfg.seed)  # before the model is built: its initial weights depend on it
     trainer = Trainer(
         build_model(cfg.train.backbone, cfg.train.pretrained_weights),
         train_images,

@@ -1,0 +1,38 @@
+"""Shared fixtures: the real datasets, found through $CROSSSIM_DATA_DIR (as in CI)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    configured = os.environ.get("CROSSSIM_DATA_DIR")
+    path = Path(configured) if configured else REPO.parent / "shared" / "data"
+    if not (path / "kermany-pediatric").is_dir():
+        if configured:
+            pytest.fail(f"CROSSSIM_DATA_DIR={configured} does not hold the real datasets (see README, 'Data')")
+        pytest.skip("real datasets not found: set CROSSSIM_DATA_DIR (see README, 'Data')")
+    return path.resolve()
+
+
+def copy_kermany_subset(data_dir: Path, destination: Path, per_class: int = 6) -> Path:
+    """A small ImageFolder copy of real Kermany images: train and test, both classes."""
+    for split in ("train", "test"):
+        for label in ("NORMAL", "PNEUMONIA"):
+            target = destination / split / label
+            target.mkdir(parents=True)
+            for file in sorted((data_dir / "kermany-pediatric" / split / label).iterdir())[:per_class]:
+                shutil.copy(file, target / file.name)
+    return destination
+
+
+@pytest.fixture()
+def kermany_subset(data_dir: Path, tmp_path: Path) -> Path:
+    return copy_kermany_subset(data_dir, tmp_path / "kermany-pediatric")

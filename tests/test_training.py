@@ -1,0 +1,89 @@
+"""Training engine on a small real PneumoniaMNIST subset: resume, early stopping, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.data.prepare import prepare_dataset
+from pipeline.data.readers import read_dataset
+from pipeline.data.splits import subsample
+from pipeline.errors import TrainingError
+from pipeline.training import train_model
+from pipeline.training.engine import Trainer
+from pipeline.models import build_model
+
+
+@pytest.fixture(scope="module")
+def mnist_subset(data_dir, tmp_path_factory):
+    manifest = subsample(read_dataset(data_dir / "pneumoniamnist"), 48, seed=0)
+    manifest = manifest[manifest["split"] != "test"]
+    return prepare_dataset(manifest, 32, tmp_path_factory.mktemp("cache"))
+
+
+def _cfg(tmp_path, *extra):
+    return load_config(
+        None,
+        [
+            "train.batch_size=16",
+            "train.early_stopping_patience=null",
+            f"train.output_dir={tmp_path}",
+            "train.warmup_epochs=0.5",
+            *extra,
+        ],
+    )
+
+
+def _weights(path):
+    return torch.load(path, weights_only=False)["model"]
+
+
+def test_resume_after_interruption_equals_uninterrupted(mnist_subset, tmp_path):
+    straight = train_model(mnist_subset, _cfg(tmp_path / "a", "train.epochs=3"), show_progress=False)
+    # "interrupted": a run configured for 3 epochs that died after its first one
+    class Crash:
+        def on_epoch_end(self, trainer):
+            if trainer.state.epoch == 1:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_model(mnist_subset, _cfg(tmp_path / "b", "train.epochs=3"), show_progress=False, extra_handlers=[Crash()])
+    resumed = train_model(mnist_subset, _cfg(tmp_path / "b", "train.epochs=3", "train.resume=true"), show_progress=False)
+    assert resumed.state.epoch == 3
+    assert [h["val_auc"] for h in resumed.state.history] == pytest.approx([h["val_auc"] for h in straight.state.history])
+    a, b = _weights(straight.checkpoint_path), _weights(resumed.checkpoint_path)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_learns_above_chance_and_keeps_best(mnist_subset, tmp_path):
+    result = train_model(mnist_subset, _cfg(tmp_path, "train.epochs=2"), show_progress=False)
+    assert result.state.best_val_auc > 0.75
+    assert result.model_path.is_file() and result.checkpoint_path.is_file()
+    assert len(result.state.history) == 2 and result.state.history[-1]["train_images_per_second"] > 0
+
+
+def test_early_stopping_stops(mnist_subset, tmp_path):
+    cfg = _cfg(tmp_path, "train.epochs=6", "train.early_stopping_patience=1", "train.lr=1e-9", "train.warmup_epochs=0")
+    result = train_model(mnist_subset, cfg, show_progress=False)
+    assert result.state.epoch < 6
+
+
+def test_single_class_training_set_is_refused(mnist_subset, tmp_path):
+    cfg = _cfg(tmp_path, "train.epochs=1")
+    with pytest.raises(TrainingError, match="both classes"):
+        Trainer(build_model("resnet18"), np.zeros((8, 32, 32), np.uint8), np.ones(8, np.int64),
+                np.zeros((4, 32, 32), np.uint8), np.ones(4, np.int64), cfg.train, cfg.augment, 0)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(mnist_subset, tmp_path):
+    with pytest.raises(TrainingError, match="no checkpoint"):
+        train_model(mnist_subset, _cfg(tmp_path / "empty", "train.resume=true"), show_progress=False)
+
+
+@pytest.mark.parametrize("backbone", ["resnet50", "densenet121", "mobilenet_v3_small", "efficientnet_b0"])
+def test_other_backbones_take_one_channel(backbone):
+    model = build_model(backbone).eval()
+    assert model(torch.rand(2, 1, 64, 64)).shape == (2, 2)

@@ -29,9 +29,14 @@ test: setup
 bench-source: setup
 	$(PY) benchmarks/source_pneumoniamnist.py
 
-# Put the datasets under DVC: link $CROSSSIM_DATA_DIR's folders into data/raw, then `dvc add data`.
+# Put the datasets under DVC: copy them from FROM into data/raw, `dvc add data` (→ data.dvc), push to the remote.
+FROM ?= ../shared/data
+DATASETS := kermany-pediatric nih-cxr8 pneumoniamnist
 data: setup
-	$(PY) -m flows.dvc_data --from "$(CROSSSIM_DATA_DIR)"
+	mkdir -p data/raw
+	for d in $(DATASETS); do test -e data/raw/$$d || cp -a "$(FROM)/$$d" data/raw/$$d; done
+	$(VENV)/bin/dvc add data
+	$(VENV)/bin/dvc push
 
 dvc-repro: setup
 	$(VENV)/bin/dvc repro && $(VENV)/bin/dvc metrics show

@@ -55,9 +55,8 @@ def validate(
             targets = {site: steps.load_site(cfg, site) for site in steps.sites(cfg)}
         blocked = False
         for site, manifest in targets.items():
-            report = steps.validate_site(cfg, site, manifest)
+            _, report = steps.validate_site(cfg, site, manifest)
             console.print(report.summary(), highlight=False, markup=False)
-            console.print(f"report: {report.report_json_path}\nData Docs: {report.data_docs_index}")
             blocked |= not report.success
         if blocked:
             raise DataValidationError("blocking data-quality rules failed (see above)")
@@ -73,8 +72,8 @@ def prepare(config: ConfigOption = None, set_: SetOption = None) -> None:
     try:
         cfg = _config(config, set_)
         for site in steps.sites(cfg):
-            manifest = steps.load_site(cfg, site)
-            steps.validate_site(cfg, site, manifest).raise_if_blocking()
+            manifest, report = steps.validate_site(cfg, site, steps.load_site(cfg, site))
+            report.raise_if_blocking()
             console.print(f"{site}: {len(manifest)} images → {steps.prepare_site(cfg, site, manifest)}")
     except PipelineError as error:
         _fail(error)

@@ -21,7 +21,7 @@ from pipeline.config import PipelineConfig, load_config
 from pipeline.data.prepare import content_key
 from pipeline.errors import DataValidationError
 from pipeline.evaluation import metrics_table_markdown
-from pipeline.tracking import MlflowTracker, run_context_tags
+from pipeline.tracking import MlflowTracker
 from pipeline.validation import ValidationReport, compute_image_facts
 
 
@@ -41,10 +41,10 @@ def image_facts(manifest: pd.DataFrame) -> pd.DataFrame:
 
 
 @task(cache_policy=NO_CACHE)
-def validate_site(cfg: PipelineConfig, site: str, manifest: pd.DataFrame, facts: pd.DataFrame) -> ValidationReport:
-    from pipeline.validation import validate_dataset
-
-    return validate_dataset(manifest, facts, cfg.validation, cfg.validation.report_dir / site)
+def validate_site(
+    cfg: PipelineConfig, site: str, manifest: pd.DataFrame, facts: pd.DataFrame
+) -> tuple[pd.DataFrame, ValidationReport]:
+    return steps.validate_site(cfg, site, manifest, facts)
 
 
 @task(retries=1, cache_policy=NO_CACHE)
@@ -64,7 +64,7 @@ def evaluate(cfg: PipelineConfig, model_path: Path) -> dict:
 
 def _validation_gate(reports: dict[str, ValidationReport], tracker: MlflowTracker) -> None:
     for site, report in reports.items():
-        tracker.log_artifacts(report.report_dir, artifact_path=f"validation/{site}")
+        tracker.log_artifacts(report.report_json_path.parent, artifact_path=f"validation/{site}")
     blocking = [report for report in reports.values() if not report.success]
     if blocking:
         summary = "\n\n".join(report.summary() for report in blocking)
@@ -84,15 +84,15 @@ def retrain(config_path: str | None = None, overrides: list[str] | None = None) 
     cfg = load_config(Path(config_path) if config_path else None, overrides or [])
     logger = get_run_logger()
     manifests = {site: read_site(cfg, site) for site in steps.sites(cfg)}
-    with MlflowTracker(cfg.tracking, run_name="retrain") as tracker:
-        tags = run_context_tags() | {f"data_version.{site}": v for site, v in steps.data_versions(cfg).items()}
+    with MlflowTracker(cfg.tracking, cfg.tracking.local_dir.parent, run_name="retrain") as tracker:
+        tags = {f"data_version.{site}": v for site, v in steps.data_versions(cfg).items()}
         tracker.set_tags(tags | {"prefect_flow_run_id": _flow_run_id() or ""})
         tracker.log_params(cfg.model_dump(mode="json"))
-        reports = {
+        checked = {
             site: validate_site(cfg, site, manifest, image_facts(manifest)) for site, manifest in manifests.items()
         }
-        _validation_gate(reports, tracker)
-        for site, manifest in manifests.items():
+        _validation_gate({site: report for site, (_, report) in checked.items()}, tracker)
+        for site, (manifest, _) in checked.items():
             prepare_site(cfg, site, manifest)
         trained = train(cfg, tracker)
         tracker.log_artifact(trained.summary_path, artifact_path="train")

@@ -30,7 +30,7 @@ from pipeline.evaluation import choose_threshold, evaluate_sites
 from pipeline.models import PneumoniaProbability
 from pipeline.training import TrainResult, load_trained_model, train_model
 from pipeline.training.engine import predict_proba, select_device
-from pipeline.validation import ValidationReport, compute_image_facts, validate_dataset
+from pipeline.validation import ValidationReport, check_dataset, compute_image_facts
 from pipeline.versioning import dataset_version
 
 
@@ -59,10 +59,16 @@ def load_site(cfg: PipelineConfig, site: str) -> pd.DataFrame:
     return subsample(manifest, cfg.data.max_images_per_class, cfg.seed)
 
 
-def validate_site(cfg: PipelineConfig, site: str, manifest: pd.DataFrame) -> ValidationReport:
-    """Run the data-quality suite; the caller decides whether blocking failures stop the run."""
-    facts = compute_image_facts(manifest)
-    return validate_dataset(manifest, facts, cfg.validation, cfg.validation.report_dir / site)
+def validate_site(
+    cfg: PipelineConfig, site: str, manifest: pd.DataFrame, facts: pd.DataFrame | None = None
+) -> tuple[pd.DataFrame, ValidationReport]:
+    """Run the data-quality suite; returns the manifest later stages use (harmless copies dropped).
+
+    The caller decides whether blocking failures stop the run.
+    """
+    if facts is None:
+        facts = compute_image_facts(manifest)
+    return check_dataset(manifest, facts, cfg.validation, cfg.validation.report_dir / site)
 
 
 def _publish(entry: PreparedDataset, destination: Path) -> None:
@@ -127,4 +133,4 @@ def serving_model(cfg: PipelineConfig, model_path: Path) -> tuple[PneumoniaProba
     """The model as registered (pixels in [0, 1] → probability) and an input example for its signature."""
     model = PneumoniaProbability(load_trained_model(model_path, cfg.train.backbone), PIXEL_MEAN, PIXEL_STD).eval()
     size = cfg.data.image_size
-    return model, np.zeros((1, 1, size, size), dtype=np.float32)
+    return model, np.zeros((2, 1, size, size), dtype=np.float32)  # batch of 2: keeps the batch dim dynamic

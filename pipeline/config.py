@@ -59,6 +59,9 @@ class ValidationConfig(_Section):
     min_images: int = Field(default=50, ge=1)
     min_class_share: float = Field(default=0.1, ge=0, le=0.5)
     allowed_labels: list[int] = Field(default_factory=lambda: [0, 1])
+    drop_exact_duplicates: bool = Field(
+        default=True, description="Drop same-split, same-label exact copies (reported) before the rules run."
+    )
     report_dir: Path = Path("outputs/validation")
 
 

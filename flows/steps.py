@@ -124,7 +124,7 @@ def evaluate_step(cfg: PipelineConfig, model_path: Path) -> dict:
     pd.concat([frame.assign(set=name) for name, frame in sets.items()]).drop(columns=["path"]).to_csv(
         out_dir / "predictions.csv", index=False
     )
-    results = evaluate_sites(sets, threshold, cfg.evaluate, out_dir)
+    results = evaluate_sites(sets, threshold, cfg.evaluate, out_dir, seed=cfg.seed)
     (out_dir / "threshold.json").write_text(json.dumps({"threshold": threshold, "chosen_on": f"{cfg.data.source}/val"}))
     return {"threshold": threshold, "sets": results}
 

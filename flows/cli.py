@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -66,14 +65,13 @@ def validate(
 
 @app.command()
 def prepare(config: ConfigOption = None, set_: SetOption = None) -> None:
-    """Validate, then decode/resize every configured site into outputs/prepared/<site>."""
+    """Decode/resize every validated site into outputs/prepared/<site> (run `crosssim validate` first)."""
     from flows import steps
 
     try:
         cfg = _config(config, set_)
         for site in steps.sites(cfg):
-            manifest, report = steps.validate_site(cfg, site, steps.load_site(cfg, site))
-            report.raise_if_blocking()
+            manifest = steps.validated_manifest(cfg, site)
             console.print(f"{site}: {len(manifest)} images → {steps.prepare_site(cfg, site, manifest)}")
     except PipelineError as error:
         _fail(error)
@@ -122,8 +120,8 @@ def run(config: ConfigOption = None, set_: SetOption = None) -> None:
         summary = retrain(config_path=str(cfg_path) if cfg_path else None, overrides=set_ or [])
     except PipelineError as error:
         _fail(error)
-    console.print(json.dumps(summary["metrics"], indent=2), highlight=False)
-    console.print(f"\n[bold green]done.[/] MLflow run: {summary['mlflow_run_url']}")
+    console.print(summary["table"], highlight=False, markup=False)
+    console.print(f"\n[bold green]done.[/] MLflow run {summary['mlflow_run_id']}: {summary['mlflow_run_url']}")
     console.print(f"evaluation outputs: {summary['outputs']}\nmodel: {summary['model_uri']}")
     console.print("browse runs: make mlflow-ui   |   flow runs: make prefect-ui")
 

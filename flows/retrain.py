@@ -114,6 +114,7 @@ def retrain(config_path: str | None = None, overrides: list[str] | None = None) 
             "model_uri": model_uri,
             "threshold": evaluation["threshold"],
             "metrics": {name: result["at_threshold"] for name, result in evaluation["sets"].items()},
+            "table": table,
             "outputs": str(cfg.evaluate.output_dir),
         }
 

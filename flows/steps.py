@@ -3,7 +3,7 @@
 Each function is one stage of ``dvc.yaml`` and one task of the retraining flow; they
 only compose ``pipeline`` functions and decide where artifacts live:
 
-    outputs/validation/<site>/   validation.json + GX Data Docs
+    outputs/validation/<site>/   validation.json + GX Data Docs + manifest.csv (the accepted rows)
     outputs/prepared/<site>/     images.npy + manifest.csv (hard links into the content-keyed cache)
     outputs/train/               best.pt, last.pt, train_summary.json
     outputs/eval/                metrics.json (DVC metrics), plots, predictions.csv
@@ -25,13 +25,17 @@ from pipeline.config import DATA_DIR_ENV, PipelineConfig
 from pipeline.data.prepare import PreparedDataset, open_prepared, prepare_dataset
 from pipeline.data.readers import read_dataset
 from pipeline.data.splits import assign_splits, subsample
-from pipeline.errors import DatasetError
+from pipeline.data.manifest import load_manifest, save_manifest
+from pipeline.errors import DatasetError, DataValidationError
 from pipeline.evaluation import choose_threshold, evaluate_sites
 from pipeline.models import PneumoniaProbability
 from pipeline.training import TrainResult, load_trained_model, train_model
 from pipeline.training.engine import predict_proba, select_device
 from pipeline.validation import ValidationReport, check_dataset, compute_image_facts
 from pipeline.versioning import dataset_version
+
+
+VALIDATED_MANIFEST = "manifest.csv"  # next to validation.json: the rows the rules accepted
 
 
 def prepared_dir(cfg: PipelineConfig, site: str) -> Path:
@@ -68,7 +72,21 @@ def validate_site(
     """
     if facts is None:
         facts = compute_image_facts(manifest)
-    return check_dataset(manifest, facts, cfg.validation, cfg.validation.report_dir / site)
+    report_dir = cfg.validation.report_dir / site
+    checked, report = check_dataset(manifest, facts, cfg.validation, report_dir)
+    save_manifest(checked, report_dir / VALIDATED_MANIFEST)
+    return checked, report
+
+
+def validated_manifest(cfg: PipelineConfig, site: str) -> pd.DataFrame:
+    """The manifest ``crosssim validate`` accepted for ``site`` (how DVC's prepare stage gets its input)."""
+    report_dir = cfg.validation.report_dir / site
+    report_path = report_dir / "validation.json"
+    if not report_path.is_file():
+        raise DatasetError(f"{site}: no validation report at {report_path}; run `crosssim validate` first")
+    if not json.loads(report_path.read_text())["success"]:
+        raise DataValidationError(f"{site}: data validation failed; see {report_path}", str(report_path))
+    return load_manifest(report_dir / VALIDATED_MANIFEST)
 
 
 def _publish(entry: PreparedDataset, destination: Path) -> None:

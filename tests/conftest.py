@@ -36,3 +36,18 @@ def copy_kermany_subset(data_dir: Path, destination: Path, per_class: int = 6) -
 @pytest.fixture()
 def kermany_subset(data_dir: Path, tmp_path: Path) -> Path:
     return copy_kermany_subset(data_dir, tmp_path / "kermany-pediatric")
+
+
+def copy_nih_subset(data_dir: Path, destination: Path, per_class: int = 20) -> Path:
+    """NIH's layout (CSV + images/) with the first ``per_class`` normal and pneumonia rows."""
+    import pandas as pd
+
+    table = pd.read_csv(data_dir / "nih-cxr8" / "Data_Entry_2017.csv", dtype=str, keep_default_na=False)
+    normal = table[table["Finding Labels"] == "No Finding"].head(per_class)
+    pneumonia = table[table["Finding Labels"].str.contains("Pneumonia")].head(per_class)
+    chosen = pd.concat([normal, pneumonia])
+    (destination / "images").mkdir(parents=True)
+    for name in chosen["Image Index"]:
+        shutil.copy(data_dir / "nih-cxr8" / "images" / name, destination / "images" / name)
+    chosen.to_csv(destination / "Data_Entry_2017.csv", index=False)
+    return destination

@@ -86,7 +86,8 @@ class ProgressBar:
     def on_epoch_end(self, trainer) -> None:
         if self._progress is not None:
             auc = trainer.state.history[-1]["val_auc"]
-            self._progress.update(self._task, epoch=trainer.state.epoch + 1, auc=f"{auc:.4f}")
+            shown_epoch = min(trainer.state.epoch + 1, trainer.cfg.epochs)
+            self._progress.update(self._task, epoch=shown_epoch, auc=f"{auc:.4f}")
 
     def on_fit_end(self, trainer) -> None:
         if self._progress is not None:

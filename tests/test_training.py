@@ -87,3 +87,25 @@ def test_resume_without_checkpoint_is_a_clear_error(mnist_subset, tmp_path):
 def test_other_backbones_take_one_channel(backbone):
     model = build_model(backbone).eval()
     assert model(torch.rand(2, 1, 64, 64)).shape == (2, 2)
+
+
+def test_pretrained_weights_load_from_a_local_file_into_the_gray_stem(tmp_path):
+    from torchvision import models
+
+    reference = models.resnet18(weights=None)
+    weights = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), weights)
+    model = build_model("resnet18", weights)
+    assert torch.allclose(model.features.conv1.weight, reference.conv1.weight.sum(dim=1, keepdim=True))
+    assert torch.equal(model.features.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+
+
+def test_missing_or_wrong_pretrained_weights_are_clear_errors(tmp_path):
+    with pytest.raises(TrainingError, match="not found"):
+        build_model("resnet18", tmp_path / "absent.pth")
+    from torchvision import models
+
+    wrong = tmp_path / "mobilenet.pth"
+    torch.save(models.mobilenet_v3_small(weights=None).state_dict(), wrong)
+    with pytest.raises(TrainingError, match="not a resnet18 state_dict"):
+        build_model("resnet18", wrong)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.artifacts import Artifact
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.retrain import retrain
@@ -51,14 +49,6 @@ def _artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) 
     return found
 
 
-async def _prefect_artifact(key: str) -> str:
-    async with get_client() as client:
-        (artifact,) = await client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), limit=1
-        )
-    return artifact.data
-
-
 def test_retrain_end_to_end_on_real_images(data_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     overrides = _overrides(
@@ -83,8 +73,9 @@ def test_retrain_end_to_end_on_real_images(data_dir, tmp_path, monkeypatch):
     assert {"eval/metrics.json", "eval/predictions.csv", "train/train_summary.json"} <= artifacts
     assert any(p.endswith(".png") for p in artifacts)
 
-    markdown = asyncio.run(_prefect_artifact("retrain-summary"))
-    assert run.info.run_id in markdown and "nih-cxr8" in markdown
+    artifact = Artifact.get("retrain-summary")
+    assert artifact is not None and artifact.type == "markdown"
+    assert run.info.run_id in artifact.data and "nih-cxr8" in artifact.data
 
     model = mlflow.pytorch.load_model(summary["model_uri"])
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())

@@ -1,0 +1,53 @@
+"""The crosssim command line: bad input gives a message and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+import pytest
+
+from flows.cli import app
+from tests.conftest import REPO, copy_kermany_subset
+
+runner = CliRunner()
+
+
+@pytest.fixture()
+def site(data_dir, tmp_path):
+    return copy_kermany_subset(data_dir, tmp_path / "kermany-pediatric", per_class=30)
+
+
+def test_validate_passes_a_clean_real_subset(site, tmp_path):
+    result = runner.invoke(
+        app, ["validate", str(site), "--config", str(REPO / "params.yaml"),
+              "--set", f"validation.report_dir={tmp_path / 'reports'}", "--set", "validation.min_images=50"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "Data validation PASSED" in result.output
+    assert (tmp_path / "reports" / "kermany-pediatric" / "data_docs" / "index.html").is_file()
+
+
+def test_validate_exits_nonzero_naming_the_broken_file(site, tmp_path):
+    victim = sorted((site / "test" / "NORMAL").iterdir())[0]
+    victim.write_bytes(b"not an image at all")
+    result = runner.invoke(
+        app, ["validate", str(site), "--config", str(REPO / "params.yaml"),
+              "--set", f"validation.report_dir={tmp_path / 'reports'}", "--set", "validation.min_images=50"]
+    )
+    assert result.exit_code == 3
+    assert victim.name in result.output and "Traceback" not in result.output
+
+
+def test_bad_override_and_missing_data_are_clear(tmp_path):
+    result = runner.invoke(app, ["train", "--config", str(REPO / "params.yaml"), "--set", "train.epochs=0"])
+    assert result.exit_code == 2 and "train.epochs" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["validate", "--config", str(REPO / "params.yaml"), "--set", f"data.root={tmp_path / 'none'}"])
+    assert result.exit_code == 2 and "CROSSSIM_DATA_DIR" in result.output
+
+
+def test_prepare_before_validate_says_what_to_run(tmp_path, data_dir):
+    result = runner.invoke(
+        app, ["prepare", "--config", str(REPO / "params.yaml"), "--set", f"data.root={data_dir}",
+              "--set", f"validation.report_dir={tmp_path / 'none'}"]
+    )
+    assert result.exit_code == 2 and "run `crosssim validate` first" in result.output

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from pipeline.config import PipelineConfig, load_config
 from pipeline.errors import DataValidationError, PipelineError
@@ -27,6 +28,26 @@ def _config(config: Path | None, overrides: list[str] | None) -> PipelineConfig:
     if config is None and Path("params.yaml").is_file():
         config = Path("params.yaml")
     return load_config(config, overrides or [])
+
+
+def _print_results(sets: dict) -> None:
+    """Per-site metrics at the validation-chosen threshold, with 95% bootstrap CIs."""
+    table = Table(title="Evaluation (threshold chosen on the source val split; 95% CI)")
+    for column in ("set", "images (pneumonia)", "AUC", "sensitivity", "specificity", "accuracy"):
+        table.add_column(column)
+    for name, result in sets.items():
+        point = result["at_threshold"]
+        cells = []
+        for metric in ("auc", "sensitivity", "specificity", "accuracy"):
+            value, ci = point.get(metric), point["ci"].get(metric) or {}
+            if value is None:
+                cells.append("n/a")
+            elif ci.get("low") is None:
+                cells.append(f"{value:.3f}")
+            else:
+                cells.append(f"{value:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]")
+        table.add_row(name, f"{result['n']} ({result['n_pos']})", *cells)
+    console.print(table)
 
 
 def _fail(error: PipelineError) -> None:
@@ -98,12 +119,11 @@ def train(
 def evaluate(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Score the trained model on the source test split and every external site."""
     from flows import steps
-    from pipeline.evaluation import metrics_table_markdown
 
     try:
         cfg = _config(config, set_)
         result = steps.evaluate_step(cfg, cfg.train.output_dir / "best.pt")
-        console.print(metrics_table_markdown(result["sets"]), highlight=False, markup=False)
+        _print_results(result["sets"])
         console.print(f"metrics: {cfg.evaluate.output_dir / 'metrics.json'}")
     except PipelineError as error:
         _fail(error)
@@ -120,7 +140,7 @@ def run(config: ConfigOption = None, set_: SetOption = None) -> None:
         summary = retrain(config_path=str(cfg_path) if cfg_path else None, overrides=set_ or [])
     except PipelineError as error:
         _fail(error)
-    console.print(summary["table"], highlight=False, markup=False)
+    _print_results(summary["sets"])
     console.print(f"\n[bold green]done.[/] MLflow run {summary['mlflow_run_id']}: {summary['mlflow_run_url']}")
     console.print(f"evaluation outputs: {summary['outputs']}\nmodel: {summary['model_uri']}")
     console.print("browse runs: make mlflow-ui   |   flow runs: make prefect-ui")

@@ -113,8 +113,7 @@ def retrain(config_path: str | None = None, overrides: list[str] | None = None) 
             "mlflow_run_url": tracker.run_url,
             "model_uri": model_uri,
             "threshold": evaluation["threshold"],
-            "metrics": {name: result["at_threshold"] for name, result in evaluation["sets"].items()},
-            "table": table,
+            "sets": evaluation["sets"],
             "outputs": str(cfg.evaluate.output_dir),
         }
 

@@ -1,0 +1,34 @@
+"""CrossSim: adapt the source (pediatric) classifier to a target (adult) hospital without its labels.
+
+This package holds the alignment building blocks and losses; see ``losses`` for the maths.
+"""
+
+from pipeline.crosssim.losses import (
+    AdversarialAlignmentLoss,
+    DiscriminatorLoss,
+    DistillationLoss,
+    DomainAdversarialLoss,
+    FeatureConsistencyLoss,
+    proxy_a_distance,
+)
+from pipeline.crosssim.modules import (
+    DomainDiscriminator,
+    GradientReverseFunction,
+    GradientReverseLayer,
+    MappingHead,
+    WarmStartGradientReverseLayer,
+)
+
+__all__ = [
+    "AdversarialAlignmentLoss",
+    "DiscriminatorLoss",
+    "DistillationLoss",
+    "DomainAdversarialLoss",
+    "DomainDiscriminator",
+    "FeatureConsistencyLoss",
+    "GradientReverseFunction",
+    "GradientReverseLayer",
+    "MappingHead",
+    "WarmStartGradientReverseLayer",
+    "proxy_a_distance",
+]

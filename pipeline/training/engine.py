@@ -11,7 +11,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,10 +21,6 @@ from torchmetrics.functional.classification import binary_auroc
 from pipeline.augment import augment_batch, build_augmentation, normalise, to_model_input
 from pipeline.config import AugmentConfig, TrainConfig
 from pipeline.errors import TrainingError
-
-
-class Handler(Protocol):
-    """Any subset of on_fit_start/on_step_end/on_epoch_end/on_fit_end(trainer)."""
 
 
 @dataclass

@@ -7,7 +7,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 
-def _holdout(frame: pd.DataFrame, fraction: float, seed: int) -> pd.Index:
+def patient_holdout(frame: pd.DataFrame, fraction: float, seed: int) -> pd.Index:
     """Index of ≈``fraction`` of the rows, whole patients only, class balance kept."""
     n_splits = max(2, round(1 / fraction))
     labels = frame["label"].fillna(-1).astype(int).to_numpy()
@@ -32,11 +32,11 @@ def assign_splits(manifest: pd.DataFrame, val_fraction: float, test_fraction: fl
     frame.loc[inherited, "split"] = frame.loc[inherited, "patient_id"].map(official)
     unsplit = frame["split"] == ""
     if "test" not in set(frame["split"]):
-        frame.loc[_holdout(frame[unsplit], test_fraction, seed), "split"] = "test"
+        frame.loc[patient_holdout(frame[unsplit], test_fraction, seed), "split"] = "test"
         unsplit = frame["split"] == ""
         val_fraction = val_fraction / (1 - test_fraction)
     if "val" not in set(frame["split"]):
-        frame.loc[_holdout(frame[unsplit], val_fraction, seed), "split"] = "val"
+        frame.loc[patient_holdout(frame[unsplit], val_fraction, seed), "split"] = "val"
     frame.loc[frame["split"] == "", "split"] = "train"
     return frame
 

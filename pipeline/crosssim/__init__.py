@@ -3,6 +3,7 @@
 This package holds the alignment building blocks and losses; see ``losses`` for the maths.
 """
 
+from pipeline.crosssim.diagnostics import DomainGap, domain_gap
 from pipeline.crosssim.losses import (
     AdversarialAlignmentLoss,
     DiscriminatorLoss,
@@ -11,6 +12,7 @@ from pipeline.crosssim.losses import (
     FeatureConsistencyLoss,
     proxy_a_distance,
 )
+from pipeline.crosssim.target import TargetSplit, split_target
 from pipeline.crosssim.modules import (
     DomainDiscriminator,
     GradientReverseFunction,
@@ -25,10 +27,14 @@ __all__ = [
     "DistillationLoss",
     "DomainAdversarialLoss",
     "DomainDiscriminator",
+    "DomainGap",
     "FeatureConsistencyLoss",
     "GradientReverseFunction",
     "GradientReverseLayer",
     "MappingHead",
+    "TargetSplit",
     "WarmStartGradientReverseLayer",
+    "domain_gap",
     "proxy_a_distance",
+    "split_target",
 ]

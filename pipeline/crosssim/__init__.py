@@ -12,7 +12,6 @@ from pipeline.crosssim.losses import (
     FeatureConsistencyLoss,
     proxy_a_distance,
 )
-from pipeline.crosssim.target import TargetSplit, split_target
 from pipeline.crosssim.modules import (
     DomainDiscriminator,
     GradientReverseFunction,
@@ -20,6 +19,7 @@ from pipeline.crosssim.modules import (
     MappingHead,
     WarmStartGradientReverseLayer,
 )
+from pipeline.crosssim.target import TargetSplit, split_target
 
 __all__ = [
     "AdversarialAlignmentLoss",

@@ -22,10 +22,10 @@ import torch
 
 from pipeline.augment import PIXEL_MEAN, PIXEL_STD
 from pipeline.config import DATA_DIR_ENV, PipelineConfig
+from pipeline.data.manifest import load_manifest, save_manifest
 from pipeline.data.prepare import PreparedDataset, open_prepared, prepare_dataset
 from pipeline.data.readers import read_dataset
 from pipeline.data.splits import assign_splits, subsample
-from pipeline.data.manifest import load_manifest, save_manifest
 from pipeline.errors import DatasetError, DataValidationError
 from pipeline.evaluation import choose_threshold, evaluate_sites
 from pipeline.models import PneumoniaProbability
@@ -33,7 +33,6 @@ from pipeline.training import TrainResult, load_trained_model, train_model
 from pipeline.training.engine import predict_proba, select_device
 from pipeline.validation import ValidationReport, check_dataset, compute_image_facts
 from pipeline.versioning import dataset_version
-
 
 VALIDATED_MANIFEST = "manifest.csv"  # next to validation.json: the rows the rules accepted
 

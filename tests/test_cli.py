@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typer.testing import CliRunner
-
 import pytest
+from typer.testing import CliRunner
 
 from flows.cli import app
 from tests.conftest import REPO, copy_kermany_subset

@@ -133,7 +133,7 @@ def test_distillation_with_alpha_one_is_cross_entropy():
 
 
 def kl(p: list[float], q: list[float]) -> float:
-    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
 
 
 def test_distillation_without_labels_is_scaled_kl_by_hand():

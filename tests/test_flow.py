@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 from prefect.artifacts import Artifact
 from prefect.testing.utilities import prefect_test_harness
 
+import mlflow
 from flows.retrain import retrain
 from pipeline.errors import DataValidationError
 from tests.conftest import copy_kermany_subset

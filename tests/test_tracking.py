@@ -8,15 +8,22 @@ import socket
 import subprocess
 from pathlib import Path
 
-import mlflow
 import mlflow.pytorch
 import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+import mlflow
 from pipeline.config import TrackingConfig
-from pipeline.tracking import MlflowTracker, NullTracker, Tracker, flatten_params, resolve_tracking_uri, run_context_tags
+from pipeline.tracking import (
+    MlflowTracker,
+    NullTracker,
+    Tracker,
+    flatten_params,
+    resolve_tracking_uri,
+    run_context_tags,
+)
 
 
 @pytest.fixture(autouse=True)

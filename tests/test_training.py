@@ -11,9 +11,9 @@ from pipeline.data.prepare import prepare_dataset
 from pipeline.data.readers import read_dataset
 from pipeline.data.splits import subsample
 from pipeline.errors import TrainingError
+from pipeline.models import build_model
 from pipeline.training import train_model
 from pipeline.training.engine import Trainer
-from pipeline.models import build_model
 
 
 @pytest.fixture(scope="module")

@@ -223,7 +223,7 @@ def _label_lookup(labels: pd.DataFrame | None) -> dict[str, int]:
     if missing:
         raise DatasetError(f"DICOM labels table: missing column(s) {', '.join(sorted(missing))}; needs file,label")
     lookup: dict[str, int] = {}
-    for file, raw in zip(labels["file"].astype(str).str.strip(), labels["label"]):
+    for file, raw in zip(labels["file"].astype(str).str.strip(), labels["label"], strict=True):
         if pd.isna(raw):
             continue
         code = _label_code(raw)

@@ -29,7 +29,7 @@ from pipeline.data.prepare import prepare_dataset
 from pipeline.data.readers import read_dataset
 from pipeline.evaluation import binary_metrics, choose_threshold
 from pipeline.models import build_model
-from pipeline.training import train_model
+from pipeline.training import load_trained_model, train_model
 from pipeline.training.engine import Trainer, class_weights, predict_proba, seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,9 +116,7 @@ def main() -> None:
     manifest = read_dataset(cfg.data.resolved_root() / "pneumoniamnist")
     prepared = prepare_dataset(manifest, cfg.data.image_size, cfg.data.cache_dir)
     result = train_model(prepared, cfg, show_progress=sys.stdout.isatty())
-    model = build_model(cfg.train.backbone)
-    model.load_state_dict(torch.load(result.model_path, weights_only=True))
-    model = model.to(memory_format=torch.channels_last)
+    model = load_trained_model(result.model_path, cfg.train.backbone).to(memory_format=torch.channels_last)
     scores = {}
     for split in ("val", "test"):
         images, rows = prepared.subset(prepared.manifest["split"] == split)

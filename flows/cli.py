@@ -32,20 +32,15 @@ def _config(config: Path | None, overrides: list[str] | None) -> PipelineConfig:
 
 def _print_results(sets: dict) -> None:
     """Per-site metrics at the validation-chosen threshold, with 95% bootstrap CIs."""
+    from pipeline.evaluation import format_with_interval
+
+    metrics = ("auc", "sensitivity", "specificity", "accuracy")
     table = Table(title="Evaluation (threshold chosen on the source val split; 95% CI)")
-    for column in ("set", "images (pneumonia)", "AUC", "sensitivity", "specificity", "accuracy"):
+    for column in ("set", "images (pneumonia)", *metrics):
         table.add_column(column)
     for name, result in sets.items():
         point = result["at_threshold"]
-        cells = []
-        for metric in ("auc", "sensitivity", "specificity", "accuracy"):
-            value, ci = point.get(metric), point["ci"].get(metric) or {}
-            if value is None:
-                cells.append("n/a")
-            elif ci.get("low") is None:
-                cells.append(f"{value:.3f}")
-            else:
-                cells.append(f"{value:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]")
+        cells = [format_with_interval(point[metric], point["ci"].get(metric)) for metric in metrics]
         table.add_row(name, f"{result['n']} ({result['n_pos']})", *cells)
     console.print(table)
 

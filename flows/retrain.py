@@ -84,7 +84,7 @@ def retrain(config_path: str | None = None, overrides: list[str] | None = None) 
     cfg = load_config(Path(config_path) if config_path else None, overrides or [])
     logger = get_run_logger()
     manifests = {site: read_site(cfg, site) for site in steps.sites(cfg)}
-    with MlflowTracker(cfg.tracking, cfg.tracking.local_dir.parent, run_name="retrain") as tracker:
+    with MlflowTracker(cfg.tracking, run_name="retrain") as tracker:
         tags = {f"data_version.{site}": v for site, v in steps.data_versions(cfg).items()}
         tracker.set_tags(tags | {"prefect_flow_run_id": _flow_run_id() or ""})
         tracker.log_params(cfg.model_dump(mode="json"))

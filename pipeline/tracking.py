@@ -32,18 +32,21 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TRACKED_PACKAGES = ("torch", "torchvision", "mlflow", "prefect", "great_expectations", "dvc", "numpy")
 
 
-def resolve_tracking_uri(cfg: TrackingConfig, project_root: Path) -> str:
-    """``cfg.tracking_uri``, else $MLFLOW_TRACKING_URI, else SQLite under ``<project_root>/<cfg.local_dir>``."""
+def resolve_tracking_uri(cfg: TrackingConfig) -> str:
+    """``cfg.tracking_uri``, else $MLFLOW_TRACKING_URI, else SQLite under ``cfg.local_dir``.
+
+    ``load_config`` has already made ``local_dir`` absolute (anchored at the config file's folder).
+    """
     if cfg.tracking_uri:
         return cfg.tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{(project_root / cfg.local_dir / 'mlflow.db').resolve().as_posix()}"
+    return f"sqlite:///{(cfg.local_dir / 'mlflow.db').resolve().as_posix()}"
 
 
-def local_artifact_dir(cfg: TrackingConfig, project_root: Path) -> Path:
+def local_artifact_dir(cfg: TrackingConfig) -> Path:
     """Artifact folder of the embedded store (MLflow would otherwise use ./mlruns of the working dir)."""
-    return (project_root / cfg.local_dir / "artifacts").resolve()
+    return (cfg.local_dir / "artifacts").resolve()
 
 
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -129,12 +132,12 @@ class MlflowTracker:
     """
 
     def __init__(
-        self, cfg: TrackingConfig, project_root: Path, run_name: str | None = None, tags: Mapping[str, Any] | None = None
+        self, cfg: TrackingConfig, run_name: str | None = None, tags: Mapping[str, Any] | None = None
     ) -> None:
-        self.tracking_uri = resolve_tracking_uri(cfg, project_root)
+        self.tracking_uri = resolve_tracking_uri(cfg)
         self._experiment = cfg.experiment
         embedded = cfg.tracking_uri is None and not os.environ.get("MLFLOW_TRACKING_URI")
-        self._artifact_dir = local_artifact_dir(cfg, project_root) if embedded else None
+        self._artifact_dir = local_artifact_dir(cfg) if embedded else None
         self._run_name = run_name
         self._tags = {**run_context_tags(), **{k: str(v) for k, v in (tags or {}).items()}}
         self._info: RunInfo | None = None

@@ -50,11 +50,11 @@ def _tiny_cnn() -> torch.nn.Module:
 
 
 def test_tracking_uri_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    default = resolve_tracking_uri(TrackingConfig(), tmp_path)
+    default = resolve_tracking_uri(TrackingConfig(local_dir=tmp_path / "mlflow"))
     assert default == f"sqlite:///{tmp_path.resolve().as_posix()}/mlflow/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
-    assert resolve_tracking_uri(TrackingConfig(), tmp_path) == "http://tracking.example:5000"
-    assert resolve_tracking_uri(TrackingConfig(tracking_uri="sqlite:///x.db"), tmp_path) == "sqlite:///x.db"
+    assert resolve_tracking_uri(TrackingConfig()) == "http://tracking.example:5000"
+    assert resolve_tracking_uri(TrackingConfig(tracking_uri="sqlite:///x.db")) == "sqlite:///x.db"
 
 
 def test_flatten_params() -> None:
@@ -63,7 +63,7 @@ def test_flatten_params() -> None:
 
 
 def test_run_is_logged_and_read_back(project: Path, tmp_path: Path) -> None:
-    cfg = TrackingConfig(experiment="unit-test")
+    cfg = TrackingConfig(experiment="unit-test", local_dir=project / "mlflow")
     report = tmp_path / "report.json"
     report.write_text(json.dumps({"auc": 0.9}))
     plots = tmp_path / "plots"
@@ -72,7 +72,7 @@ def test_run_is_logged_and_read_back(project: Path, tmp_path: Path) -> None:
     model = _tiny_cnn()
     example = np.random.default_rng(0).random((2, 1, 16, 16), dtype=np.float32)
 
-    with MlflowTracker(cfg, project, run_name="unit") as tracker:
+    with MlflowTracker(cfg, run_name="unit") as tracker:
         tracker.log_params({"seed": 42, "train": {"lr": 0.001, "epochs": 2}})
         for step, loss in enumerate([0.9, 0.5]):
             tracker.log_metrics({"train_loss": loss}, step=step)
@@ -84,7 +84,7 @@ def test_run_is_logged_and_read_back(project: Path, tmp_path: Path) -> None:
         model_uri = tracker.log_model(model, "classifier", example)
     assert model.training  # log_model restores the mode it found
 
-    client = MlflowClient(resolve_tracking_uri(cfg, project))
+    client = MlflowClient(resolve_tracking_uri(cfg))
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "unit"
     assert run.data.params == {"seed": "42", "train.lr": "0.001", "train.epochs": "2"}
@@ -110,12 +110,12 @@ def test_run_is_logged_and_read_back(project: Path, tmp_path: Path) -> None:
 
 
 def test_failing_block_marks_run_failed(project: Path) -> None:
-    cfg = TrackingConfig(experiment="unit-test")
+    cfg = TrackingConfig(experiment="unit-test", local_dir=project / "mlflow")
     with pytest.raises(ValueError, match="diverged"):
-        with MlflowTracker(cfg, project) as tracker:
+        with MlflowTracker(cfg) as tracker:
             tracker.log_metrics({"train_loss": float("nan")}, step=0)
             raise ValueError("diverged")
-    run = MlflowClient(resolve_tracking_uri(cfg, project)).get_run(tracker.run_id)
+    run = MlflowClient(resolve_tracking_uri(cfg)).get_run(tracker.run_id)
     assert run.info.status == "FAILED"
     with pytest.raises(RuntimeError, match="outside"):
         tracker.log_params({"late": 1})

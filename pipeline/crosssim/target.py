@@ -38,8 +38,8 @@ def split_target(
     if not 0 <= labelled_fraction <= 1:
         raise DatasetError(f"labelled_fraction must be within [0, 1], got {labelled_fraction}")
     if test_set is not None:
-        test = read_dataset(test_set)
-        test = test.assign(patient_id=test["patient_id"].str.replace(f"{test_set.name}/", f"{target['site'].iloc[0]}/"))
+        # read as the target site, so its patient ids are comparable with target-train's
+        test = read_dataset(test_set, site=target["site"].iloc[0])
         train = target[~target["patient_id"].isin(set(test["patient_id"]))].assign(split="train")
     else:
         held = patient_holdout(target, test_fraction, seed)

@@ -35,12 +35,12 @@ LAYOUTS = """Expected one of these layouts:
   DICOM: <dir>/**/*.dcm [+ <dir>/labels.csv with columns file,label]"""
 
 
-def read_dataset(dataset_dir: Path, *, dicom_salt: str = "crosssim") -> pd.DataFrame:
-    """Detect the layout of ``dataset_dir`` and return its manifest (site = folder name)."""
+def read_dataset(dataset_dir: Path, *, site: str | None = None, dicom_salt: str = "crosssim") -> pd.DataFrame:
+    """Detect the layout of ``dataset_dir`` and return its manifest (site: ``site``, else the folder name)."""
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
         raise DatasetError(f"dataset folder {dataset_dir} does not exist.\n{LAYOUTS}")
-    site = dataset_dir.name
+    site = site or dataset_dir.name
     if (dataset_dir / NIH_CSV).is_file():
         return read_nih(dataset_dir, site)
     npz_files = sorted(dataset_dir.glob("*.npz"))

@@ -16,6 +16,7 @@ from pipeline.evaluation.metrics import (
 from pipeline.evaluation.report import (
     evaluate_sites,
     evaluate_split,
+    format_with_interval,
     metrics_table_markdown,
     safe_name,
     summary_table,
@@ -30,6 +31,7 @@ __all__ = [
     "choose_threshold",
     "evaluate_sites",
     "evaluate_split",
+    "format_with_interval",
     "metrics_table_markdown",
     "safe_name",
     "summary_table",

@@ -108,7 +108,7 @@ def metrics_table_markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
     for name, result in results.items():
         point = result["at_threshold"]
         cells = [name, f"{result['n']} ({result['n_pos']})", f"{result['threshold']:.3f}"]
-        cells += [_with_interval(point[metric], point["ci"].get(metric)) for metric in SUMMARY_METRICS]
+        cells += [format_with_interval(point[metric], point["ci"].get(metric)) for metric in SUMMARY_METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("At the threshold chosen on validation (Youden's J); 95% stratified bootstrap CIs in brackets.")
@@ -253,7 +253,8 @@ def _dvc_entry(result: Mapping[str, Any]) -> dict[str, Any]:
     return {**result["at_threshold"], "at_0_5": at_0_5}
 
 
-def _with_interval(value: float | None, interval: Mapping[str, float | None] | None) -> str:
+def format_with_interval(value: float | None, interval: Mapping[str, float | None] | None) -> str:
+    """``0.921 [0.894, 0.945]``; ``n/a`` for an undefined value; no brackets without an interval."""
     if value is None:
         return "n/a"
     if not interval or interval.get("low") is None or interval.get("high") is None:

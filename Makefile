@@ -9,7 +9,7 @@ export CROSSSIM_DATA_DIR ?= $(if $(wildcard data/raw),data/raw,$(if $(wildcard .
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup run test bench-source data dvc-repro mlflow-ui prefect-ui clean
+.PHONY: setup run test bench-source bench-crosssim data dvc-repro mlflow-ui prefect-ui clean
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,10 @@ test: setup
 
 bench-source: setup
 	$(PY) benchmarks/source_pneumoniamnist.py
+
+# CrossSim on Kermany → NIH: every variant of the table, 3 seeds for the headline rows (≈1 h on 2 CPU cores).
+bench-crosssim: setup
+	$(PY) benchmarks/crosssim_kermany_nih.py $(BENCH_ARGS)
 
 # Put the datasets under DVC: copy them from FROM into data/raw, `dvc add data` (→ data.dvc), push to the remote.
 FROM ?= ../shared/data

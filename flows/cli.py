@@ -30,12 +30,12 @@ def _config(config: Path | None, overrides: list[str] | None) -> PipelineConfig:
     return load_config(config, overrides or [])
 
 
-def _print_results(sets: dict) -> None:
+def _print_results(sets: dict, title: str = "Evaluation (threshold chosen on the source val split; 95% CI)") -> None:
     """Per-site metrics at the validation-chosen threshold, with 95% bootstrap CIs."""
     from pipeline.evaluation import format_with_interval
 
     metrics = ("auc", "sensitivity", "specificity", "accuracy")
-    table = Table(title="Evaluation (threshold chosen on the source val split; 95% CI)")
+    table = Table(title=title)
     for column in ("set", "images (pneumonia)", *metrics):
         table.add_column(column)
     for name, result in sets.items():
@@ -120,6 +120,27 @@ def evaluate(config: ConfigOption = None, set_: SetOption = None) -> None:
         result = steps.evaluate_step(cfg, cfg.train.output_dir / "best.pt")
         _print_results(result["sets"])
         console.print(f"metrics: {cfg.evaluate.output_dir / 'metrics.json'}")
+    except PipelineError as error:
+        _fail(error)
+
+
+@app.command()
+def adapt(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """CrossSim: adapt the trained model to crosssim.target, distil it, score all three on target-test."""
+    from flows import steps
+
+    try:
+        cfg = _config(config, set_)
+        result = steps.adapt_step(cfg, cfg.train.output_dir / "best.pt")
+        scores = steps.evaluate_adaptation_step(cfg, cfg.train.output_dir / "best.pt", result.adapted_path.parent)
+        for model_name, scored in scores.items():
+            title = f"{model_name} model (threshold {scored['threshold']:.3f} chosen on {scored['threshold_chosen_on']}; 95% CI)"
+            _print_results(scored["sets"], title)
+        gap = result.diagnostics["domain_gap"]
+        console.print(
+            f"proxy A-distance {gap['before']['proxy_a_distance']:.3f} → {gap['after']['proxy_a_distance']:.3f}; "
+            f"diagnostics: {result.diagnostics_path}"
+        )
     except PipelineError as error:
         _fail(error)
 

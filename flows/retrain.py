@@ -1,4 +1,4 @@
-"""Prefect 3 retraining flow: validate → prepare → train → evaluate, tracked in MLflow.
+"""Prefect 3 retraining flow: validate → prepare → train → evaluate → CrossSim adapt, tracked in MLflow.
 
 Runs in Prefect's local ephemeral mode unless PREFECT_API_URL points at a server.
 One MLflow run spans the flow: a blocked validation leaves a FAILED run holding the
@@ -18,9 +18,10 @@ from prefect.context import get_run_context
 
 from flows import steps
 from pipeline.config import PipelineConfig, load_config
+from pipeline.crosssim.model import load_model
 from pipeline.data.prepare import content_key
 from pipeline.errors import DataValidationError
-from pipeline.evaluation import metrics_table_markdown
+from pipeline.evaluation import format_with_interval, metrics_table_markdown
 from pipeline.tracking import MlflowTracker
 from pipeline.validation import ValidationReport, compute_image_facts
 
@@ -62,6 +63,16 @@ def evaluate(cfg: PipelineConfig, model_path: Path) -> dict:
     return steps.evaluate_step(cfg, model_path)
 
 
+@task(cache_policy=NO_CACHE)
+def adapt(cfg: PipelineConfig, model_path: Path, tracker: MlflowTracker):
+    return steps.adapt_step(cfg, model_path, tracker)
+
+
+@task(cache_policy=NO_CACHE)
+def evaluate_adaptation(cfg: PipelineConfig, model_path: Path, result_dir: Path) -> dict:
+    return steps.evaluate_adaptation_step(cfg, model_path, result_dir)
+
+
 def _validation_gate(reports: dict[str, ValidationReport], tracker: MlflowTracker) -> None:
     for site, report in reports.items():
         tracker.log_artifacts(report.report_json_path.parent, artifact_path=f"validation/{site}")
@@ -101,14 +112,8 @@ def retrain(config_path: str | None = None, overrides: list[str] | None = None) 
         tracker.log_artifacts(cfg.evaluate.output_dir, artifact_path="eval")
         model, example = steps.serving_model(cfg, trained.model_path)
         model_uri = tracker.log_model(model, name="model", input_example=example)
-        table = metrics_table_markdown(evaluation["sets"])
-        create_markdown_artifact(
-            key="retrain-summary",
-            markdown=_summary_markdown(cfg, tracker, trained, evaluation, table, model_uri),
-            description="CrossSim retraining run",
-        )
-        logger.info("MLflow run %s: %s", tracker.run_id, tracker.run_url)
-        return {
+        markdown = _summary_markdown(cfg, tracker, trained, evaluation, metrics_table_markdown(evaluation["sets"]), model_uri)
+        summary = {
             "mlflow_run_id": tracker.run_id,
             "mlflow_run_url": tracker.run_url,
             "model_uri": model_uri,
@@ -116,6 +121,49 @@ def retrain(config_path: str | None = None, overrides: list[str] | None = None) 
             "sets": evaluation["sets"],
             "outputs": str(cfg.evaluate.output_dir),
         }
+        if cfg.crosssim.enabled:
+            summary["crosssim"] = _crosssim(cfg, trained.model_path, tracker)
+            markdown += "\n\n" + _crosssim_markdown(summary["crosssim"])
+        create_markdown_artifact(key="retrain-summary", markdown=markdown, description="CrossSim retraining run")
+        logger.info("MLflow run %s: %s", tracker.run_id, tracker.run_url)
+        return summary
+
+
+def _crosssim(cfg: PipelineConfig, model_path: Path, tracker: MlflowTracker) -> dict:
+    """Adapt, score source vs adapted vs student, log the adapted models; a diverged run raises (no model)."""
+    result = adapt(cfg, model_path, tracker)
+    scores = evaluate_adaptation(cfg, model_path, result.adapted_path.parent)
+    tracker.log_artifacts(result.adapted_path.parent, artifact_path="crosssim")
+    for model_name, scored in scores.items():
+        for set_name, values in scored["sets"].items():
+            prefix = f"crosssim.{model_name}.{set_name.replace('/', '_')}"
+            point = values["at_threshold"]
+            tracker.log_metrics({f"{prefix}.{key}": point[key] for key in ("auc", "accuracy", "sensitivity", "specificity")})
+    uris = {}
+    for name, path in (("adapted_model", result.adapted_path), ("student_model", result.student_path)):
+        if path is not None:
+            served, example = steps.serving_model_from(load_model(path), cfg.data.image_size)
+            uris[name] = tracker.log_model(served, name=name, input_example=example)
+    return {"models": uris, "scores": scores, "diagnostics": result.diagnostics_path, "gap": result.diagnostics["domain_gap"]}
+
+
+def _crosssim_markdown(crosssim: dict) -> str:
+    lines = ["## CrossSim adaptation", "", "| model | set | n | AUC (95% CI) | sensitivity | specificity |", "|---|---|---|---|---|---|"]
+    for model_name, scored in crosssim["scores"].items():
+        for set_name, values in scored["sets"].items():
+            point = values["at_threshold"]
+            auc = format_with_interval(point["auc"], point["ci"].get("auc"))
+            lines.append(
+                f"| {model_name} | {set_name} | {values['n']} | {auc} | {point['sensitivity']:.3f} | {point['specificity']:.3f} |"
+            )
+    gap = crosssim["gap"]
+    lines += [
+        "",
+        f"Proxy A-distance source↔target: {gap['before']['proxy_a_distance']:.3f} before, "
+        f"{gap['after']['proxy_a_distance']:.3f} after adaptation.",
+        *(f"- `{name}`: `{uri}`" for name, uri in crosssim["models"].items()),
+    ]
+    return "\n".join(lines)
 
 
 def _flat_metrics(evaluation: dict) -> dict[str, float]:

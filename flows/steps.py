@@ -7,6 +7,8 @@ only compose ``pipeline`` functions and decide where artifacts live:
     outputs/prepared/<site>/     images.npy + manifest.csv (hard links into the content-keyed cache)
     outputs/train/               best.pt, last.pt, train_summary.json
     outputs/eval/                metrics.json (DVC metrics), plots, predictions.csv
+    outputs/adapt/               adapted.pt, student.pt, diagnostics.json, t-SNE plots,
+                                 metrics.json + eval/<model>/ (source vs adapted vs student)
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,11 @@ import torch
 
 from pipeline.augment import PIXEL_MEAN, PIXEL_STD
 from pipeline.config import DATA_DIR_ENV, PipelineConfig
+from pipeline.crosssim.engine import UNLABELLED
+from pipeline.crosssim.model import load_model
+from pipeline.crosssim.scoring import evaluate_models
+from pipeline.crosssim.stage import ADAPTED_MODEL, STUDENT_MODEL, CrossSimResult, DomainData, run_crosssim
+from pipeline.crosssim.target import split_target
 from pipeline.data.manifest import load_manifest, save_manifest
 from pipeline.data.prepare import PreparedDataset, open_prepared, prepare_dataset
 from pipeline.data.readers import read_dataset
@@ -35,6 +43,15 @@ from pipeline.validation import ValidationReport, check_dataset, compute_image_f
 from pipeline.versioning import dataset_version
 
 VALIDATED_MANIFEST = "manifest.csv"  # next to validation.json: the rows the rules accepted
+
+
+@dataclass(frozen=True)
+class CrossSimData:
+    source_train: DomainData
+    source_val: DomainData
+    source_test: tuple[np.ndarray, pd.DataFrame]
+    target_train: DomainData
+    target_test: tuple[np.ndarray, pd.DataFrame]
 
 
 def prepared_dir(cfg: PipelineConfig, site: str) -> Path:
@@ -148,6 +165,94 @@ def evaluate_step(cfg: PipelineConfig, model_path: Path) -> dict:
 
 def serving_model(cfg: PipelineConfig, model_path: Path) -> tuple[PneumoniaProbability, np.ndarray]:
     """The model as registered (pixels in [0, 1] → probability) and an input example for its signature."""
-    model = PneumoniaProbability(load_trained_model(model_path, cfg.train.backbone), PIXEL_MEAN, PIXEL_STD).eval()
-    size = cfg.data.image_size
-    return model, np.zeros((2, 1, size, size), dtype=np.float32)  # batch of 2: keeps the batch dim dynamic
+    return serving_model_from(load_trained_model(model_path, cfg.train.backbone), cfg.data.image_size)
+
+
+def _images_of(prepared: PreparedDataset, rows: pd.DataFrame) -> np.ndarray:
+    positions = pd.Index(prepared.manifest["image_id"]).get_indexer(rows["image_id"])
+    return np.asarray(prepared.images[positions])
+
+
+def crosssim_data(cfg: PipelineConfig) -> CrossSimData:
+    """Source train/val, target-train (labels hidden but a labelled fraction) and target-test, as arrays."""
+    settings = cfg.crosssim
+    source = open_prepared(prepared_dir(cfg, cfg.data.source))
+    target = open_prepared(prepared_dir(cfg, settings.target))
+    split = split_target(
+        target.manifest[target.manifest["label"].notna()].reset_index(drop=True),
+        settings.test_fraction,
+        settings.labelled_fraction,
+        cfg.seed,
+        settings.test_set,
+    )
+    if settings.test_set is None:
+        test_images = _images_of(target, split.test)
+    else:  # a held-out folder of other patients: prepared like every site, through the same cache
+        test_images = prepare_dataset(split.test, cfg.data.image_size, cfg.data.cache_dir).images
+
+    def labelled(name: str, split_name: str) -> DomainData:
+        images, rows = source.subset(source.manifest["split"] == split_name)
+        return DomainData(name, images, rows["label"].to_numpy(dtype="int64"))
+
+    return CrossSimData(
+        source_train=labelled(f"{cfg.data.source}/train", "train"),
+        source_val=labelled(f"{cfg.data.source}/val", "val"),
+        source_test=source.subset(source.manifest["split"] == "test"),
+        target_train=DomainData(
+            f"{settings.target}/target-train",
+            _images_of(target, split.train),
+            split.train["label"].fillna(UNLABELLED).to_numpy(dtype="int64"),
+        ),
+        target_test=(np.asarray(test_images), split.test),
+    )
+
+
+def adapt_step(cfg: PipelineConfig, model_path: Path, tracker=None, show_progress: bool = True) -> CrossSimResult:
+    """CrossSim on the trained source model; the model's input size comes from its train summary."""
+    summary_path = cfg.train.output_dir / "train_summary.json"
+    if not summary_path.is_file():
+        raise DatasetError(f"no training summary at {summary_path}; run `crosssim train` first")
+    image_size = int(json.loads(summary_path.read_text())["image_size"])
+    source_model = load_trained_model(model_path, cfg.train.backbone)
+    data = crosssim_data(cfg)
+    return run_crosssim(
+        source_model, image_size, data.source_train, data.source_val, data.target_train, cfg, tracker, show_progress
+    )
+
+
+def evaluate_adaptation_step(cfg: PipelineConfig, source_model_path: Path, result_dir: Path) -> dict:
+    """Source model vs adapted vs student on source test and target-test; writes outputs/adapt/metrics.json."""
+    device = select_device(cfg.train.device)
+    data = crosssim_data(cfg)
+    models = {"source": load_trained_model(source_model_path, cfg.train.backbone)}
+    for name, file in (("adapted", ADAPTED_MODEL), ("student", STUDENT_MODEL)):
+        if (result_dir / file).is_file():
+            models[name] = load_model(result_dir / file)
+    test_sets = {
+        f"{cfg.data.source}/test": data.source_test,
+        f"{cfg.crosssim.target}/target-test": data.target_test,
+    }
+    results = evaluate_models(
+        models, data.source_val, data.target_train, test_sets, cfg.evaluate, result_dir / "eval", device, cfg.seed
+    )
+    metrics = {
+        model: {
+            "threshold": result["threshold"],
+            **{name: _metric_entry(values) for name, values in result["sets"].items()},
+        }
+        for model, result in results.items()
+    }
+    (result_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return results
+
+
+def _metric_entry(result: dict) -> dict:
+    point = result["at_threshold"]
+    return {"n": result["n"], **{key: point[key] for key in ("auc", "accuracy", "sensitivity", "specificity")}}
+
+
+def serving_model_from(model: torch.nn.Module, image_size: int) -> tuple[PneumoniaProbability, np.ndarray]:
+    """Any classifier wrapped for serving; the example's batch of 2 keeps the batch dim dynamic."""
+    return PneumoniaProbability(model.eval(), PIXEL_MEAN, PIXEL_STD).eval(), np.zeros(
+        (2, 1, image_size, image_size), dtype=np.float32
+    )

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -23,6 +23,11 @@ DEFAULT_DATA_DIR = "data/raw"
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _yaml_off(value: Any) -> Any:
+    """YAML 1.1 reads an unquoted ``off`` as False: take it as the word the user wrote."""
+    return "off" if value is False else value
 
 
 class DataConfig(_Section):
@@ -77,8 +82,11 @@ class AugmentConfig(_Section):
     hflip: bool = False
 
 
+Backbone = Literal["resnet18", "resnet50", "densenet121", "mobilenet_v3_small", "efficientnet_b0"]
+
+
 class TrainConfig(_Section):
-    backbone: Literal["resnet18", "resnet50", "densenet121", "mobilenet_v3_small", "efficientnet_b0"] = "resnet18"
+    backbone: Backbone = "resnet18"
     pretrained_weights: Path | None = Field(default=None, description="Local state_dict file; never downloaded.")
     epochs: int = Field(default=8, ge=1)
     batch_size: int = Field(default=64, ge=1)
@@ -97,11 +105,61 @@ class TrainConfig(_Section):
     output_dir: Path = Path("outputs/train")
     resume: bool = False
 
+    _off_words = field_validator("amp", "channels_last", mode="before")(_yaml_off)
+
 
 class EvaluateConfig(_Section):
     bootstrap_samples: int = Field(default=1000, ge=0)
     calibration_bins: int = Field(default=10, ge=2)
     output_dir: Path = Path("outputs/eval")
+
+
+class DistillConfig(_Section):
+    """Teacher (the adapted model) → student: L = α·CE(y, s) + (1 − α)·T²·KL(t ‖ s)."""
+
+    enabled: bool = True
+    student_backbone: Backbone = "mobilenet_v3_small"
+    alpha: float = Field(default=0.7, ge=0, le=1)
+    temperature: float = Field(default=2.0, gt=0)
+    pseudo_label_threshold: float | None = Field(
+        default=None, gt=0, le=1, description="Confident teacher labels on unlabelled target images (off: null)."
+    )
+    steps: int = Field(default=600, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+
+
+class CrossSimConfig(_Section):
+    """Adaptation of the source model to the target hospital (pipeline.crosssim); each part switchable."""
+
+    enabled: bool = True
+    target: str = Field(default="nih-cxr8", description="Target site; must be one of data.external.")
+    test_set: Path | None = Field(
+        default=None, description="Folder of held-out target patients (any reader layout); null: hold out test_fraction."
+    )
+    test_fraction: float = Field(default=0.3, gt=0, lt=1)
+    labelled_fraction: float = Field(default=0.0, ge=0, le=1, description="Share of target-train patients with labels.")
+    alignment: Literal["gan", "dann", "off"] = "gan"
+    adversarial_weight: float = Field(default=1.0, ge=0)
+    consistency_weight: float = Field(default=0.1, ge=0, description="λ of ‖F_src(x_t) − F_tgt(x_t)‖₂.")
+    mapping_dim: int = Field(default=256, ge=2)
+    target_batchnorm: bool = Field(
+        default=True, description="Re-estimate BatchNorm statistics on target-train images after adaptation (AdaBN)."
+    )
+    augment: bool = Field(default=True, description="Dynamic augmentation (the augment section) on both domains.")
+    steps: int = Field(default=600, ge=1)
+    batch_size: int = Field(default=32, ge=2, description="Images per domain per step.")
+    lr: float = Field(default=3e-4, gt=0)
+    discriminator_lr: float = Field(default=1e-3, gt=0)
+    eval_every: int = Field(default=100, ge=1)
+    selection_tolerance: float = Field(
+        default=0.02, ge=0, description="Candidates keep source-val AUC within this of the source model's."
+    )
+    collapse_patience: int = Field(default=3, ge=1, description="Evaluations in a row with discriminator collapse → stop.")
+    diagnostics_samples: int = Field(default=300, ge=10, description="Images per domain for PAD and t-SNE.")
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    output_dir: Path = Path("outputs/adapt")
+
+    _off_words = field_validator("alignment", mode="before")(_yaml_off)
 
 
 class TrackingConfig(_Section):
@@ -117,6 +175,7 @@ class PipelineConfig(_Section):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    crosssim: CrossSimConfig = Field(default_factory=CrossSimConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def anchored(self, base: Path) -> PipelineConfig:
@@ -136,6 +195,15 @@ class PipelineConfig(_Section):
             raise ValueError(f"data.external must not repeat data.source ({data.source!r})")
         return data
 
+    @model_validator(mode="after")
+    def _target_is_an_external_site(self) -> PipelineConfig:
+        if self.crosssim.enabled and self.crosssim.target not in self.data.external:
+            raise ValueError(
+                f"crosssim.target {self.crosssim.target!r} must be one of data.external {self.data.external} "
+                "(it is validated and prepared like every external site)"
+            )
+        return self
+
 
 _PATH_FIELDS = (
     ("data", "root"),
@@ -145,6 +213,8 @@ _PATH_FIELDS = (
     ("train", "output_dir"),
     ("train", "pretrained_weights"),
     ("evaluate", "output_dir"),
+    ("crosssim", "test_set"),
+    ("crosssim", "output_dir"),
     ("tracking", "local_dir"),
 )
 

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_params_yaml_loads_and_overrides_apply():
-    cfg = load_config(REPO / "params.yaml", ["train.epochs=2", "data.external=[]", "augment.scale=[0.9, 1.1]"])
+    cfg = load_config(REPO / "params.yaml", ["train.epochs=2", "data.external=[]", "crosssim.enabled=false", "augment.scale=[0.9, 1.1]"])
     assert cfg.train.epochs == 2 and cfg.data.external == [] and cfg.augment.scale == (0.9, 1.1)
     assert cfg.train.output_dir == REPO / "outputs" / "train"  # anchored at the config's folder
 

@@ -33,7 +33,13 @@ def _overrides(work: Path, data_root: Path, *extra: str) -> list[str]:
         f"train.output_dir={work / 'train'}",
         f"evaluate.output_dir={work / 'eval'}",
         f"tracking.local_dir={work / 'mlflow'}",
+        f"crosssim.output_dir={work / 'adapt'}",
         "evaluate.bootstrap_samples=200",
+        "crosssim.steps=20",
+        "crosssim.eval_every=10",
+        "crosssim.batch_size=16",
+        "crosssim.diagnostics_samples=40",
+        "crosssim.distill.steps=10",
         *extra,
     ]
 
@@ -86,6 +92,34 @@ def test_retrain_end_to_end_on_real_images(data_dir, tmp_path, monkeypatch):
     assert probabilities.shape == (3,) and ((probabilities >= 0) & (probabilities <= 1)).all()
 
 
+def test_crosssim_adapt_runs_inside_the_flow_and_lands_in_mlflow(data_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    overrides = _overrides(
+        tmp_path, data_dir, "data.max_images_per_class=30", "data.image_size=32", "train.epochs=1", "train.batch_size=32"
+    )
+    summary = retrain(config_path=str(REPO / "params.yaml"), overrides=overrides)
+
+    client = _client(tmp_path)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.params["crosssim.alignment"] == "gan"
+    artifacts = _artifact_paths(client, run.info.run_id)
+    assert {"crosssim/diagnostics.json", "crosssim/tsne_before.png", "crosssim/tsne_after.png"} <= artifacts
+    assert "crosssim/metrics.json" in artifacts
+    for metric in ("crosssim.pad_before", "crosssim.pad_after", "crosssim.adapted.nih-cxr8_target-test.auc"):
+        assert metric in run.data.metrics, metric
+    assert len(client.get_metric_history(run.info.run_id, "adapt.domain_accuracy")) == 2  # steps 10 and 20
+    assert len(client.get_metric_history(run.info.run_id, "adapt.loss.classification")) == 2
+    assert set(summary["crosssim"]["scores"]) == {"source", "adapted", "student"}
+    target_test = summary["crosssim"]["scores"]["adapted"]["sets"]["nih-cxr8/target-test"]
+    assert target_test["n"] > 0 and target_test["n_unlabelled"] == 0
+    import torch
+
+    for name in ("adapted_model", "student_model"):
+        served = mlflow.pytorch.load_model(summary["crosssim"]["models"][name])
+        assert served(torch.rand(2, 1, 32, 32)).shape == (2,)
+    assert "CrossSim adaptation" in Artifact.get("retrain-summary").data
+
+
 def test_broken_dataset_stops_flow_before_training(data_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = tmp_path / "data"
@@ -94,7 +128,7 @@ def test_broken_dataset_stops_flow_before_training(data_dir, tmp_path, monkeypat
     victim.write_bytes(victim.read_bytes()[:300])  # truncated JPEG
     work = tmp_path / "work"
     with pytest.raises(DataValidationError) as error:
-        retrain(config_path=str(REPO / "params.yaml"), overrides=_overrides(work, root, "data.external=[]"))
+        retrain(config_path=str(REPO / "params.yaml"), overrides=_overrides(work, root, "data.external=[]", "crosssim.enabled=false"))
     assert victim.name in str(error.value)
     assert not (work / "train").exists() and not (work / "prepared").exists()
 

@@ -208,6 +208,15 @@ class DistillationLoss(nn.Module):
         return self.alpha * hard + (1.0 - self.alpha) * soft
 
 
+def binary_entropy(probs: torch.Tensor) -> torch.Tensor:
+    r"""Per-sample entropy of a Bernoulli prediction, in bits: :math:`H(p) = -p\log_2 p - (1-p)\log_2(1-p)`.
+
+    0 for a certain prediction, 1 for p = 0.5; used to judge how sure a model is on target images.
+    """
+    p = probs.double().clamp(1e-12, 1 - 1e-12)
+    return -(p * p.log2() + (1 - p) * (1 - p).log2())
+
+
 def proxy_a_distance(
     source_features: np.ndarray | torch.Tensor, target_features: np.ndarray | torch.Tensor, seed: int
 ) -> float:

@@ -1,0 +1,271 @@
+"""make bench-crosssim: CrossSim on the real pediatric → adult shift (Kermany → NIH ChestX-ray8).
+
+Source = kermany-pediatric (official train, patient-disjoint val carved from it). Target =
+nih-cxr8, split by patient into target-train (labels hidden from adaptation) and target-test
+(labels used only for scoring; ``--test-set`` points at any other NIH-format folder of held-out
+patients instead). Every variant starts from the same source model of its seed and is scored
+on the same target-test with 95% bootstrap CIs. Thresholds follow pipeline.crosssim.scoring
+(labelled target-train rows when a variant had labels, else source-val).
+
+    python benchmarks/crosssim_kermany_nih.py [--seeds 42 43 44] [--test-set DIR] [--set key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.config import PipelineConfig, load_config
+from pipeline.crosssim.engine import UNLABELLED
+from pipeline.crosssim.model import load_model
+from pipeline.crosssim.scoring import evaluate_models
+from pipeline.crosssim.stage import DomainData, run_crosssim
+from pipeline.crosssim.target import split_target
+from pipeline.data.prepare import PreparedDataset, prepare_dataset
+from pipeline.data.readers import read_dataset
+from pipeline.data.splits import assign_splits
+from pipeline.evaluation import format_with_interval
+from pipeline.training import load_trained_model, train_model
+from pipeline.training.engine import Trainer, seed_everything
+
+REPO = Path(__file__).resolve().parents[1]
+RESULT = REPO / "benchmarks" / "results" / "crosssim-kermany-nih.json"
+# Sized for the 2-core CPU budget (≤ 90 min for the whole table); see README "CrossSim benchmark".
+DEFAULTS = [
+    "data.image_size=64",
+    "train.epochs=6",
+    "crosssim.steps=300",
+    "crosssim.distill.steps=300",
+    "crosssim.eval_every=100",
+    "evaluate.bootstrap_samples=1000",
+]
+FINETUNE_STEPS = 150
+ABLATIONS = {  # variant → overrides, run on the first seed only
+    "crosssim_no_alignment": ["crosssim.alignment=off"],
+    "crosssim_no_augmentation": ["crosssim.augment=false"],
+    "dann": [
+        "crosssim.alignment=dann",
+        "crosssim.consistency_weight=0",
+        "crosssim.target_batchnorm=false",
+        "crosssim.distill.enabled=false",
+    ],
+}
+LABELLED_FRACTION = 0.1
+METRICS = ("auc", "accuracy", "sensitivity", "specificity")
+
+
+def _images_of(prepared: PreparedDataset, rows: pd.DataFrame) -> np.ndarray:
+    return np.asarray(prepared.images[pd.Index(prepared.manifest["image_id"]).get_indexer(rows["image_id"])])
+
+
+def _finetune(source_model, data: DomainData, cfg: PipelineConfig) -> torch.nn.Module:
+    """Plain fine-tuning of the whole source model on labelled target images, a fixed step budget."""
+    labelled = data.labels != UNLABELLED
+    images, labels = data.images[labelled], data.labels[labelled]
+    epochs = max(1, math.ceil(FINETUNE_STEPS * cfg.train.batch_size / len(images)))
+    train_cfg = cfg.train.model_copy(update={"epochs": epochs, "lr": 3e-4, "warmup_epochs": 0.0})
+    seed_everything(cfg.seed)
+    trainer = Trainer(copy.deepcopy(source_model), images, labels, images, labels, train_cfg, cfg.augment, cfg.seed)
+    trainer.fit()  # no selection: with this few labels there is no separate validation set to select on
+    return trainer.model.eval()
+
+
+def _variant_config(base: list[str], seed: int, work: Path, extra: list[str]) -> PipelineConfig:
+    return load_config(
+        REPO / "params.yaml",
+        [*DEFAULTS, *base, f"seed={seed}", f"train.output_dir={work / 'train'}", f"crosssim.output_dir={work / 'adapt'}", *extra],
+    )
+
+
+def run_seed(seed: int, first: bool, args, source: PreparedDataset, target: PreparedDataset, console: Console) -> dict:
+    work = Path(tempfile.mkdtemp(prefix=f"bench-crosssim-{seed}-"))
+    cfg = _variant_config(args.overrides, seed, work, [])
+    show = sys.stdout.isatty()
+    console.print(f"[bold]seed {seed}[/]: training the source model")
+    trained = train_model(source, cfg, show_progress=show)
+    source_model = load_trained_model(trained.model_path, cfg.train.backbone)
+
+    def labelled(split: str) -> DomainData:
+        images, rows = source.subset(source.manifest["split"] == split)
+        return DomainData(f"{cfg.data.source}/{split}", images, rows["label"].to_numpy(dtype="int64"))
+
+    source_train, source_val = labelled("train"), labelled("val")
+    splits = {
+        fraction: split_target(target.manifest, cfg.crosssim.test_fraction, fraction, seed, args.test_set)
+        for fraction in (0.0, LABELLED_FRACTION, 1.0)
+    }
+    test = splits[0.0].test
+    test_images = (
+        _images_of(target, test) if args.test_set is None else prepare_dataset(test, cfg.data.image_size, cfg.data.cache_dir).images
+    )
+    target_train = {
+        fraction: DomainData(
+            f"{cfg.crosssim.target}/target-train", _images_of(target, split.train), split.train["label"].fillna(UNLABELLED).to_numpy("int64")
+        )
+        for fraction, split in splits.items()
+    }
+
+    models: dict[str, tuple[torch.nn.Module, DomainData, float]] = {"source_only": (source_model, target_train[0.0], 0.0)}
+
+    def crosssim(name: str, extra: list[str], fraction: float = 0.0) -> None:
+        variant_cfg = _variant_config(args.overrides, seed, work, [*extra, f"crosssim.labelled_fraction={fraction}"])
+        console.print(f"seed {seed}: {name}")
+        started = time.perf_counter()
+        result = run_crosssim(source_model, cfg.data.image_size, source_train, source_val, target_train[fraction], variant_cfg, show_progress=show)
+        seconds = time.perf_counter() - started
+        final = load_model(result.student_path or result.adapted_path)
+        models[name] = (final, target_train[fraction], seconds)
+        gaps[name] = result.diagnostics["domain_gap"]
+        if result.student_path is not None and name == "crosssim":
+            models["crosssim_no_distillation"] = (load_model(result.adapted_path), target_train[fraction], seconds)
+
+    gaps: dict[str, dict] = {}
+    crosssim("crosssim", [])
+    started = time.perf_counter()
+    models["oracle"] = (_finetune(source_model, target_train[1.0], cfg), target_train[1.0], time.perf_counter() - started)
+    if first:
+        for name, extra in ABLATIONS.items():
+            crosssim(name, extra)
+        crosssim("crosssim_10pct", [], LABELLED_FRACTION)
+        started = time.perf_counter()
+        models["finetune_10pct"] = (
+            _finetune(source_model, target_train[LABELLED_FRACTION], cfg),
+            target_train[LABELLED_FRACTION],
+            time.perf_counter() - started,
+        )
+
+    rows = {}
+    for name, (model, train_data, seconds) in models.items():
+        scored = evaluate_models(
+            {name: model},
+            source_val,
+            train_data,
+            {"target-test": (test_images, test)},
+            cfg.evaluate,
+            work / "eval",
+            torch.device("cpu"),
+            seed,
+        )[name]
+        point = scored["sets"]["target-test"]["at_threshold"]
+        rows[name] = {
+            **{metric: point[metric] for metric in METRICS},
+            "ci": {metric: point["ci"][metric] for metric in METRICS},
+            "threshold": scored["threshold"],
+            "threshold_chosen_on": scored["threshold_chosen_on"],
+            "labelled_target_images": int((train_data.labels != UNLABELLED).sum()),
+            "adapt_seconds": seconds,
+            "domain_gap": gaps.get(name),
+        }
+    return {
+        "seed": seed,
+        "source_val_auc": trained.state.best_val_auc,
+        "n_target_train": len(splits[0.0].train),
+        "n_target_test": len(test),
+        "n_target_test_pneumonia": int(test["label"].sum()),
+        "variants": rows,
+    }
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
+    parser.add_argument("--test-set", type=Path, default=None, help="NIH-format folder of held-out target patients")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
+    parser.add_argument("--output", type=Path, default=RESULT)
+    args = parser.parse_args()
+    console = Console(width=160)
+    started = time.perf_counter()
+    cfg = load_config(REPO / "params.yaml", [*DEFAULTS, *args.overrides])
+    root = cfg.data.resolved_root()
+    kermany = assign_splits(read_dataset(root / cfg.data.source), cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+    source = prepare_dataset(kermany, cfg.data.image_size, cfg.data.cache_dir)
+    nih = read_dataset(root / cfg.crosssim.target)
+    target = prepare_dataset(nih[nih["label"].notna()].reset_index(drop=True), cfg.data.image_size, cfg.data.cache_dir)
+
+    seeds = []
+    for index, seed in enumerate(args.seeds):
+        seeds.append(run_seed(seed, index == 0, args, source, target, console))
+        # kept after every seed: a long run interrupted later still leaves its finished seeds
+        args.output.with_suffix(".partial.json").write_text(json.dumps(seeds, indent=2, default=str))
+    first = seeds[0]["variants"]
+    summary = {}
+    for name in first:
+        aucs = [run["variants"][name]["auc"] for run in seeds if name in run["variants"]]
+        summary[name] = {"auc_mean": _mean_sd(aucs)[0], "auc_sd": _mean_sd(aucs)[1], "seeds": len(aucs)}
+    source_only, crosssim, oracle = (summary[name]["auc_mean"] for name in ("source_only", "crosssim", "oracle"))
+    # 10% variants ran on the first seed: compare them with that seed's source-only and oracle
+    first_source, first_oracle = first["source_only"]["auc"], first["oracle"]["auc"]
+    report = {
+        "benchmark": "crosssim-kermany-nih",
+        "command": "make bench-crosssim  # python benchmarks/crosssim_kermany_nih.py "
+        + " ".join([f"--seeds {' '.join(map(str, args.seeds))}", *(f"--test-set {args.test_set}" for _ in [0] if args.test_set), *(f"--set {o}" for o in args.overrides)]),
+        "source": cfg.data.source,
+        "target": cfg.crosssim.target,
+        "target_test": str(args.test_set) if args.test_set else f"{cfg.crosssim.test_fraction:.0%} patient holdout of {cfg.crosssim.target} (per seed)",
+        "source_only_auc": source_only,
+        "crosssim_auc": crosssim,
+        "oracle_auc": oracle,
+        "crosssim_10pct_auc": first["crosssim_10pct"]["auc"],
+        "finetune_10pct_auc": first["finetune_10pct"]["auc"],
+        "dann_auc": first["dann"]["auc"],
+        "gap_closed": (crosssim - source_only) / (oracle - source_only),
+        "gap_closed_10pct": (first["crosssim_10pct"]["auc"] - first_source) / (first_oracle - first_source),
+        "gap_closed_finetune_10pct": (first["finetune_10pct"]["auc"] - first_source) / (first_oracle - first_source),
+        "summary": summary,
+        "per_seed": seeds,
+        "seeds": args.seeds,
+        "wall_seconds": time.perf_counter() - started,
+        "config": cfg.model_dump(mode="json", include={"data", "augment", "train", "crosssim", "seed"}),
+        "finetune_steps": FINETUNE_STEPS,
+        "hardware": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
+        "versions": {pkg: version(pkg) for pkg in ("torch", "torchvision", "numpy", "scikit-learn", "torchmetrics")}
+        | {"python": platform.python_version()},
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    args.output.with_suffix(".partial.json").unlink(missing_ok=True)
+    _print(report, console)
+
+
+def _print(report: dict, console: Console) -> None:
+    table = Table(title=f"{report['source']} → {report['target']}: target-test (95% CI, first seed; AUC mean ± sd over seeds)")
+    for column in ("variant", "AUC mean ± sd", *METRICS):
+        table.add_column(column)
+    first = report["per_seed"][0]["variants"]
+    for name, row in first.items():
+        stats = report["summary"][name]
+        spread = f"{stats['auc_mean']:.3f} ± {stats['auc_sd']:.3f} (n={stats['seeds']})"
+        table.add_row(name, spread, *(format_with_interval(row[m], row["ci"][m]) for m in METRICS))
+    console.print(table)
+    console.print(
+        f"gap closed: {report['gap_closed']:.2f} (unlabelled target), {report['gap_closed_10pct']:.2f} with 10% labels "
+        f"(fine-tuning on them: {report['gap_closed_finetune_10pct']:.2f}); wall {report['wall_seconds'] / 60:.1f} min"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Feature-space cross mapping: adapt the source model's features to the target hospital.
+
+Each step takes one source batch (labelled) and one target batch (labels hidden except a
+labelled fraction), both augmented, and one network — the *target* feature extractor,
+initialised from the source one, followed by the shared mapping head — sees both:
+
+* ``gan``:  the discriminator D learns source (1) vs target (0) on detached mapping features
+  (:class:`DiscriminatorLoss`, its own optimiser); then the network minimises
+  CE(source) + w·L_adv(target) + λ‖F_src(x_t) − F_tgt(x_t)‖₂, where F_src is the frozen source
+  backbone (:class:`AdversarialAlignmentLoss`, :class:`FeatureConsistencyLoss`).
+* ``dann``: one optimiser step on CE + w·L_dann through a warm-start gradient reversal layer
+  (:class:`DomainAdversarialLoss`); the consistency term is added when λ > 0.
+* ``off``:  CE + consistency only (the "no alignment" ablation).
+
+Labelled target rows, when there are any, add their CE to the classification term.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.config import CrossSimConfig
+from pipeline.crosssim.engine import UNLABELLED, DomainBatches, DomainLoop, EvaluationSets, extract
+from pipeline.crosssim.losses import (
+    AdversarialAlignmentLoss,
+    DiscriminatorLoss,
+    DomainAdversarialLoss,
+    FeatureConsistencyLoss,
+)
+from pipeline.crosssim.model import AdaptedClassifier
+from pipeline.crosssim.modules import DomainDiscriminator, WarmStartGradientReverseLayer
+from pipeline.models import Classifier
+from pipeline.training.engine import class_weights
+
+HEAD_WARMUP_STEPS = 300
+
+
+class Adapter(DomainLoop):
+    """Adversarial (or plain) adaptation of ``source`` to the target images; ``self.model`` is the result."""
+
+    def __init__(
+        self,
+        source: Classifier,
+        source_images: np.ndarray,
+        source_labels: np.ndarray,
+        target_images: np.ndarray,
+        target_labels: np.ndarray,
+        evaluation: EvaluationSets,
+        cfg: CrossSimConfig,
+        device: torch.device,
+        channels_last: bool,
+        transform: Any,
+        generator: torch.Generator,
+        handlers: list[Any] | None = None,
+    ) -> None:
+        super().__init__(cfg.steps, cfg.eval_every, evaluation, device, channels_last, transform, handlers)
+        self.cfg = cfg
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.frozen_source = copy.deepcopy(source.features).to(device, memory_format=memory_format).eval()
+        self.frozen_source.requires_grad_(False)
+        self.model = AdaptedClassifier.from_source(source, cfg.mapping_dim).to(device, memory_format=memory_format)
+        self.source = DomainBatches(source_images, source_labels, cfg.batch_size, generator)
+        self.target = DomainBatches(target_images, target_labels, cfg.batch_size, generator)
+        self.criterion = nn.CrossEntropyLoss(weight=class_weights(torch.as_tensor(source_labels)).to(device))
+        self.consistency = FeatureConsistencyLoss(cfg.consistency_weight)
+        self.discriminator = DomainDiscriminator(cfg.mapping_dim).to(device)
+        self.discriminator_loss = DiscriminatorLoss()
+        self.adversarial_loss = AdversarialAlignmentLoss()
+        grl = WarmStartGradientReverseLayer(max_iters=cfg.steps, auto_step=True)
+        self.dann_loss = DomainAdversarialLoss(self.discriminator, grl)
+        self._warm_start_head(source_images, source_labels, generator)
+        # The copied backbone learns 10× slower than the new head (TLlib's convention for fine-tuning).
+        groups = [
+            {"params": self.model.features.parameters(), "lr": cfg.lr},
+            {"params": [*self.model.mapping.parameters(), *self.model.head.parameters()], "lr": cfg.lr * 10},
+        ]
+        if cfg.alignment == "dann":
+            groups.append({"params": self.discriminator.parameters(), "lr": cfg.discriminator_lr})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=1e-4)
+        self.discriminator_optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=cfg.discriminator_lr)
+        total = cfg.steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0)))
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.cfg.batch_size
+
+    def _warm_start_head(self, images: np.ndarray, labels: np.ndarray, generator: torch.Generator) -> None:
+        """Fit the new mapping head + classifier on the frozen source features first.
+
+        The adapted model then starts as good as the source model on source images, instead of
+        from a random head whose large early gradients would wreck the copied backbone.
+        """
+        self.model.features.eval()
+        features = self.extract(self.model.features, images)
+        targets = torch.as_tensor(np.asarray(labels, dtype=np.int64), device=self.device)
+        head = nn.Sequential(self.model.mapping, self.model.head)
+        optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-4)
+        for _ in range(HEAD_WARMUP_STEPS):
+            rows = torch.randint(len(features), (128,), generator=generator).to(self.device)
+            loss = self.criterion(head(features[rows]), targets[rows])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        self.model.features.train()
+
+    def train_step(self) -> None:
+        source_images, source_labels = self.source.next()
+        target_images, target_labels = self.target.next()
+        x_source, x_target = self.inputs(source_images), self.inputs(target_images)
+        source_labels = source_labels.to(self.device)
+        target_labels = target_labels.to(self.device)
+        n_source = len(x_source)
+        self.model.train()
+        features = self.model.features(torch.cat([x_source, x_target]))
+        embedded = self.model.mapping(features)  # one batch: the mapping head's BatchNorm sees both domains
+        logits = self.model.head(embedded)
+        labelled = torch.cat([torch.ones_like(source_labels, dtype=torch.bool), target_labels != UNLABELLED])
+        all_labels = torch.cat([source_labels, target_labels])
+        losses = {"classification": self.criterion(logits[labelled], all_labels[labelled])}
+        if self.cfg.consistency_weight > 0:
+            with torch.no_grad():
+                anchor = self.frozen_source(x_target)
+            losses["consistency"] = self.consistency(anchor, features[n_source:])
+        if self.cfg.alignment == "gan":
+            losses |= self._gan_terms(embedded, n_source)
+        elif self.cfg.alignment == "dann":
+            losses["dann"] = self.cfg.adversarial_weight * self.dann_loss(embedded[:n_source], embedded[n_source:])
+            self.state.domain_accuracy = self.dann_loss.domain_accuracy
+        total = sum(value for name, value in losses.items() if name != "discriminator")
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.state.losses = {name: float(value.detach()) for name, value in losses.items()} | {"total": float(total.detach())}
+
+    def _gan_terms(self, embedded: torch.Tensor, n_source: int) -> dict[str, torch.Tensor]:
+        """D's own step on detached features, then the target extractor's adversarial term."""
+        logits = self.discriminator(embedded.detach()).squeeze(1)
+        discriminator_loss = self.discriminator_loss(logits[:n_source], logits[n_source:])
+        self.discriminator_optimizer.zero_grad(set_to_none=True)
+        discriminator_loss.backward()
+        self.discriminator_optimizer.step()
+        with torch.no_grad():
+            hits = torch.cat([logits[:n_source] >= 0, logits[n_source:] < 0]).float()
+            self.state.domain_accuracy = 0.5 * float(hits[:n_source].mean() + hits[n_source:].mean())
+        # D's parameters get gradients from this term too; they are cleared before D's next step.
+        adversarial = self.adversarial_loss(self.discriminator(embedded).squeeze(1)[n_source:])
+        return {"discriminator": discriminator_loss.detach(), "adversarial": self.cfg.adversarial_weight * adversarial}
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """Mapping-head features of uint8 images (eval mode): the space alignment works in."""
+        self.model.eval()
+        return self.extract(self.model.embed, images).float().cpu().numpy()
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, images: np.ndarray, device: torch.device, channels_last: bool) -> None:
+    """Re-estimate every BatchNorm's running statistics on ``images`` (AdaBN, Li et al. 2016).
+
+    During adaptation the statistics average both domains; the deployed model sees only the
+    target hospital's images, so it normalises with theirs. Weights are not changed.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over all batches
+    was_training = model.training
+    model.train()
+    extract(model, images, device, channels_last)
+    model.train(was_training)
+    for norm, momentum in zip(norms, saved, strict=True):
+        norm.momentum = momentum

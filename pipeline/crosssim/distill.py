@@ -1,0 +1,94 @@
+"""Knowledge distillation: the adapted model (teacher) teaches a smaller student on both domains.
+
+Each step the frozen teacher scores an augmented source batch and target batch; the student
+minimises :class:`DistillationLoss` on each: α·CE + (1 − α)·T²·KL on labelled images (source,
+and labelled target rows), T²·KL alone on unlabelled target images (or α·CE on confident
+teacher pseudo-labels + (1 − α)·T²·KL when ``pseudo_label_threshold`` is set).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.config import DistillConfig
+from pipeline.crosssim.engine import UNLABELLED, DomainBatches, DomainLoop, EvaluationSets
+from pipeline.crosssim.losses import DistillationLoss
+from pipeline.models import build_model
+
+
+class Distiller(DomainLoop):
+    """Trains a fresh ``cfg.student_backbone`` from ``teacher``; ``self.model`` is the student."""
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        source_images: np.ndarray,
+        source_labels: np.ndarray,
+        target_images: np.ndarray,
+        target_labels: np.ndarray,
+        evaluation: EvaluationSets,
+        cfg: DistillConfig,
+        batch_size: int,
+        eval_every: int,
+        device: torch.device,
+        channels_last: bool,
+        transform: Any,
+        generator: torch.Generator,
+        handlers: list[Any] | None = None,
+    ) -> None:
+        super().__init__(cfg.steps, eval_every, evaluation, device, channels_last, transform, handlers)
+        self.cfg = cfg
+        self._batch_size = batch_size
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.teacher = teacher.to(device, memory_format=memory_format).eval()
+        self.teacher.requires_grad_(False)
+        self.model = build_model(cfg.student_backbone).to(device, memory_format=memory_format)
+        self.source = DomainBatches(source_images, source_labels, batch_size, generator)
+        self.target = DomainBatches(target_images, target_labels, batch_size, generator)
+        self.labelled_loss = DistillationLoss(cfg.alpha, cfg.temperature)
+        self.unlabelled_loss = DistillationLoss(cfg.alpha, cfg.temperature, cfg.pseudo_label_threshold)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+        warmup = max(1, cfg.steps // 10)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * min((step - warmup) / max(1, cfg.steps - warmup), 1.0)))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    def train_step(self) -> None:
+        source_images, source_labels = self.source.next()
+        target_images, target_labels = self.target.next()
+        inputs = torch.cat([self.inputs(source_images), self.inputs(target_images)])
+        labels = torch.cat([source_labels, target_labels]).to(self.device)
+        with torch.no_grad():
+            teacher_logits = self.teacher(inputs)
+        self.model.train()
+        student_logits = self.model(inputs)
+        labelled = labels != UNLABELLED
+        losses: dict[str, torch.Tensor] = {}
+        if labelled.any():
+            losses["labelled"] = self.labelled_loss(
+                student_logits[labelled], teacher_logits[labelled], labels[labelled]
+            ) * labelled.float().mean()
+        if (~labelled).any():
+            losses["unlabelled"] = self.unlabelled_loss(
+                student_logits[~labelled], teacher_logits[~labelled]
+            ) * (~labelled).float().mean()
+        total = sum(losses.values())  # weighted by share of the batch: a per-image mean over both parts
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.state.losses = {name: float(value.detach()) for name, value in losses.items()} | {"total": float(total.detach())}

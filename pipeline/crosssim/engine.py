@@ -1,0 +1,168 @@
+"""The step loop shared by adaptation and distillation: two domains, handlers, periodic evaluation.
+
+Like :class:`pipeline.training.engine.Trainer`, the loop only optimises; handlers attach
+model selection, divergence detection, progress and tracking through the events
+``fit_start``, ``step_end``, ``evaluate`` (every ``eval_every`` steps and at the end) and
+``fit_end``. A subclass implements :meth:`DomainLoop.train_step` and says which model is
+being adapted (``self.model``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from pipeline.augment import augment_batch, normalise, to_model_input
+from pipeline.crosssim.losses import binary_entropy
+from pipeline.errors import TrainingError
+from pipeline.training.engine import predict_proba
+
+UNLABELLED = -1
+
+
+class DomainBatches:
+    """Endless random batches of one domain's uint8 images, with labels (``UNLABELLED`` = hidden)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, generator: torch.Generator) -> None:
+        self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+        self.batch_size = min(batch_size, len(self.images))
+        self.generator = generator
+        self._order = torch.empty(0, dtype=torch.long)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(self._order) < self.batch_size:  # a new pass: every image once before any repeats
+            fresh = torch.randperm(len(self.images), generator=self.generator)
+            self._order = torch.cat([self._order, fresh])
+        rows, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
+        return self.images[rows], self.labels[rows]
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    losses: dict[str, float] = field(default_factory=dict)  # last step's loss terms
+    domain_accuracy: float = math.nan  # last step's discriminator accuracy (nan without one)
+    evaluation: dict[str, float] = field(default_factory=dict)  # last evaluation's numbers
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per logged step / evaluation
+    stop_reason: str | None = None
+    images_per_second: float = 0.0
+
+
+@dataclass(frozen=True)
+class EvaluationSets:
+    """What an evaluation scores: labelled source-val, target-train images (labels mostly hidden)."""
+
+    source_val_images: np.ndarray
+    source_val_labels: np.ndarray
+    target_images: np.ndarray
+    target_labels: np.ndarray  # UNLABELLED where hidden
+
+
+class DomainLoop:
+    """Runs ``steps`` optimisation steps on source + target batches, evaluating every ``eval_every``."""
+
+    model: nn.Module
+
+    def __init__(
+        self,
+        steps: int,
+        eval_every: int,
+        evaluation: EvaluationSets,
+        device: torch.device,
+        channels_last: bool,
+        transform: Any,
+        handlers: list[Any] | None = None,
+    ) -> None:
+        if steps < 1:
+            raise TrainingError(f"steps must be ≥ 1, got {steps}")
+        self.steps = steps
+        self.eval_every = eval_every
+        self.evaluation_sets = evaluation
+        self.device = device
+        self.channels_last = channels_last
+        self.transform = transform
+        self.handlers = list(handlers or [])
+        self.state = LoopState()
+
+    def emit(self, event: str) -> None:
+        for handler in self.handlers:
+            callback = getattr(handler, f"on_{event}", None)
+            if callback is not None:
+                callback(self)
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 batch → augmented (when configured), normalised model input on the device."""
+        batch = to_model_input(images, self.device, self.channels_last)
+        return normalise(augment_batch(batch, self.transform))
+
+    def extract(self, network: nn.Module, images: np.ndarray) -> torch.Tensor:
+        """``network`` applied to un-augmented uint8 images in batches, without gradients."""
+        return extract(network, images, self.device, self.channels_last)
+
+    def train_step(self) -> None:
+        raise NotImplementedError
+
+    def fit(self) -> LoopState:
+        self.emit("fit_start")
+        self.evaluate()  # step 0: the starting point every later evaluation is compared with
+        started, images = time.perf_counter(), 0
+        while self.state.step < self.steps and self.state.stop_reason is None:
+            self.train_step()
+            self.state.step += 1
+            images += 2 * self.batch_size
+            bad = [name for name, value in self.state.losses.items() if not math.isfinite(value)]
+            if bad:
+                self.state.stop_reason = f"loss {', '.join(bad)} is not finite at step {self.state.step}"
+            self.emit("step_end")
+            if self.state.stop_reason is None and (
+                self.state.step % self.eval_every == 0 or self.state.step == self.steps
+            ):
+                self.state.images_per_second = images / (time.perf_counter() - started)
+                self.evaluate()
+        self.emit("fit_end")
+        return self.state
+
+    @property
+    def batch_size(self) -> int:
+        raise NotImplementedError
+
+    def evaluate(self) -> None:
+        sets = self.evaluation_sets
+        source_probs = self.predict(sets.source_val_images)
+        target_probs = self.predict(sets.target_images)
+        labelled = sets.target_labels != UNLABELLED
+        result = {
+            "step": float(self.state.step),
+            "source_val_auc": _auc(sets.source_val_labels, source_probs),
+            "target_entropy": float(binary_entropy(torch.from_numpy(target_probs)).mean()),
+            "target_positive_rate": float((target_probs >= 0.5).mean()),
+        }
+        if labelled.any() and len(set(sets.target_labels[labelled])) == 2:
+            result["target_labelled_auc"] = _auc(sets.target_labels[labelled], target_probs[labelled])
+        self.state.evaluation = result
+        self.emit("evaluate")
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return predict_proba(self.model, images, self.device, self.channels_last)
+
+
+@torch.no_grad()
+def extract(network: nn.Module, images: np.ndarray, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """``network`` applied to uint8 images (N, H, W) in batches of 256, without gradients."""
+    outputs = []
+    for start in range(0, len(images), 256):
+        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + 256]))
+        outputs.append(network(normalise(to_model_input(batch, device, channels_last))))
+    return torch.cat(outputs)
+
+
+def _auc(labels: np.ndarray, probs: np.ndarray) -> float:
+    return float(roc_auc_score(labels, probs))

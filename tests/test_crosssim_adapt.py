@@ -1,0 +1,254 @@
+"""The adapt stage on small real subsets (Kermany → NIH at 32×32): it aligns, selects, fails cleanly."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.crosssim.adapt import Adapter, recalibrate_batchnorm
+from pipeline.crosssim.engine import UNLABELLED, EvaluationSets, extract
+from pipeline.crosssim.handlers import DivergenceDetector, ModelSelector
+from pipeline.crosssim.model import AdaptedClassifier, load_model, save_model
+from pipeline.crosssim.stage import (
+    ADAPTED_MODEL,
+    DIAGNOSTICS,
+    STUDENT_MODEL,
+    AdaptationDivergedError,
+    DomainData,
+    run_crosssim,
+)
+from pipeline.data.prepare import prepare_dataset
+from pipeline.data.readers import read_dataset
+from pipeline.errors import DatasetError, TrainingError
+from pipeline.models import build_model
+from pipeline.training.engine import Trainer
+from tests.conftest import REPO, copy_kermany_subset, copy_nih_subset
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def domains(data_dir, tmp_path_factory) -> dict[str, DomainData]:
+    """Real images: Kermany train/val (labelled) and NIH (labels hidden), prepared at 32×32."""
+    work = tmp_path_factory.mktemp("crosssim")
+    kermany = read_dataset(copy_kermany_subset(data_dir, work / "kermany-pediatric", per_class=48))
+    nih = read_dataset(copy_nih_subset(data_dir, work / "nih-cxr8", per_class=40))
+    source = prepare_dataset(kermany, SIZE, work / "cache")
+    target = prepare_dataset(nih, SIZE, work / "cache")
+    labels = source.manifest["label"].to_numpy(dtype="int64")
+    is_train = (source.manifest["split"] != "test").to_numpy()  # official test folder serves as validation here
+    return {
+        "source_train": DomainData("source-train", np.asarray(source.images[is_train]), labels[is_train]),
+        "source_val": DomainData("source-val", np.asarray(source.images[~is_train]), labels[~is_train]),
+        "target_train": DomainData("target-train", np.asarray(target.images), np.full(len(target.images), UNLABELLED)),
+        "target_labels": DomainData("target-labels", np.asarray(target.images), target.manifest["label"].to_numpy("int64")),
+    }
+
+
+@pytest.fixture(scope="module")
+def source_model(domains):
+    """A ResNet-18 trained 2 epochs on the Kermany subset: the model CrossSim starts from."""
+    cfg = load_config(REPO / "params.yaml", ["train.epochs=2", "train.batch_size=16", "train.early_stopping_patience=null"])
+    train, val = domains["source_train"], domains["source_val"]
+    trainer = Trainer(build_model("resnet18"), train.images, train.labels, val.images, val.labels, cfg.train, cfg.augment, 0)
+    trainer.fit()
+    return trainer.model.cpu().to(memory_format=torch.contiguous_format).eval()
+
+
+def _cfg(tmp_path: Path, *overrides: str):
+    return load_config(
+        REPO / "params.yaml",
+        [
+            f"crosssim.output_dir={tmp_path / 'adapt'}",
+            "crosssim.batch_size=16",
+            "crosssim.steps=30",
+            "crosssim.eval_every=10",
+            "crosssim.diagnostics_samples=40",
+            "crosssim.distill.steps=20",
+            *overrides,
+        ],
+    )
+
+
+def _run(cfg, source_model, domains, target: DomainData | None = None):
+    return run_crosssim(
+        source_model,
+        SIZE,
+        domains["source_train"],
+        domains["source_val"],
+        target or domains["target_train"],
+        cfg,
+        show_progress=False,
+    )
+
+
+def test_gan_alignment_moves_target_features_towards_the_source(domains, source_model, tmp_path):
+    cfg = _cfg(tmp_path, "crosssim.steps=60", "crosssim.consistency_weight=0.01")
+    evaluation = EvaluationSets(
+        domains["source_val"].images, domains["source_val"].labels, domains["target_train"].images, domains["target_train"].labels
+    )
+    accuracies: list[float] = []
+
+    class Record:
+        def on_step_end(self, loop) -> None:
+            accuracies.append(loop.state.domain_accuracy)
+
+    def adapter(alignment: str) -> Adapter:
+        torch.manual_seed(0)
+        return Adapter(
+            source_model,
+            domains["source_train"].images,
+            domains["source_train"].labels,
+            domains["target_train"].images,
+            domains["target_train"].labels,
+            evaluation,
+            cfg.crosssim.model_copy(update={"alignment": alignment}),
+            torch.device("cpu"),
+            False,
+            None,
+            torch.Generator().manual_seed(0),
+            [Record()] if alignment == "gan" else [],
+        )
+
+    aligned = adapter("gan")
+    target = domains["target_train"].images
+    before = extract(aligned.model.features, target, aligned.device, False).clone()
+    aligned.fit()
+    after = extract(aligned.model.features, target, aligned.device, False)
+    assert (after - before).norm(dim=1).mean() > 0.05 * before.norm(dim=1).mean()  # the target extractor moved
+    for parameter, original in zip(aligned.frozen_source.parameters(), source_model.features.parameters(), strict=True):
+        assert torch.equal(parameter.cpu(), original)  # F_src stays the source model's
+
+    # Alignment pulls the two domains' mapping features together; training without it does not.
+    unaligned = adapter("off")
+    unaligned.fit()
+    source = domains["source_val"].images
+
+    def domain_distance(loop: Adapter) -> float:
+        return float(np.linalg.norm(loop.embed(source).mean(axis=0) - loop.embed(target).mean(axis=0)))
+
+    assert domain_distance(aligned) < 0.8 * domain_distance(unaligned), (domain_distance(aligned), domain_distance(unaligned))
+    assert all(0.0 <= accuracy <= 1.0 for accuracy in accuracies) and len(accuracies) == 60
+
+
+def test_adapt_stage_writes_models_and_diagnostics(domains, source_model, tmp_path):
+    cfg = _cfg(tmp_path, "crosssim.alignment=dann")
+    result = _run(cfg, source_model, domains)
+    assert result.adapted_path.name == ADAPTED_MODEL and result.student_path.name == STUDENT_MODEL
+    diagnostics = result.diagnostics
+    assert set(diagnostics["domain_gap"]) == {"before", "after"}
+    assert 0 <= diagnostics["domain_gap"]["after"]["proxy_a_distance"] <= 2
+    assert (tmp_path / "adapt" / "tsne_before.png").stat().st_size > 0
+    assert (tmp_path / "adapt" / "tsne_after.png").stat().st_size > 0
+    steps = [row["step"] for row in diagnostics["adapt"]["history"] if "domain_accuracy" in row]
+    assert steps == [10.0, 20.0, 30.0]
+    assert diagnostics["adapt"]["selected"]["step"] in (10.0, 20.0, 30.0)  # never the unadapted start
+    adapted = load_model(result.adapted_path)
+    assert isinstance(adapted, AdaptedClassifier) and adapted.mapping_dim == 256
+    student = load_model(result.student_path)
+    assert student.backbone_name == cfg.crosssim.distill.student_backbone
+    assert student(torch.zeros(2, 1, SIZE, SIZE)).shape == (2, 2)
+
+
+def test_save_and_load_round_trip_is_exact(source_model, tmp_path):
+    model = AdaptedClassifier.from_source(source_model, 256).eval()
+    loaded = load_model(save_model(model, tmp_path / "m.pt"))
+    probe = torch.rand(3, 1, SIZE, SIZE)
+    assert torch.equal(model(probe), loaded(probe))
+    with pytest.raises(TrainingError, match="not a CrossSim model file"):
+        load_model(tmp_path / "missing.pt")
+
+
+def test_target_batchnorm_takes_the_target_statistics(domains, source_model):
+    model = AdaptedClassifier.from_source(source_model, 16)
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    stem_norm = model.features.bn1
+    before = stem_norm.running_mean.clone()
+    recalibrate_batchnorm(model, domains["target_train"].images, torch.device("cpu"), False)
+    assert not torch.allclose(before, stem_norm.running_mean)
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items() if k in weights)
+    assert not model.training
+
+
+def test_non_finite_loss_stops_with_diagnostics_and_no_model(domains, source_model, tmp_path):
+    (tmp_path / "adapt").mkdir()
+    (tmp_path / "adapt" / ADAPTED_MODEL).write_bytes(b"stale model of an earlier run")
+    cfg = _cfg(tmp_path, "crosssim.lr=1e12", "crosssim.discriminator_lr=1e12", "crosssim.distill.enabled=false")
+    with pytest.raises(AdaptationDivergedError, match="not finite") as error:
+        _run(cfg, source_model, domains)
+    assert error.value.exit_code != 0
+    assert not (tmp_path / "adapt" / ADAPTED_MODEL).exists()
+    assert (tmp_path / "adapt" / DIAGNOSTICS).is_file() and "failure" in error.value.diagnostics_path.read_text()
+
+
+class _Loop:
+    def __init__(self) -> None:
+        self.state = type("State", (), {"domain_accuracy": math.nan, "stop_reason": None, "step": 0, "evaluation": {}})()
+        self.model = torch.nn.Linear(1, 1)
+
+
+def test_discriminator_collapse_is_detected_after_patience_windows():
+    detector, loop = DivergenceDetector(patience=2), _Loop()
+    for window, accuracy in enumerate([1.0, 0.7, 1.0, 0.995, 1.0]):
+        for _ in range(5):
+            loop.state.domain_accuracy = accuracy
+            detector.on_step_end(loop)
+        loop.state.step = 5 * (window + 1)
+        detector.on_evaluate(loop)
+        if window < 3:
+            assert loop.state.stop_reason is None  # a single collapsed window, or an interrupted streak
+    assert "discriminator collapse" in loop.state.stop_reason
+
+
+def test_selection_rule_gates_on_source_then_prefers_low_target_entropy():
+    selector, loop = ModelSelector(tolerance=0.02), _Loop()
+    evaluations = [
+        {"step": 0, "source_val_auc": 0.95, "target_entropy": 0.1},
+        {"step": 10, "source_val_auc": 0.90, "target_entropy": 0.01},  # confident but forgot the source: gated
+        {"step": 20, "source_val_auc": 0.94, "target_entropy": 0.30},
+        {"step": 30, "source_val_auc": 0.94, "target_entropy": 0.20},
+    ]
+    for evaluation in evaluations:
+        loop.state.evaluation = evaluation
+        selector.on_evaluate(loop)
+    assert selector.best["step"] == 30
+    labelled = ModelSelector(tolerance=0.02)
+    for evaluation in [
+        {"step": 0, "source_val_auc": 0.95, "target_entropy": 0.1},
+        {"step": 10, "source_val_auc": 0.95, "target_entropy": 0.1, "target_labelled_auc": 0.8},
+        {"step": 20, "source_val_auc": 0.95, "target_entropy": 0.05, "target_labelled_auc": 0.7},
+    ]:
+        loop.state.evaluation = evaluation
+        labelled.on_evaluate(loop)
+    assert labelled.best["step"] == 10  # labelled target AUC wins over entropy when labels exist
+
+
+def test_bad_inputs_are_refused_before_anything_is_written(domains, source_model, tmp_path):
+    cfg = _cfg(tmp_path)
+    target = domains["target_train"]
+    empty = DomainData("target-train", target.images[:0], target.labels[:0])
+    with pytest.raises(DatasetError, match="target-train: no images"):
+        _run(cfg, source_model, domains, empty)
+
+    one_class = DomainData("target-train", target.images, np.where(np.arange(len(target.images)) < 10, 1, UNLABELLED))
+    with pytest.raises(DatasetError, match="both classes"):
+        _run(_cfg(tmp_path, "crosssim.labelled_fraction=0.1"), source_model, domains, one_class)
+
+    larger = DomainData("target-train", np.zeros((8, 48, 48), np.uint8), np.full(8, UNLABELLED))
+    with pytest.raises(DatasetError, match="48×48 but the source model was trained on 32×32"):
+        _run(cfg, source_model, domains, larger)
+
+    rgb = DomainData("target-train", np.zeros((8, SIZE, SIZE, 3), np.uint8), np.full(8, UNLABELLED))
+    with pytest.raises(DatasetError, match="single-channel uint8"):
+        _run(cfg, source_model, domains, rgb)
+
+    rgb_model = build_model("resnet18")
+    rgb_model.features.conv1 = torch.nn.Conv2d(3, 64, 7, 2, 3, bias=False)  # expects RGB input
+    with pytest.raises(TrainingError, match="does not accept 1×32×32 images"):
+        _run(cfg, rgb_model, domains)
+    assert not (tmp_path / "adapt").exists()

@@ -34,6 +34,8 @@ def test_dvc_repro_runs_the_stages_and_reports_metrics(data_dir, tmp_path):
     params["train"].update(epochs=1, batch_size=16)
     params["evaluate"].update(bootstrap_samples=50)
     params["validation"].update(min_images=20)
+    params["crosssim"].update(steps=10, eval_every=5, batch_size=8, diagnostics_samples=20)
+    params["crosssim"]["distill"].update(steps=5)
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     copy_kermany_subset(data_dir, project / "data" / "raw" / "kermany-pediatric", per_class=30)
     copy_nih_subset(data_dir, project / "data" / "raw" / "nih-cxr8", per_class=15)
@@ -44,7 +46,10 @@ def test_dvc_repro_runs_the_stages_and_reports_metrics(data_dir, tmp_path):
     metrics = json.loads((project / "outputs" / "eval" / "metrics.json").read_text())
     assert {"kermany-pediatric/test", "nih-cxr8"} <= set(metrics)
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"validate", "prepare", "train", "evaluate"}
+    assert set(lock["stages"]) == {"validate", "prepare", "train", "evaluate", "adapt"}
+    adapted = json.loads((project / "outputs" / "adapt" / "metrics.json").read_text())
+    assert set(adapted) == {"source", "adapted", "student"}
+    assert "nih-cxr8/target-test" in adapted["adapted"]
     shown = json.loads(_run(["dvc", "metrics", "show", "--json"], project))
     assert "kermany-pediatric/test" in json.dumps(shown)
     assert "up to date" in _run(["dvc", "repro"], project)  # nothing changed: nothing reruns

@@ -69,7 +69,7 @@ class Adapter(DomainLoop):
         self.target = DomainBatches(target_images, target_labels, cfg.batch_size, generator)
         self.criterion = nn.CrossEntropyLoss(weight=class_weights(torch.as_tensor(source_labels)).to(device))
         self.consistency = FeatureConsistencyLoss(cfg.consistency_weight)
-        self.discriminator = DomainDiscriminator(cfg.mapping_dim).to(device)
+        self.discriminator = DomainDiscriminator(cfg.mapping_dim, batch_norm=cfg.alignment == "dann").to(device)
         self.discriminator_loss = DiscriminatorLoss()
         self.adversarial_loss = AdversarialAlignmentLoss()
         grl = WarmStartGradientReverseLayer(max_iters=cfg.steps, auto_step=True)
@@ -156,6 +156,12 @@ class Adapter(DomainLoop):
         # D's parameters get gradients from this term too; they are cleared before D's next step.
         adversarial = self.adversarial_loss(self.discriminator(embedded).squeeze(1)[n_source:])
         return {"discriminator": discriminator_loss.detach(), "adversarial": self.cfg.adversarial_weight * adversarial}
+
+    def extra_evaluation(self) -> dict[str, float]:
+        """‖mean f_src − mean f_tgt‖₂ in the mapping space (source-val vs target-train): the gap, tracked."""
+        source = self.embed(self.evaluation_sets.source_val_images)
+        target = self.embed(self.evaluation_sets.target_images)
+        return {"feature_distance": float(np.linalg.norm(source.mean(axis=0) - target.mean(axis=0)))}
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         """Mapping-head features of uint8 images (eval mode): the space alignment works in."""

@@ -147,8 +147,12 @@ class DomainLoop:
         }
         if labelled.any() and len(set(sets.target_labels[labelled])) == 2:
             result["target_labelled_auc"] = _auc(sets.target_labels[labelled], target_probs[labelled])
-        self.state.evaluation = result
+        self.state.evaluation = result | self.extra_evaluation()
         self.emit("evaluate")
+
+    def extra_evaluation(self) -> dict[str, float]:
+        """Loop-specific numbers added to every evaluation."""
+        return {}
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         return predict_proba(self.model, images, self.device, self.channels_last)

@@ -87,20 +87,19 @@ class WarmStartGradientReverseLayer(nn.Module):
 class DomainDiscriminator(nn.Sequential):
     """MLP ``(N, in_features) -> (N, 1)`` logit that the features come from the source domain.
 
-    Linear-BN-ReLU twice, then Linear to one logit. It returns logits, not probabilities: the
+    Linear-(BN)-ReLU twice, then Linear to one logit. It returns logits, not probabilities: the
     losses use BCE-with-logits, which stays finite where ``log(sigmoid(x))`` underflows.
+    ``batch_norm`` suits DANN, whose single pass sees both domains in one batch; the GAN form
+    leaves it out (as ADDA does), because a BatchNorm discriminator scores each image relative to
+    its batch, which the feature extractor can exploit instead of aligning the features.
     """
 
-    def __init__(self, in_features: int, hidden: int = 256) -> None:
-        super().__init__(
-            nn.Linear(in_features, hidden),
-            nn.BatchNorm1d(hidden),
-            nn.ReLU(),
-            nn.Linear(hidden, hidden),
-            nn.BatchNorm1d(hidden),
-            nn.ReLU(),
-            nn.Linear(hidden, 1),
-        )
+    def __init__(self, in_features: int, hidden: int = 256, batch_norm: bool = True) -> None:
+        def block(width_in: int) -> list[nn.Module]:
+            norm = [nn.BatchNorm1d(hidden)] if batch_norm else []
+            return [nn.Linear(width_in, hidden), *norm, nn.ReLU()]
+
+        super().__init__(*block(in_features), *block(hidden), nn.Linear(hidden, 1))
 
 
 class MappingHead(nn.Sequential):

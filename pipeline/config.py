@@ -258,5 +258,11 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
     try:
         return PipelineConfig.model_validate(raw).anchored(base)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(_problem(error) for error in exc.errors())
         raise ConfigError(f"invalid configuration: {problems}") from exc
+
+
+def _problem(error: Any) -> str:
+    message = error["msg"].removeprefix("Value error, ")
+    location = ".".join(map(str, error["loc"]))
+    return f"{location}: {message}" if location else message

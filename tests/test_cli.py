@@ -56,6 +56,6 @@ def test_adapt_before_train_and_bad_crosssim_config_are_clear(tmp_path):
     result = runner.invoke(app, ["adapt", "--config", str(REPO / "params.yaml"), "--set", f"train.output_dir={tmp_path}"])
     assert result.exit_code == 2 and "run `crosssim train` first" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["adapt", "--config", str(REPO / "params.yaml"), "--set", "crosssim.target=elsewhere"])
-    assert result.exit_code == 2 and "must be one of data.external" in result.output
+    assert result.exit_code == 2 and "must be one of data.external" in " ".join(result.output.split())
     result = runner.invoke(app, ["adapt", "--config", str(REPO / "params.yaml"), "--set", "crosssim.alignment=wgan"])
     assert result.exit_code == 2 and "crosssim.alignment" in result.output

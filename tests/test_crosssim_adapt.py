@@ -87,35 +87,40 @@ def _run(cfg, source_model, domains, target: DomainData | None = None):
     )
 
 
-def test_gan_alignment_moves_target_features_towards_the_source(domains, source_model, tmp_path):
+def test_gan_alignment_moves_features_and_pushes_the_discriminator_towards_chance(domains, source_model, tmp_path):
     cfg = _cfg(tmp_path, "crosssim.steps=60", "crosssim.consistency_weight=0.01")
     evaluation = EvaluationSets(
         domains["source_val"].images, domains["source_val"].labels, domains["target_train"].images, domains["target_train"].labels
     )
-    accuracies: list[float] = []
 
     class Record:
-        def on_step_end(self, loop) -> None:
-            accuracies.append(loop.state.domain_accuracy)
+        def __init__(self) -> None:
+            self.accuracies: list[float] = []
 
-    def adapter(alignment: str) -> Adapter:
+        def on_step_end(self, loop) -> None:
+            self.accuracies.append(loop.state.domain_accuracy)
+
+    def run(adversarial_weight: float) -> tuple[Adapter, list[float]]:
         torch.manual_seed(0)
-        return Adapter(
+        record = Record()
+        settings = cfg.crosssim.model_copy(update={"adversarial_weight": adversarial_weight})
+        adapter = Adapter(
             source_model,
             domains["source_train"].images,
             domains["source_train"].labels,
             domains["target_train"].images,
             domains["target_train"].labels,
             evaluation,
-            cfg.crosssim.model_copy(update={"alignment": alignment}),
+            settings,
             torch.device("cpu"),
             False,
             None,
             torch.Generator().manual_seed(0),
-            [Record()] if alignment == "gan" else [],
+            [record],
         )
+        return adapter, record.accuracies
 
-    aligned = adapter("gan")
+    aligned, opposed = run(1.0)
     target = domains["target_train"].images
     before = extract(aligned.model.features, target, aligned.device, False).clone()
     aligned.fit()
@@ -124,16 +129,13 @@ def test_gan_alignment_moves_target_features_towards_the_source(domains, source_
     for parameter, original in zip(aligned.frozen_source.parameters(), source_model.features.parameters(), strict=True):
         assert torch.equal(parameter.cpu(), original)  # F_src stays the source model's
 
-    # Alignment pulls the two domains' mapping features together; training without it does not.
-    unaligned = adapter("off")
-    unaligned.fit()
-    source = domains["source_val"].images
-
-    def domain_distance(loop: Adapter) -> float:
-        return float(np.linalg.norm(loop.embed(source).mean(axis=0) - loop.embed(target).mean(axis=0)))
-
-    assert domain_distance(aligned) < 0.8 * domain_distance(unaligned), (domain_distance(aligned), domain_distance(unaligned))
-    assert all(0.0 <= accuracy <= 1.0 for accuracy in accuracies) and len(accuracies) == 60
+    # Same run without the adversarial term: the discriminator, unopposed, learns to tell the domains
+    # apart; the target extractor's adversarial loss is what holds its accuracy down towards 0.5.
+    unopposed_adapter, unopposed = run(0.0)
+    unopposed_adapter.fit()
+    late_opposed, late_unopposed = np.mean(opposed[-20:]), np.mean(unopposed[-20:])
+    assert late_unopposed > 0.75, late_unopposed
+    assert late_opposed < late_unopposed - 0.03, (late_opposed, late_unopposed)
 
 
 def test_adapt_stage_writes_models_and_diagnostics(domains, source_model, tmp_path):
@@ -165,14 +167,14 @@ def test_save_and_load_round_trip_is_exact(source_model, tmp_path):
 
 
 def test_target_batchnorm_takes_the_target_statistics(domains, source_model):
-    model = AdaptedClassifier.from_source(source_model, 16)
+    model = AdaptedClassifier.from_source(source_model, 16).eval()
     weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
     stem_norm = model.features.bn1
     before = stem_norm.running_mean.clone()
     recalibrate_batchnorm(model, domains["target_train"].images, torch.device("cpu"), False)
     assert not torch.allclose(before, stem_norm.running_mean)
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items() if k in weights)
-    assert not model.training
+    assert not model.training  # its mode is left as it was
 
 
 def test_non_finite_loss_stops_with_diagnostics_and_no_model(domains, source_model, tmp_path):

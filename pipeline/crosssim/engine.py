@@ -31,7 +31,7 @@ class DomainBatches:
     """Endless random batches of one domain's uint8 images, with labels (``UNLABELLED`` = hidden)."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, generator: torch.Generator) -> None:
-        self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.images = torch.from_numpy(np.array(images))  # a copy: prepared arrays are read-only memmaps
         self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
         self.batch_size = min(batch_size, len(self.images))
         self.generator = generator
@@ -163,7 +163,7 @@ def extract(network: nn.Module, images: np.ndarray, device: torch.device, channe
     """``network`` applied to uint8 images (N, H, W) in batches of 256, without gradients."""
     outputs = []
     for start in range(0, len(images), 256):
-        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + 256]))
+        batch = torch.from_numpy(np.array(images[start : start + 256]))
         outputs.append(network(normalise(to_model_input(batch, device, channels_last))))
     return torch.cat(outputs)
 

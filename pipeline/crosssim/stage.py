@@ -216,8 +216,7 @@ def run_crosssim(
                 "crosssim.feature_distance_before": before.mean_feature_distance,
                 "crosssim.feature_distance_after": after.mean_feature_distance,
             }
-        )
-        tracker.log_artifacts(output_dir, artifact_path="crosssim")
+        )  # the folder itself is logged by the caller once scores are added to it
     return CrossSimResult(adapted_path, student_path, diagnostics_path, diagnostics)
 
 

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.crosssim.adapt import Adapter, recalibrate_batchnorm
-from pipeline.crosssim.engine import UNLABELLED, EvaluationSets, extract
+from pipeline.crosssim.engine import UNLABELLED, EvaluationSets, LoopRuntime, extract
 from pipeline.crosssim.handlers import DivergenceDetector, ModelSelector
 from pipeline.crosssim.model import AdaptedClassifier, load_model, save_model
 from pipeline.crosssim.stage import (
@@ -104,19 +104,9 @@ def test_gan_alignment_moves_features_and_pushes_the_discriminator_towards_chanc
         torch.manual_seed(0)
         record = Record()
         settings = cfg.crosssim.model_copy(update={"adversarial_weight": adversarial_weight})
+        runtime = LoopRuntime(torch.device("cpu"), False, None, torch.Generator().manual_seed(0))
         adapter = Adapter(
-            source_model,
-            domains["source_train"].images,
-            domains["source_train"].labels,
-            domains["target_train"].images,
-            domains["target_train"].labels,
-            evaluation,
-            settings,
-            torch.device("cpu"),
-            False,
-            None,
-            torch.Generator().manual_seed(0),
-            [record],
+            source_model, domains["source_train"], domains["target_train"], evaluation, settings, runtime, [record]
         )
         return adapter, record.accuracies
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from pipeline.config import CrossSimConfig
-from pipeline.crosssim.engine import UNLABELLED, DomainBatches, DomainLoop, EvaluationSets, extract
+from pipeline.crosssim.engine import UNLABELLED, DomainData, DomainLoop, EvaluationSets, LoopRuntime, extract
 from pipeline.crosssim.losses import (
     AdversarialAlignmentLoss,
     DiscriminatorLoss,
@@ -46,35 +46,29 @@ class Adapter(DomainLoop):
 
     def __init__(
         self,
-        source: Classifier,
-        source_images: np.ndarray,
-        source_labels: np.ndarray,
-        target_images: np.ndarray,
-        target_labels: np.ndarray,
+        source_model: Classifier,
+        source: DomainData,
+        target: DomainData,
         evaluation: EvaluationSets,
         cfg: CrossSimConfig,
-        device: torch.device,
-        channels_last: bool,
-        transform: Any,
-        generator: torch.Generator,
+        runtime: LoopRuntime,
         handlers: list[Any] | None = None,
     ) -> None:
-        super().__init__(cfg.steps, cfg.eval_every, evaluation, device, channels_last, transform, handlers)
+        super().__init__(source, target, cfg.batch_size, cfg.steps, cfg.eval_every, evaluation, runtime, handlers)
         self.cfg = cfg
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.frozen_source = copy.deepcopy(source.features).to(device, memory_format=memory_format).eval()
+        self.frozen_source = copy.deepcopy(source_model.features).to(self.device, memory_format=self.memory_format).eval()
         self.frozen_source.requires_grad_(False)
-        self.model = AdaptedClassifier.from_source(source, cfg.mapping_dim).to(device, memory_format=memory_format)
-        self.source = DomainBatches(source_images, source_labels, cfg.batch_size, generator)
-        self.target = DomainBatches(target_images, target_labels, cfg.batch_size, generator)
-        self.criterion = nn.CrossEntropyLoss(weight=class_weights(torch.as_tensor(source_labels)).to(device))
+        self.model = AdaptedClassifier.from_source(source_model, cfg.mapping_dim).to(
+            self.device, memory_format=self.memory_format
+        )
+        self.criterion = nn.CrossEntropyLoss(weight=class_weights(torch.as_tensor(source.labels)).to(self.device))
         self.consistency = FeatureConsistencyLoss(cfg.consistency_weight)
-        self.discriminator = DomainDiscriminator(cfg.mapping_dim, batch_norm=cfg.alignment == "dann").to(device)
+        self.discriminator = DomainDiscriminator(cfg.mapping_dim, batch_norm=cfg.alignment == "dann").to(self.device)
         self.discriminator_loss = DiscriminatorLoss()
         self.adversarial_loss = AdversarialAlignmentLoss()
         grl = WarmStartGradientReverseLayer(max_iters=cfg.steps, auto_step=True)
         self.dann_loss = DomainAdversarialLoss(self.discriminator, grl)
-        self._warm_start_head(source_images, source_labels, generator)
+        self._warm_start_head(source.images, source.labels, runtime.generator)
         # The copied backbone learns 10× slower than the new head (TLlib's convention for fine-tuning).
         groups = [
             {"params": self.model.features.parameters(), "lr": cfg.lr},
@@ -88,10 +82,6 @@ class Adapter(DomainLoop):
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0)))
         )
-
-    @property
-    def batch_size(self) -> int:
-        return self.cfg.batch_size
 
     def _warm_start_head(self, images: np.ndarray, labels: np.ndarray, generator: torch.Generator) -> None:
         """Fit the new mapping head + classifier on the frozen source features first.

@@ -11,12 +11,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from pipeline.config import DistillConfig
-from pipeline.crosssim.engine import UNLABELLED, DomainBatches, DomainLoop, EvaluationSets
+from pipeline.crosssim.engine import UNLABELLED, DomainData, DomainLoop, EvaluationSets, LoopRuntime
 from pipeline.crosssim.losses import DistillationLoss
 from pipeline.models import build_model
 
@@ -27,29 +26,20 @@ class Distiller(DomainLoop):
     def __init__(
         self,
         teacher: nn.Module,
-        source_images: np.ndarray,
-        source_labels: np.ndarray,
-        target_images: np.ndarray,
-        target_labels: np.ndarray,
+        source: DomainData,
+        target: DomainData,
         evaluation: EvaluationSets,
         cfg: DistillConfig,
         batch_size: int,
         eval_every: int,
-        device: torch.device,
-        channels_last: bool,
-        transform: Any,
-        generator: torch.Generator,
+        runtime: LoopRuntime,
         handlers: list[Any] | None = None,
     ) -> None:
-        super().__init__(cfg.steps, eval_every, evaluation, device, channels_last, transform, handlers)
+        super().__init__(source, target, batch_size, cfg.steps, eval_every, evaluation, runtime, handlers)
         self.cfg = cfg
-        self._batch_size = batch_size
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.teacher = teacher.to(device, memory_format=memory_format).eval()
+        self.teacher = teacher.to(self.device, memory_format=self.memory_format).eval()
         self.teacher.requires_grad_(False)
-        self.model = build_model(cfg.student_backbone).to(device, memory_format=memory_format)
-        self.source = DomainBatches(source_images, source_labels, batch_size, generator)
-        self.target = DomainBatches(target_images, target_labels, batch_size, generator)
+        self.model = build_model(cfg.student_backbone).to(self.device, memory_format=self.memory_format)
         self.labelled_loss = DistillationLoss(cfg.alpha, cfg.temperature)
         self.unlabelled_loss = DistillationLoss(cfg.alpha, cfg.temperature, cfg.pseudo_label_threshold)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=1e-4)
@@ -61,10 +51,6 @@ class Distiller(DomainLoop):
             return 0.5 * (1 + math.cos(math.pi * min((step - warmup) / max(1, cfg.steps - warmup), 1.0)))
 
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
-
-    @property
-    def batch_size(self) -> int:
-        return self._batch_size
 
     def train_step(self) -> None:
         source_images, source_labels = self.source.next()

@@ -27,12 +27,31 @@ from pipeline.training.engine import predict_proba
 UNLABELLED = -1
 
 
+@dataclass(frozen=True)
+class DomainData:
+    """uint8 images (N, S, S) of one domain and their labels (0/1, or ``UNLABELLED``)."""
+
+    name: str
+    images: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class LoopRuntime:
+    """Where and how a loop runs: device, memory format, augmentation, random stream."""
+
+    device: torch.device
+    channels_last: bool
+    transform: Any  # per-image augmentation (pipeline.augment.build_augmentation) or None
+    generator: torch.Generator
+
+
 class DomainBatches:
     """Endless random batches of one domain's uint8 images, with labels (``UNLABELLED`` = hidden)."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, generator: torch.Generator) -> None:
-        self.images = torch.from_numpy(np.array(images))  # a copy: prepared arrays are read-only memmaps
-        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    def __init__(self, data: DomainData, batch_size: int, generator: torch.Generator) -> None:
+        self.images = torch.from_numpy(np.array(data.images))  # a copy: prepared arrays are read-only memmaps
+        self.labels = torch.as_tensor(np.asarray(data.labels, dtype=np.int64))
         self.batch_size = min(batch_size, len(self.images))
         self.generator = generator
         self._order = torch.empty(0, dtype=torch.long)
@@ -73,22 +92,27 @@ class DomainLoop:
 
     def __init__(
         self,
+        source: DomainData,
+        target: DomainData,
+        batch_size: int,
         steps: int,
         eval_every: int,
         evaluation: EvaluationSets,
-        device: torch.device,
-        channels_last: bool,
-        transform: Any,
+        runtime: LoopRuntime,
         handlers: list[Any] | None = None,
     ) -> None:
         if steps < 1:
             raise TrainingError(f"steps must be ≥ 1, got {steps}")
+        self.batch_size = batch_size
+        self.source = DomainBatches(source, batch_size, runtime.generator)
+        self.target = DomainBatches(target, batch_size, runtime.generator)
         self.steps = steps
         self.eval_every = eval_every
         self.evaluation_sets = evaluation
-        self.device = device
-        self.channels_last = channels_last
-        self.transform = transform
+        self.device = runtime.device
+        self.channels_last = runtime.channels_last
+        self.transform = runtime.transform
+        self.memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
         self.handlers = list(handlers or [])
         self.state = LoopState()
 
@@ -129,10 +153,6 @@ class DomainLoop:
                 self.evaluate()
         self.emit("fit_end")
         return self.state
-
-    @property
-    def batch_size(self) -> int:
-        raise NotImplementedError
 
     def evaluate(self) -> None:
         sets = self.evaluation_sets

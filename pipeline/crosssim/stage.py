@@ -24,7 +24,7 @@ from pipeline.config import PipelineConfig
 from pipeline.crosssim.adapt import Adapter, recalibrate_batchnorm
 from pipeline.crosssim.diagnostics import domain_gap
 from pipeline.crosssim.distill import Distiller
-from pipeline.crosssim.engine import UNLABELLED, EvaluationSets
+from pipeline.crosssim.engine import UNLABELLED, DomainData, EvaluationSets, LoopRuntime
 from pipeline.crosssim.handlers import DivergenceDetector, HistoryRecorder, LoopProgress, ModelSelector
 from pipeline.crosssim.model import save_model
 from pipeline.errors import DatasetError, TrainingError
@@ -44,15 +44,6 @@ class AdaptationDivergedError(TrainingError):
     def __init__(self, message: str, diagnostics_path: Path) -> None:
         super().__init__(f"{message}\ndiagnostics: {diagnostics_path} (no model was written)")
         self.diagnostics_path = diagnostics_path
-
-
-@dataclass(frozen=True)
-class DomainData:
-    """uint8 images (N, S, S) and labels (0/1, or ``UNLABELLED``)."""
-
-    name: str
-    images: np.ndarray
-    labels: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -133,6 +124,7 @@ def run_crosssim(
     device = select_device(cfg.train.device)
     channels_last = cfg.train.channels_last != "off"
     transform = build_augmentation(cfg.augment) if settings.augment else None
+    runtime = LoopRuntime(device, channels_last, transform, generator)
     evaluation = EvaluationSets(source_val.images, source_val.labels, target_train.images, target_train.labels)
     rng = np.random.default_rng(cfg.seed)
     probe_source = _sample(source_val, settings.diagnostics_samples, rng)
@@ -142,16 +134,11 @@ def run_crosssim(
     selector = ModelSelector(settings.selection_tolerance)
     adapter = Adapter(
         source_model,
-        source_train.images,
-        source_train.labels,
-        target_train.images,
-        target_train.labels,
+        source_train,
+        target_train,
         evaluation,
         settings,
-        device,
-        channels_last,
-        transform,
-        generator,
+        runtime,
         [
             selector,
             DivergenceDetector(settings.collapse_patience),
@@ -185,18 +172,13 @@ def run_crosssim(
         distill_selector = ModelSelector(settings.selection_tolerance, reference_auc=teacher_auc)
         distiller = Distiller(
             adapted,
-            source_train.images,
-            source_train.labels,
-            target_train.images,
-            target_train.labels,
+            source_train,
+            target_train,
             evaluation,
             settings.distill,
             settings.batch_size,
             settings.eval_every,
-            device,
-            channels_last,
-            transform,
-            generator,
+            runtime,
             [distill_selector, HistoryRecorder("distill", tracker), LoopProgress("distil", show_progress)],
         )
         distill_state = distiller.fit()

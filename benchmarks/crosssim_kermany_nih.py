@@ -24,12 +24,11 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import torch
 from rich.console import Console
 from rich.table import Table
 
+from flows.steps import images_of
 from pipeline.config import PipelineConfig, load_config
 from pipeline.crosssim.engine import UNLABELLED
 from pipeline.crosssim.model import load_model
@@ -67,10 +66,6 @@ ABLATIONS = {  # variant → overrides, run on the first seed only
 }
 LABELLED_FRACTION = 0.1
 METRICS = ("auc", "accuracy", "sensitivity", "specificity")
-
-
-def _images_of(prepared: PreparedDataset, rows: pd.DataFrame) -> np.ndarray:
-    return np.asarray(prepared.images[pd.Index(prepared.manifest["image_id"]).get_indexer(rows["image_id"])])
 
 
 def _finetune(source_model, data: DomainData, cfg: PipelineConfig) -> torch.nn.Module:
@@ -111,11 +106,11 @@ def run_seed(seed: int, first: bool, args, source: PreparedDataset, target: Prep
     }
     test = splits[0.0].test
     test_images = (
-        _images_of(target, test) if args.test_set is None else prepare_dataset(test, cfg.data.image_size, cfg.data.cache_dir).images
+        images_of(target, test) if args.test_set is None else prepare_dataset(test, cfg.data.image_size, cfg.data.cache_dir).images
     )
     target_train = {
         fraction: DomainData(
-            f"{cfg.crosssim.target}/target-train", _images_of(target, split.train), split.train["label"].fillna(UNLABELLED).to_numpy("int64")
+            f"{cfg.crosssim.target}/target-train", images_of(target, split.train), split.train["label"].fillna(UNLABELLED).to_numpy("int64")
         )
         for fraction, split in splits.items()
     }

@@ -168,7 +168,8 @@ def serving_model(cfg: PipelineConfig, model_path: Path) -> tuple[PneumoniaProba
     return serving_model_from(load_trained_model(model_path, cfg.train.backbone), cfg.data.image_size)
 
 
-def _images_of(prepared: PreparedDataset, rows: pd.DataFrame) -> np.ndarray:
+def images_of(prepared: PreparedDataset, rows: pd.DataFrame) -> np.ndarray:
+    """The prepared images of ``rows`` (matched by image_id), in their order."""
     positions = pd.Index(prepared.manifest["image_id"]).get_indexer(rows["image_id"])
     return np.asarray(prepared.images[positions])
 
@@ -186,7 +187,7 @@ def crosssim_data(cfg: PipelineConfig) -> CrossSimData:
         settings.test_set,
     )
     if settings.test_set is None:
-        test_images = _images_of(target, split.test)
+        test_images = images_of(target, split.test)
     else:  # a held-out folder of other patients: prepared like every site, through the same cache
         test_images = prepare_dataset(split.test, cfg.data.image_size, cfg.data.cache_dir).images
 
@@ -200,7 +201,7 @@ def crosssim_data(cfg: PipelineConfig) -> CrossSimData:
         source_test=source.subset(source.manifest["split"] == "test"),
         target_train=DomainData(
             f"{settings.target}/target-train",
-            _images_of(target, split.train),
+            images_of(target, split.train),
             split.train["label"].fillna(UNLABELLED).to_numpy(dtype="int64"),
         ),
         target_test=(np.asarray(test_images), split.test),

@@ -126,12 +126,7 @@ class Adapter(DomainLoop):
             losses["dann"] = self.cfg.adversarial_weight * self.dann_loss(embedded[:n_source], embedded[n_source:])
             self.state.domain_accuracy = self.dann_loss.domain_accuracy
         total = sum(value for name, value in losses.items() if name != "discriminator")
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.state.losses = {name: float(value.detach()) for name, value in losses.items()} | {"total": float(total.detach())}
+        self.optimise(total, losses)
 
     def _gan_terms(self, embedded: torch.Tensor, n_source: int) -> dict[str, torch.Tensor]:
         """D's own step on detached features, then the target extractor's adversarial term."""

@@ -72,9 +72,4 @@ class Distiller(DomainLoop):
                 student_logits[~labelled], teacher_logits[~labelled]
             ) * (~labelled).float().mean()
         total = sum(losses.values())  # weighted by share of the batch: a per-image mean over both parts
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.state.losses = {name: float(value.detach()) for name, value in losses.items()} | {"total": float(total.detach())}
+        self.optimise(total, losses)

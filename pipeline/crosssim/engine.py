@@ -132,7 +132,17 @@ class DomainLoop:
         return extract(network, images, self.device, self.channels_last)
 
     def train_step(self) -> None:
+        """One step; subclasses compute their loss terms and hand them to :meth:`optimise`."""
         raise NotImplementedError
+
+    def optimise(self, total: torch.Tensor, losses: dict[str, torch.Tensor]) -> None:
+        """Backward + clipped step of ``self.optimizer``/``self.scheduler``; records every term's value."""
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.state.losses = {name: float(value.detach()) for name, value in losses.items()} | {"total": float(total.detach())}
 
     def fit(self) -> LoopState:
         self.emit("fit_start")

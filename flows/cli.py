@@ -45,6 +45,17 @@ def _print_results(sets: dict, title: str = "Evaluation (threshold chosen on the
     console.print(table)
 
 
+def _print_crosssim(scores: dict, gap: dict, diagnostics_path: Path) -> None:
+    """Source, adapted and student models side by side on every scored set, and the domain gap."""
+    for model_name, scored in scores.items():
+        title = f"{model_name} model (threshold {scored['threshold']:.3f} chosen on {scored['threshold_chosen_on']}; 95% CI)"
+        _print_results(scored["sets"], title)
+    console.print(
+        f"proxy A-distance {gap['before']['proxy_a_distance']:.3f} → {gap['after']['proxy_a_distance']:.3f}; "
+        f"diagnostics: {diagnostics_path}"
+    )
+
+
 def _fail(error: PipelineError) -> None:
     err_console.print(f"[bold red]error:[/] {error}", highlight=False, markup=True)
     raise typer.Exit(error.exit_code)
@@ -133,14 +144,7 @@ def adapt(config: ConfigOption = None, set_: SetOption = None) -> None:
         cfg = _config(config, set_)
         result = steps.adapt_step(cfg, cfg.train.output_dir / "best.pt")
         scores = steps.evaluate_adaptation_step(cfg, cfg.train.output_dir / "best.pt", result.adapted_path.parent)
-        for model_name, scored in scores.items():
-            title = f"{model_name} model (threshold {scored['threshold']:.3f} chosen on {scored['threshold_chosen_on']}; 95% CI)"
-            _print_results(scored["sets"], title)
-        gap = result.diagnostics["domain_gap"]
-        console.print(
-            f"proxy A-distance {gap['before']['proxy_a_distance']:.3f} → {gap['after']['proxy_a_distance']:.3f}; "
-            f"diagnostics: {result.diagnostics_path}"
-        )
+        _print_crosssim(scores, result.diagnostics["domain_gap"], result.diagnostics_path)
     except PipelineError as error:
         _fail(error)
 
@@ -157,6 +161,9 @@ def run(config: ConfigOption = None, set_: SetOption = None) -> None:
     except PipelineError as error:
         _fail(error)
     _print_results(summary["sets"])
+    if "crosssim" in summary:
+        crosssim = summary["crosssim"]
+        _print_crosssim(crosssim["scores"], crosssim["gap"], crosssim["diagnostics"])
     console.print(f"\n[bold green]done.[/] MLflow run {summary['mlflow_run_id']}: {summary['mlflow_run_url']}")
     console.print(f"evaluation outputs: {summary['outputs']}\nmodel: {summary['model_uri']}")
     console.print("browse runs: make mlflow-ui   |   flow runs: make prefect-ui")

@@ -9,8 +9,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from prefect.artifacts import Artifact
 from prefect.testing.utilities import prefect_test_harness
+from typer.testing import CliRunner
 
 import mlflow
+from flows import cli
 from flows.retrain import retrain
 from pipeline.errors import DataValidationError
 from tests.conftest import copy_kermany_subset
@@ -118,6 +120,15 @@ def test_crosssim_adapt_runs_inside_the_flow_and_lands_in_mlflow(data_dir, tmp_p
         served = mlflow.pytorch.load_model(summary["crosssim"]["models"][name])
         assert served(torch.rand(2, 1, 32, 32)).shape == (2,)
     assert "CrossSim adaptation" in Artifact.get("retrain-summary").data
+
+    # `crosssim run` prints the adapted models' table next to the source model's (same flow summary)
+    monkeypatch.setattr("flows.retrain.retrain", lambda **_: summary)
+    monkeypatch.setattr(cli.console, "width", 200)  # no wrapped table cells
+    options = [arg for override in overrides for arg in ("--set", override)]
+    printed = CliRunner().invoke(cli.app, ["run", "--config", str(REPO / "params.yaml"), *options])
+    assert printed.exit_code == 0, printed.output
+    assert "adapted model" in printed.output and "student model" in printed.output
+    assert "nih-cxr8/target-test" in printed.output and "proxy A-distance" in printed.output
 
 
 def test_broken_dataset_stops_flow_before_training(data_dir, tmp_path, monkeypatch):

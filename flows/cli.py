@@ -169,5 +169,36 @@ def run(config: ConfigOption = None, set_: SetOption = None) -> None:
     console.print("browse runs: make mlflow-ui   |   flow runs: make prefect-ui")
 
 
+@app.command()
+def ingest(
+    site: Annotated[str, typer.Argument(help="Site: its dataset folder under ingest.data_dir, e.g. nih-cxr8.")],
+    folder: Annotated[Path, typer.Argument(help="The export: Data_Entry_2017.csv + images/ (PNG, JPEG or DICOM).")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Add a hospital's batch to the site's DVC-tracked dataset; exit 3 when a check rejects it (quarantined)."""
+    import os
+
+    from pipeline.ingest import BatchIngest, resolve_salt
+
+    try:
+        cfg = _config(config, set_)
+        with BatchIngest(cfg, site, folder, resolve_salt(site, cfg.ingest, os.environ)) as batch:
+            report = batch.run()
+        for message in batch.recovered:
+            err_console.print(f"note: {message}", highlight=False, markup=False)
+        console.print(report.markdown(), highlight=False, markup=False, soft_wrap=True)
+        if report.status == "rejected":
+            raise DataValidationError(f"batch {report.batch_id} rejected; quarantined in {report.location}")
+        if report.status == "accepted":
+            console.print(f"record the version: git add {cfg.ingest.dvc_target}.dvc {cfg.ingest.log_path} && git commit")
+    except PipelineError as error:
+        _fail(error)
+
+
+from flows.registry_cli import registry_app  # noqa: E402  (it imports this module's helpers)
+
+app.add_typer(registry_app, name="registry")
+
 if __name__ == "__main__":
     app()

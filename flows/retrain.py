@@ -16,13 +16,13 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 
-from flows import steps
+from flows import promotion, steps
 from pipeline.config import PipelineConfig, load_config
 from pipeline.crosssim.model import load_model
 from pipeline.data.prepare import content_key
 from pipeline.errors import DataValidationError
 from pipeline.evaluation import format_with_interval, metrics_table_markdown
-from pipeline.tracking import MlflowTracker
+from pipeline.tracking import MlflowTracker, run_context_tags
 from pipeline.validation import ValidationReport, compute_image_facts
 
 
@@ -69,6 +69,11 @@ def adapt(cfg: PipelineConfig, model_path: Path, tracker: MlflowTracker):
 
 
 @task(cache_policy=NO_CACHE)
+def register(cfg: PipelineConfig, tracker: MlflowTracker, run: dict, data: dict, provenance: dict) -> dict:
+    return promotion.register_run(cfg, tracker, run, data, provenance)
+
+
+@task(cache_policy=NO_CACHE)
 def evaluate_adaptation(cfg: PipelineConfig, model_path: Path, result_dir: Path) -> dict:
     return steps.evaluate_adaptation_step(cfg, model_path, result_dir)
 
@@ -96,7 +101,8 @@ def retrain(config_path: str | None = None, overrides: list[str] | None = None) 
     logger = get_run_logger()
     manifests = {site: read_site(cfg, site) for site in steps.sites(cfg)}
     with MlflowTracker(cfg.tracking, run_name="retrain") as tracker:
-        tags = {f"data_version.{site}": v for site, v in steps.data_versions(cfg).items()}
+        versions = steps.data_versions(cfg)
+        tags = {f"data_version.{site}": v for site, v in versions.items()}
         tracker.set_tags(tags | {"prefect_flow_run_id": _flow_run_id() or ""})
         tracker.log_params(cfg.model_dump(mode="json"))
         checked = {
@@ -124,6 +130,15 @@ def retrain(config_path: str | None = None, overrides: list[str] | None = None) 
         if cfg.crosssim.enabled:
             summary["crosssim"] = _crosssim(cfg, trained.model_path, tracker)
             markdown += "\n\n" + _crosssim_markdown(summary["crosssim"])
+        if cfg.registry.enabled:
+            data = {site: {"version": versions[site], "images": len(checked[site][0])} for site in checked}
+            provenance = {
+                "git_commit": run_context_tags().get("mlflow.source.git.commit", ""),
+                "prefect_flow_run_id": _flow_run_id() or "",
+                "mlflow_run_id": tracker.run_id,
+            }
+            summary["registry"] = register(cfg, tracker, summary, data, provenance)
+            markdown += "\n\n" + _registry_markdown(summary["registry"])
         create_markdown_artifact(key="retrain-summary", markdown=markdown, description="CrossSim retraining run")
         logger.info("MLflow run %s: %s", tracker.run_id, tracker.run_url)
         return summary
@@ -164,6 +179,19 @@ def _crosssim_markdown(crosssim: dict) -> str:
         *(f"- `{name}`: `{uri}`" for name, uri in crosssim["models"].items()),
     ]
     return "\n".join(lines)
+
+
+def _registry_markdown(registered: dict) -> str:
+    verdict = "passed" if registered["gate_passed"] else "failed"
+    aliases = ", ".join(f"{alias} → v{version}" for alias, version in sorted(registered["aliases"].items()))
+    return "\n".join(
+        [
+            "## Registry",
+            f"- Registered `{registered['name']}` v{registered['version']} as challenger; promotion gate {verdict}",
+            f"- Last action: {registered['decision']}; aliases now: {aliases or 'none'}",
+            "- Review: `crosssim registry review`, then `crosssim registry approve|reject --reviewer NAME --reason TEXT`",
+        ]
+    )
 
 
 def _flat_metrics(evaluation: dict) -> dict[str, float]:

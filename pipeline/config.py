@@ -171,6 +171,49 @@ class TrackingConfig(_Section):
     local_dir: Path = Path("mlflow")
 
 
+class RegistryConfig(_Section):
+    """Registration of each run's model as ``challenger`` and its promotion to ``champion`` (pipeline.registry)."""
+
+    enabled: bool = True
+    model_name: str = Field(default="crosssim-pneumonia", min_length=1, description="Registered model; the student: <name>-student.")
+    policy: Literal["auto", "review"] = Field(
+        default="review", description="auto: the gate promotes; review: the gate recommends, a reviewer decides."
+    )
+    margin: float = Field(default=0.02, ge=0, le=1, description="Allowed drop vs the champion, per set and metric.")
+    specificity: float = Field(default=0.8, gt=0, lt=1, description="Operating point for the gate's sensitivity.")
+    floor_auc: float = Field(default=0.6, ge=0, le=1, description="A first champion needs at least this AUC on every set.")
+    floor_sensitivity: float = Field(
+        default=0.5, ge=0, le=1, description="…and at least this sensitivity at the gate's specificity on every set."
+    )
+
+
+class IngestConfig(_Section):
+    """Weekly hospital batches (``crosssim ingest SITE FOLDER``): where they land and what stops them."""
+
+    data_dir: Path = Field(
+        default=Path("data/raw"),
+        description="Sites' folders, inside dvc_target. Not data.root: a batch must land in the DVC-tracked copy, "
+        "never in a folder $CROSSSIM_DATA_DIR happens to point at.",
+    )
+    dvc_target: Path = Field(
+        default=Path("data"), description="Folder tracked by `dvc add`; its .dvc file holds the data version."
+    )
+    remote: str | None = Field(default=None, description="DVC remote to push to; null: the repository's default.")
+    push: bool = True
+    quarantine_dir: Path = Path("quarantine")
+    report_dir: Path = Path("outputs/ingest")
+    log_path: Path = Field(default=Path("ingest_log.jsonl"), description="Append-only; commit it with the .dvc file.")
+    salt_env: str = Field(
+        default="CROSSSIM_DICOM_SALT",
+        pattern=r"^[A-Z][A-Z0-9_]*$",
+        description="DICOM pseudonym secret: $<salt_env>_<SITE>, else $<salt_env>; never in this file.",
+    )
+    allow_known_patients: bool = Field(
+        default=False, description="Accept images of patients the site already has (follow-ups); default blocks them."
+    )
+    min_batch_images: int = Field(default=1, ge=1, description="validation.min_images, for one batch.")
+
+
 class PipelineConfig(_Section):
     seed: int = 42
     data: DataConfig = Field(default_factory=DataConfig)
@@ -180,6 +223,8 @@ class PipelineConfig(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     crosssim: CrossSimConfig = Field(default_factory=CrossSimConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
 
     def anchored(self, base: Path) -> PipelineConfig:
         """A copy whose relative paths (outputs, caches, data root) are made absolute under ``base``."""
@@ -219,6 +264,11 @@ _PATH_FIELDS = (
     ("crosssim", "test_set"),
     ("crosssim", "output_dir"),
     ("tracking", "local_dir"),
+    ("ingest", "data_dir"),
+    ("ingest", "dvc_target"),
+    ("ingest", "quarantine_dir"),
+    ("ingest", "report_dir"),
+    ("ingest", "log_path"),
 )
 
 

@@ -30,3 +30,9 @@ class DataValidationError(PipelineError):
 
 class TrainingError(PipelineError):
     """Training could not run or diverged."""
+
+
+class VersioningError(PipelineError):
+    """DVC could not record or upload a data version; the change was rolled back."""
+
+    exit_code = 5

@@ -49,6 +49,28 @@ def local_artifact_dir(cfg: TrackingConfig) -> Path:
     return (cfg.local_dir / "artifacts").resolve()
 
 
+def ensure_experiment(tracking_uri: str, name: str, artifact_dir: Path | None) -> str:
+    """The id of experiment ``name``, created on first use (with ``artifact_dir`` in embedded mode)."""
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = artifact_dir.as_uri() if artifact_dir is not None else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # created concurrently by another process
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def embedded_artifact_dir(cfg: TrackingConfig) -> Path | None:
+    """Where artifacts go when no tracking server is configured; None when one is."""
+    embedded = cfg.tracking_uri is None and not os.environ.get("MLFLOW_TRACKING_URI")
+    return local_artifact_dir(cfg) if embedded else None
+
+
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested mappings → dotted keys (``{"train": {"lr": 0.1}}`` → ``{"train.lr": "0.1"}``)."""
     flat: dict[str, str] = {}
@@ -136,8 +158,7 @@ class MlflowTracker:
     ) -> None:
         self.tracking_uri = resolve_tracking_uri(cfg)
         self._experiment = cfg.experiment
-        embedded = cfg.tracking_uri is None and not os.environ.get("MLFLOW_TRACKING_URI")
-        self._artifact_dir = local_artifact_dir(cfg) if embedded else None
+        self._artifact_dir = embedded_artifact_dir(cfg)
         self._run_name = run_name
         self._tags = {**run_context_tags(), **{k: str(v) for k, v in (tags or {}).items()}}
         self._info: RunInfo | None = None
@@ -162,18 +183,7 @@ class MlflowTracker:
         mlflow.end_run(status=status)
 
     def _experiment_id(self) -> str:
-        client = MlflowClient(self.tracking_uri)
-        experiment = client.get_experiment_by_name(self._experiment)
-        if experiment is not None:
-            return experiment.experiment_id
-        location = self._artifact_dir.as_uri() if self._artifact_dir is not None else None
-        try:
-            return client.create_experiment(self._experiment, artifact_location=location)
-        except MlflowException:  # created concurrently by another process
-            experiment = client.get_experiment_by_name(self._experiment)
-            if experiment is None:
-                raise
-            return experiment.experiment_id
+        return ensure_experiment(self.tracking_uri, self._experiment, self._artifact_dir)
 
     @property
     def info(self) -> RunInfo:

@@ -121,6 +121,19 @@ def test_crosssim_adapt_runs_inside_the_flow_and_lands_in_mlflow(data_dir, tmp_p
         assert served(torch.rand(2, 1, 32, 32)).shape == (2,)
     assert "CrossSim adaptation" in Artifact.get("retrain-summary").data
 
+    # registered as challenger with its lineage, model card and gate verdict (policy: review → pending)
+    registered = summary["registry"]
+    assert registered["version"] == "1" and registered["aliases"] == {"challenger": "1"}
+    version = client.get_model_version("crosssim-pneumonia", "1")
+    assert version.tags["mlflow_run_id"] == run.info.run_id and version.tags["prefect_flow_run_id"]
+    assert version.tags["data_version.nih-cxr8"].endswith(".dir") and version.tags["model_kind"] == "adapted"
+    assert version.tags["review.status"] == "pending" and version.tags["gate.compared_with"].startswith("floors")
+    assert "# Model card: crosssim-pneumonia v1" in version.description and "nih-cxr8/target-test" in version.description
+    student = client.get_model_version_by_alias("crosssim-pneumonia-student", "challenger")
+    assert student.tags["parent_model"] == "models:/crosssim-pneumonia/1"
+    assert {"registry/model_card.md", "registry/gate.json"} <= _artifact_paths(client, run.info.run_id)
+    assert "## Registry" in Artifact.get("retrain-summary").data
+
     # `crosssim run` prints the adapted models' table next to the source model's (same flow summary)
     monkeypatch.setattr("flows.retrain.retrain", lambda **_: summary)
     monkeypatch.setattr(cli.console, "width", 200)  # no wrapped table cells

@@ -130,7 +130,7 @@ def deidentify(ds: Dataset, salt: str) -> Dataset:
         raise ConfigError("a non-empty de-identification salt is required (keep it secret, one per site)")
     ds = copy.deepcopy(ds)
     patient_id = str(ds.get("PatientID", "") or "").strip()
-    pseudonym = _keyed_hash(patient_id, salt)[:PSEUDONYM_HEX_CHARS] if patient_id else ""
+    pseudonym = keyed_pseudonym(patient_id, salt) if patient_id else ""
     ds.remove_private_tags()
     ds.walk(lambda dataset, elem: _scrub(dataset, elem, salt))
     ds.PatientID = pseudonym
@@ -144,6 +144,11 @@ def deidentify(ds: Dataset, salt: str) -> Dataset:
     ds.DeidentificationMethod = DEIDENTIFICATION_METHOD
     ds.LongitudinalTemporalInformationModified = "REMOVED"
     return ds
+
+
+def keyed_pseudonym(value: str, salt: str) -> str:
+    """The pseudonym ``deidentify`` gives a PatientID ``value``: lets a caller match an ID it holds elsewhere."""
+    return _keyed_hash(value, salt)[:PSEUDONYM_HEX_CHARS]
 
 
 def _keyed_hash(value: str, salt: str) -> str:

@@ -1,0 +1,138 @@
+"""``crosssim registry …``: what a reviewer runs — list, review, approve, reject, rollback, lineage, audit."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from flows.cli import ConfigOption, SetOption, _config, _fail, console
+from flows.promotion import actions_for
+from pipeline.errors import PipelineError
+from pipeline.registry.review import RegistryActions
+from pipeline.registry.store import CHALLENGER, CHAMPION, RegistryError
+
+registry_app = typer.Typer(help="Registered models: review the challenger, decide, roll back, trace.", no_args_is_help=True)
+ReviewerOption = Annotated[str, typer.Option("--reviewer", help="Who decides (recorded in the audit trail).")]
+ReasonOption = Annotated[str, typer.Option("--reason", help="Why (recorded in the audit trail).")]
+NameOption = Annotated[Optional[str], typer.Option("--name", help="Registered model (default: registry.model_name).")]
+
+
+def _actions(config, set_, name: str | None) -> RegistryActions:
+    return actions_for(_config(config, set_), name)
+
+
+@registry_app.command("list")
+def list_versions(config: ConfigOption = None, set_: SetOption = None, name: NameOption = None) -> None:
+    """Every version with its aliases, review status and gate verdict."""
+    try:
+        actions = _actions(config, set_, name)
+        aliases = actions.registry.aliases(actions.name)
+        table = Table(title=f"{actions.name} ({actions.registry.tracking_uri})")
+        for column in ("version", "aliases", "review", "gate", "kind", "MLflow run"):
+            table.add_column(column)
+        for version in actions.registry.versions(actions.name):
+            held = ", ".join(alias for alias, v in aliases.items() if v == str(version.version))
+            tags = version.tags
+            table.add_row(
+                str(version.version), held, tags.get("review.status", ""), tags.get("gate.recommendation", ""),
+                tags.get("model_kind", ""), version.run_id or "",
+            )  # fmt: skip
+        console.print(table)
+    except PipelineError as error:
+        _fail(error)
+
+
+@registry_app.command()
+def review(config: ConfigOption = None, set_: SetOption = None, name: NameOption = None) -> None:
+    """The pending challenger beside the champion, per site, as the promotion gate measured them."""
+    try:
+        actions = _actions(config, set_, name)
+        challenger = actions.registry.find(actions.name, CHALLENGER)
+        if challenger is None:
+            raise RegistryError(f"{actions.name}: no pending challenger to review")
+        gate = actions.gate_evidence(str(challenger.version))
+        if gate is None:
+            raise RegistryError(f"{actions.name} v{challenger.version}: the promotion gate has not run on it")
+        table = Table(title=f"{actions.name} v{challenger.version} (challenger) vs {gate['compared_with']}")
+        for column in ("set", "metric", "champion", "challenger", "required", "ok"):
+            table.add_column(column)
+        for row in gate["rows"]:
+            champion = "—" if row["champion"] is None else f"{row['champion']:.4f}"
+            ok = "[green]yes[/]" if row["passed"] else "[red]no[/]"
+            table.add_row(row["set"], row["metric"], champion, f"{row['challenger']:.4f}", f"≥ {row['threshold']:.4f}", ok)
+        console.print(table)
+        recommendation = "promote" if gate["passed"] else "reject"
+        console.print(f"gate recommendation: [bold]{recommendation}[/]")
+        champion = actions.registry.find(actions.name, CHAMPION)
+        for role, version in (("challenger", challenger), ("champion", champion)):
+            if version is not None:
+                console.print(
+                    f"{role} v{version.version}: run {actions.run_link(version.run_id)}; model card: "
+                    f"models:/{actions.name}/{version.version} (description) and the run's registry/model_card.md"
+                )
+        console.print("decide: crosssim registry approve|reject --reviewer NAME --reason TEXT")
+    except PipelineError as error:
+        _fail(error)
+
+
+@registry_app.command()
+def approve(reviewer: ReviewerOption, reason: ReasonOption, config: ConfigOption = None, set_: SetOption = None, name: NameOption = None) -> None:
+    """Promote the pending challenger to champion."""
+    _decide("approve", reviewer, reason, config, set_, name)
+
+
+@registry_app.command()
+def reject(reviewer: ReviewerOption, reason: ReasonOption, config: ConfigOption = None, set_: SetOption = None, name: NameOption = None) -> None:
+    """Reject the pending challenger; the champion stays."""
+    _decide("reject", reviewer, reason, config, set_, name)
+
+
+@registry_app.command()
+def rollback(reviewer: ReviewerOption, reason: ReasonOption, config: ConfigOption = None, set_: SetOption = None, name: NameOption = None) -> None:
+    """Make the previous champion champion again."""
+    _decide("rollback", reviewer, reason, config, set_, name)
+
+
+def _decide(action: str, reviewer: str, reason: str, config, set_, name: str | None) -> None:
+    try:
+        actions = _actions(config, set_, name)
+        decision = getattr(actions, action)(reviewer=reviewer, reason=reason)
+        aliases = ", ".join(f"{alias} → v{version}" for alias, version in sorted(decision.aliases.items()))
+        console.print(f"{action}: {actions.name} v{decision.version}; aliases now {aliases or 'none'}")
+        console.print(f"audit entry: {decision.audit_artifact}")
+    except PipelineError as error:
+        _fail(error)
+
+
+@registry_app.command()
+def lineage(ref: Annotated[str, typer.Argument(help="NAME@ALIAS or NAME@VERSION")], config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Data versions, git commit, flow run, MLflow run and parent models of a registered version."""
+    try:
+        name, _, alias = ref.partition("@")
+        if not name or not alias:
+            raise RegistryError(f"{ref!r}: expected NAME@ALIAS or NAME@VERSION, e.g. crosssim-pneumonia@champion")
+        actions = _actions(config, set_, name)
+        version = actions.registry.version(name, alias)
+        console.print(f"[bold]{name} v{version.version}[/] ({ref})")
+        for key, value in actions.lineage(version).items():
+            console.print(f"  {key}: {value}")
+    except PipelineError as error:
+        _fail(error)
+
+
+@registry_app.command()
+def audit(config: ConfigOption = None, set_: SetOption = None, name: NameOption = None) -> None:
+    """The audit trail of every registry decision, oldest first."""
+    try:
+        actions = _actions(config, set_, name)
+        table = Table(title=f"{actions.name}: audit trail")
+        for column in ("when (UTC)", "action", "version", "by", "reason", "aliases after"):
+            table.add_column(column)
+        for entry in actions.audit.entries():
+            after = ", ".join(f"{a}→v{v}" for a, v in sorted(entry.aliases_after.items()))
+            table.add_row(entry.at, entry.action, entry.version, entry.actor, entry.reason, after)
+        console.print(table)
+    except PipelineError as error:
+        _fail(error)

@@ -1,0 +1,100 @@
+"""The model card attached to every registered version (its description, and a run artifact).
+
+Sections follow Mitchell et al. 2019, "Model Cards for Model Reporting", cut to what this
+pipeline knows for certain: intended use and limits, data, per-site and subgroup metrics with
+95% CIs, calibration, CrossSim diagnostics, configuration and lineage.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.evaluation import format_with_interval
+
+INTENDED_USE = (
+    "Decision support for radiologists: the probability that a frontal chest X-ray shows pneumonia, "
+    "for triage and second reading. Not a diagnosis and not for use without a clinician's review."
+)
+LIMITS = [
+    "Trained on the sites listed under Data only; performance elsewhere is unknown until measured there.",
+    "Paediatric source images (Kermany) and adult target images (NIH) differ: check the per-site rows, not an average.",
+    "NIH labels were mined from radiology reports and are noisy; metrics on them carry that noise.",
+    "Inputs must be prepared like the training images (grayscale, resized to the model's input size).",
+]
+
+
+@dataclass(frozen=True)
+class CardFacts:
+    """Everything a card states; gathered by the flow from the run it registers."""
+
+    name: str
+    version: str
+    model: str  # what the registered network is, e.g. "CrossSim-adapted resnet18, 64×64"
+    lineage: dict[str, str]  # data versions, git commit, flow run, MLflow run, parent models
+    data: dict[str, dict[str, Any]]  # site → {"version": md5, "images": n, ...}
+    sets: dict[str, dict[str, Any]]  # set name → evaluation result (pipeline.evaluation)
+    threshold: dict[str, Any]  # {"value": t, "chosen_on": "..."}
+    config: dict[str, Any]
+    crosssim: dict[str, Any] | None = None  # domain gap before/after
+    gate: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def model_card(facts: CardFacts) -> str:
+    lines = [
+        f"# Model card: {facts.name} v{facts.version}",
+        "",
+        f"**Model**: {facts.model}",
+        "",
+        "## Intended use",
+        INTENDED_USE,
+        "",
+        "## Limits",
+        *(f"- {limit}" for limit in [*LIMITS, *facts.notes]),
+        "",
+        "## Data",
+        "| site | data version (DVC md5) | images |",
+        "|---|---|---|",
+        *(f"| {site} | `{info.get('version', '?')}` | {info.get('images', '?')} |" for site, info in facts.data.items()),
+        "",
+        f"## Metrics (threshold {facts.threshold['value']:.4f}, chosen on {facts.threshold['chosen_on']}; 95% bootstrap CI)",
+        "| set | n (pneumonia) | AUC | sensitivity | specificity | ECE |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, result in facts.sets.items():
+        point = result["at_threshold"]
+        cells = [format_with_interval(point[m], point["ci"].get(m)) for m in ("auc", "sensitivity", "specificity", "ece")]
+        lines.append(f"| {name} | {result['n']} ({result['n_pos']}) | " + " | ".join(cells) + " |")
+    lines += ["", "### Subgroups (at the same threshold)", "| set | grouping | group | n | AUC | sensitivity | specificity |"]
+    lines.append("|---|---|---|---|---|---|---|")
+    for name, result in facts.sets.items():
+        for grouping, groups in (result.get("subgroups") or {}).items():
+            for group, metrics in groups.items():
+                if "note" in metrics:
+                    lines.append(f"| {name} | {grouping} | {group} | {metrics['n']} | {metrics['note']} | | |")
+                else:
+                    lines.append(
+                        f"| {name} | {grouping} | {group} | {metrics['n']} | {metrics['auc']:.3f} | "
+                        f"{metrics['sensitivity']:.3f} | {metrics['specificity']:.3f} |"
+                    )
+    lines += ["", "## Calibration", "Expected calibration error (ECE, L1, equal-width bins) per set is in the metrics table; "
+              "reliability diagrams are in the run's `eval/` artifacts."]
+    if facts.crosssim is not None:
+        before, after = facts.crosssim["before"], facts.crosssim["after"]
+        lines += [
+            "",
+            "## CrossSim diagnostics",
+            f"- Proxy A-distance source↔target features: {before['proxy_a_distance']:.3f} before, {after['proxy_a_distance']:.3f} after",
+            f"- Mean-feature distance: {before['mean_feature_distance']:.3f} before, {after['mean_feature_distance']:.3f} after",
+        ]
+    if facts.gate is not None:
+        lines += ["", f"## Promotion gate (vs {facts.gate['compared_with']}): {'passed' if facts.gate['passed'] else 'failed'}"]
+        lines += ["| set | metric | challenger | champion | required |", "|---|---|---|---|---|"]
+        for row in facts.gate["rows"]:
+            champion = "—" if row["champion"] is None else f"{row['champion']:.4f}"
+            lines.append(f"| {row['set']} | {row['metric']} | {row['challenger']:.4f} | {champion} | ≥ {row['threshold']:.4f} |")
+    lines += ["", "## Lineage", *(f"- {key}: `{value}`" for key, value in facts.lineage.items())]
+    lines += ["", "## Training configuration", "```json", json.dumps(facts.config, indent=2, default=str), "```", ""]
+    return "\n".join(lines)

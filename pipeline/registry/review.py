@@ -1,0 +1,201 @@
+"""Registry actions: register a challenger, record the gate, approve / reject / roll back.
+
+Each action is one registry transaction (aliases and model tags move together or not at all,
+see :meth:`ModelRegistry.transaction`) that also appends its audit entry: if the entry cannot be
+written the aliases go back, so no decision is ever applied without its record. A registered
+version may pair with a distilled student (version tag ``student_version`` → a version of
+``<name>-student``); the student's aliases follow the main model's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from mlflow.entities.model_registry import ModelVersion
+
+from pipeline.registry.audit import AuditEntry, AuditLog
+from pipeline.registry.gate import GateDecision
+from pipeline.registry.store import CHALLENGER, CHAMPION, HISTORY_TAG, ModelRegistry, RegistryError
+
+STUDENT_SUFFIX = "-student"
+STUDENT_TAG = "student_version"
+
+
+def student_name(name: str) -> str:
+    return f"{name}{STUDENT_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What an action did: the version acted on, the aliases after, and where its audit entry is."""
+
+    action: str
+    version: str
+    aliases: dict[str, str]
+    audit_artifact: str
+
+
+class RegistryActions:
+    """The actions on one registered model (and its student), each audited."""
+
+    def __init__(self, registry: ModelRegistry, audit: AuditLog, name: str) -> None:
+        self.registry = registry
+        self.audit = audit
+        self.name = name
+        self.student = student_name(name)
+
+    def register_challenger(
+        self,
+        model_uri: str,
+        tags: Mapping[str, str],
+        card: Callable[[str], str],
+        student_uri: str | None = None,
+        actor: str = "retrain flow",
+    ) -> Decision:
+        """New version(s) with tags and ``card(version)`` as description; alias ``challenger`` moves to them."""
+        version = str(self.registry.register(self.name, model_uri, tags).version)
+        self.registry.describe(self.name, version, card(version))
+        moves: dict[str, dict[str, str | None]] = {self.name: {CHALLENGER: version}}
+        if student_uri is not None:
+            parent = {"parent_model": f"models:/{self.name}/{version}"}
+            student = str(self.registry.register(self.student, student_uri, {**tags, **parent}).version)
+            self.registry.describe(self.student, student, f"Distilled student of {self.name} v{version}.\n\n{card(version)}")
+            self.registry.set_version_tags(self.name, version, {STUDENT_TAG: student})
+            moves[self.student] = {CHALLENGER: student}
+        return self._apply("register", version, actor, "new model from a retraining run", moves, {"model_uri": model_uri})
+
+    def record_gate(self, version: str, decision: GateDecision, policy: str, actor: str = "promotion gate") -> Decision:
+        """The gate's verdict on ``version``: tags, an audit entry, and under ``auto`` the promotion or rejection."""
+        self.registry.set_version_tags(
+            self.name,
+            version,
+            {
+                "gate.passed": str(decision.passed).lower(),
+                "gate.compared_with": decision.compared_with,
+                "gate.recommendation": "promote" if decision.passed else "reject",
+                "review.status": "pending" if policy == "review" else "decided by gate",
+            },
+        )
+        recorded = self._apply("gate", version, actor, decision.mlflow_verdict, {}, {"gate": decision.to_dict()})
+        if policy != "auto":
+            return recorded
+        reason = "gate passed" if decision.passed else "gate failed: " + "; ".join(decision.failures())
+        action = self.approve if decision.passed else self.reject
+        return action(reviewer=f"{actor} (policy auto)", reason=reason, version=version)
+
+    def approve(self, reviewer: str, reason: str, version: str | None = None) -> Decision:
+        """The pending challenger becomes champion; the old champion stays in the history for rollback."""
+        target = self._pending(version)
+        history = [*self.registry.champion_history(self.name), _number(target)]
+        moves = {self.name: {CHAMPION: _number(target), CHALLENGER: None}}
+        moves |= self._student_moves(target, {CHAMPION: True, CHALLENGER: False})
+        tags = {HISTORY_TAG: json.dumps(history)}
+        decided = self._apply("approve", _number(target), reviewer, reason, moves, self._evidence(_number(target)), tags)
+        self._mark(_number(target), "approved", reviewer, reason)
+        return decided
+
+    def reject(self, reviewer: str, reason: str, version: str | None = None) -> Decision:
+        """The pending challenger loses its alias; the champion is untouched."""
+        target = self._pending(version)
+        moves = {self.name: {CHALLENGER: None}} | self._student_moves(target, {CHALLENGER: False})
+        decided = self._apply("reject", _number(target), reviewer, reason, moves, self._evidence(_number(target)))
+        self._mark(_number(target), "rejected", reviewer, reason)
+        return decided
+
+    def rollback(self, reviewer: str, reason: str) -> Decision:
+        """The previous champion is champion again; the current one is marked rolled back."""
+        _require(reviewer, reason)
+        history = self.registry.champion_history(self.name)
+        current = self.registry.find(self.name, CHAMPION)
+        if current is None or len(history) < 2:
+            raise RegistryError(f"{self.name}: no previous champion to roll back to (champion history: {history or 'empty'})")
+        previous = self.registry.version(self.name, history[-2])
+        moves = {self.name: {CHAMPION: _number(previous)}} | self._student_moves(previous, {CHAMPION: True})
+        tags = {HISTORY_TAG: json.dumps(history[:-1])}
+        evidence = {"rolled_back_version": _number(current)}
+        decided = self._apply("rollback", _number(previous), reviewer, reason, moves, evidence, tags)
+        self._mark(_number(current), "rolled back", reviewer, reason)
+        return decided
+
+    def _pending(self, version: str | None) -> ModelVersion:
+        challenger = self.registry.find(self.name, CHALLENGER)
+        if challenger is None:
+            raise RegistryError(f"{self.name}: no pending challenger (nothing holds the alias '{CHALLENGER}')")
+        if version is not None and version != _number(challenger):
+            raise RegistryError(f"{self.name}: version {version} is not the pending challenger (v{_number(challenger)} is)")
+        return challenger
+
+    def _student_moves(self, version: ModelVersion, aliases: dict[str, bool]) -> dict[str, dict[str, str | None]]:
+        """The paired student's aliases: True points the alias at it, False removes the alias."""
+        student_version = version.tags.get(STUDENT_TAG)
+        if student_version is None:
+            return {}
+        return {self.student: {alias: student_version if point else None for alias, point in aliases.items()}}
+
+    def gate_evidence(self, version: str) -> dict | None:
+        """The latest promotion-gate decision recorded for ``version`` (None if the gate never ran)."""
+        gates = [entry for entry in self.audit.entries() if entry.action == "gate" and entry.version == version]
+        return gates[-1].evidence.get("gate") if gates else None
+
+    def lineage(self, version: ModelVersion) -> dict[str, str]:
+        """Where a version came from: data versions, code, runs and parent models (from its tags)."""
+        tags = version.tags
+        found = {key: value for key, value in sorted(tags.items()) if key.startswith("data_version.")}
+        for key in ("git_commit", "prefect_flow_run_id", "mlflow_run_id", "model_kind", "parent_model", STUDENT_TAG):
+            if tags.get(key):
+                found[key] = tags[key]
+        found.setdefault("mlflow_run_id", version.run_id or "")
+        found["source"] = version.source
+        return found
+
+    def run_link(self, run_id: str | None) -> str:
+        """A browsable link to a run on a tracking server, else its id."""
+        uri = self.registry.tracking_uri
+        if run_id and uri.startswith(("http://", "https://")):
+            return f"{uri.rstrip('/')}/#/runs/{run_id}"
+        return run_id or "(no run)"
+
+    def _evidence(self, version: str) -> dict:
+        return {"gate": self.gate_evidence(version)}
+
+    def _mark(self, version: str, status: str, reviewer: str, reason: str) -> None:
+        self.registry.set_version_tags(
+            self.name, version, {"review.status": status, "review.by": reviewer, "review.reason": reason}
+        )
+
+    def _apply(
+        self,
+        action: str,
+        version: str,
+        actor: str,
+        reason: str,
+        moves: dict[str, dict[str, str | None]],
+        evidence: dict,
+        tags: dict[str, str] | None = None,
+    ) -> Decision:
+        _require(actor, reason)
+        before = self.registry.aliases(self.name)
+        with self.registry.transaction([self.name, *(name for name in moves if name != self.name)]):
+            for name, aliases in moves.items():
+                for alias, target in aliases.items():
+                    self.registry.move_alias(name, alias, target)
+            for key, value in (tags or {}).items():
+                self.registry.set_model_tag(self.name, key, value)
+            after = self.registry.aliases(self.name)
+            entry = AuditEntry(action, self.name, version, actor, reason, before, after, evidence)
+            artifact = self.audit.append(entry)
+        return Decision(action, version, after, artifact)
+
+
+def _number(version: ModelVersion) -> str:
+    """A version's number as text (stores differ on int vs str)."""
+    return str(version.version)
+
+
+def _require(actor: str, reason: str) -> None:
+    if not actor.strip():
+        raise RegistryError("a decision needs the reviewer's name (--reviewer)")
+    if not reason.strip():
+        raise RegistryError("a decision needs a reason (--reason)")

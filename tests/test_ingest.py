@@ -1,0 +1,343 @@
+"""`crosssim ingest` on real NIH images and DICOM files made from them, in a throwaway git+DVC repository.
+
+Each test copies a small repository (git, DVC, a local remote, one NIH-layout site already
+versioned) built once per module, so nothing touches the project's own data/ or data.dvc.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from typer.testing import CliRunner
+
+from flows.cli import app
+from pipeline.data.readers import read_dataset
+from pipeline.errors import VersioningError
+from pipeline.ingest.commit import _Transaction
+from pipeline.ingest.dvc_repo import DvcRepo
+from pipeline.versioning import dvc_tracked_version
+from tests.conftest import REPO, copy_nih_subset
+
+runner = CliRunner()
+SITE = "nih-site"
+SALT_VAR = "CROSSSIM_DICOM_SALT_NIH_SITE"
+PHI = {
+    "PatientName": "Doe^Jane",
+    "PatientID": "MRN-123456",
+    "PatientBirthDate": "19800101",
+    "InstitutionName": "St Example Hospital",
+    "AccessionNumber": "ACC-998877",
+    "ReferringPhysicianName": "House^Gregory",
+}
+PHI_BYTES = [value.encode() for value in PHI.values()]
+
+
+@pytest.fixture(scope="module")
+def template(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """root/repo: git + DVC, data/raw/nih-site (6 real NIH images) added and pushed to root/remote."""
+    root = tmp_path_factory.mktemp("ingest-template")
+    repo = root / "repo"
+    copy_nih_subset(data_dir, repo / "data" / "raw" / SITE, per_class=3)
+    shutil.copy(REPO / "params.yaml", repo / "params.yaml")
+    with pytest.MonkeyPatch.context() as env:
+        _dvc_env(env, root)
+        subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+        from dvc.repo import Repo
+
+        Repo.init(str(repo))
+        (repo / ".dvc" / "config").write_text(
+            "[core]\n    remote = local\n    analytics = false\n['remote \"local\"']\n    url = ../../remote\n"
+        )
+        dvc = DvcRepo(repo)
+        dvc.add(repo / "data")
+        dvc.push(repo / "data", None)
+    return root
+
+
+def _dvc_env(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    monkeypatch.setenv("DVC_SITE_CACHE_DIR", str(root.parent / "dvc-site-cache"))
+    monkeypatch.delenv("CROSSSIM_DICOM_SALT", raising=False)
+    monkeypatch.delenv(SALT_VAR, raising=False)
+
+
+@pytest.fixture()
+def root(template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "case"
+    shutil.copytree(template, root, symlinks=True)
+    _dvc_env(monkeypatch, root)
+    return root
+
+
+def _ingest(root: Path, folder: Path, *overrides: str):
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    return runner.invoke(app, ["ingest", SITE, str(folder), "--config", str(root / "repo" / "params.yaml"), *sets])
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    """Every file of the dataset folder, plus data.dvc and .gitignore, by content."""
+    repo = root / "repo"
+    files = [p for p in (repo / "data").rglob("*") if p.is_file()] + [repo / "data.dvc", repo / ".gitignore"]
+    return {str(p.relative_to(repo)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def _phi_found(folder: Path) -> list[str]:
+    return [
+        f"{path}: {phi!r}"
+        for path in folder.rglob("*")
+        if path.is_file()
+        for phi in PHI_BYTES
+        if phi in path.read_bytes()
+    ]
+
+
+def _fresh_rows(data_dir: Path, root: Path) -> pd.DataFrame:
+    """Real NIH rows, one per patient the template's site does not hold, normal and pneumonia alternating."""
+    table = pd.read_csv(data_dir / "nih-cxr8" / "Data_Entry_2017.csv", dtype=str, keep_default_na=False)
+    fresh = table[~table["Patient ID"].isin(_site_table(root)["Patient ID"])].drop_duplicates("Patient ID")
+    normal = fresh[fresh["Finding Labels"].eq("No Finding")].reset_index(drop=True).iloc[:10]
+    pneumonia = fresh[fresh["Finding Labels"].str.contains("Pneumonia")].reset_index(drop=True).iloc[:10]
+    return pd.concat([normal, pneumonia]).sort_index(kind="stable").reset_index(drop=True)
+
+
+def _site_table(root: Path) -> pd.DataFrame:
+    return pd.read_csv(root / "repo" / "data" / "raw" / SITE / "Data_Entry_2017.csv", dtype=str, keep_default_na=False)
+
+
+def _png_batch(data_dir: Path, folder: Path, rows: pd.DataFrame) -> Path:
+    (folder / "images").mkdir(parents=True)
+    for name in rows["Image Index"]:
+        shutil.copy(data_dir / "nih-cxr8" / "images" / name, folder / "images" / name)
+    rows.to_csv(folder / "Data_Entry_2017.csv", index=False)
+    return folder
+
+
+def _dicom_from(png: Path, out: Path, patient_id: str) -> None:
+    """A DX DICOM of a real radiograph, carrying fake PHI in the header and in a sequence."""
+    pixels = np.asarray(Image.open(png).convert("L"))
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.Modality, ds.PatientAge, ds.PatientSex, ds.ViewPosition = "DX", "045Y", "F", "PA"
+    for keyword, value in {**PHI, "PatientID": patient_id}.items():
+        setattr(ds, keyword, value)
+    request = Dataset()
+    request.InstitutionName = PHI["InstitutionName"]
+    ds.RequestAttributesSequence = [request]
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(out, enforce_file_format=True)
+
+
+def _mixed_batch(data_dir: Path, folder: Path, rows: pd.DataFrame) -> Path:
+    """Rows 0-3 as exported PNGs, rows 4-5 as DICOM of patient MRN-123456 (its CSV rows carry the MRN)."""
+    _png_batch(data_dir, folder, rows.iloc[:4])
+    dicom_rows = rows.iloc[4:6].copy()
+    for index, name in zip(dicom_rows.index, dicom_rows["Image Index"], strict=True):
+        dicom_name = f"scan{index}.dcm"
+        _dicom_from(data_dir / "nih-cxr8" / "images" / name, folder / "images" / dicom_name, PHI["PatientID"])
+        dicom_rows.loc[index, ["Image Index", "Patient ID", "Patient Age"]] = [dicom_name, PHI["PatientID"], ""]
+    pd.concat([rows.iloc[:4], dicom_rows]).to_csv(folder / "Data_Entry_2017.csv", index=False)
+    return folder
+
+
+def test_clean_batch_is_versioned_pushed_logged_and_free_of_phi(data_dir, root, tmp_path, monkeypatch):
+    monkeypatch.setenv(SALT_VAR, "s3cret-salt-for-tests-0123456789")
+    rows = _fresh_rows(data_dir, root)
+    batch = _mixed_batch(data_dir, tmp_path / "week-01", rows.iloc[:6])
+    repo = root / "repo"
+    before = dvc_tracked_version(repo / "data.dvc")
+
+    result = _ingest(root, batch)
+    assert result.exit_code == 0, result.output
+    assert "ACCEPTED" in result.output
+
+    after = dvc_tracked_version(repo / "data.dvc")
+    assert after != before
+    log = [json.loads(line) for line in (repo / "ingest_log.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and log[0]["status"] == "accepted"
+    assert (log[0]["version_before"], log[0]["version_after"]) == (before, after)
+    assert log[0]["counts"]["images"] == 6 and log[0]["counts"]["dicom_images"] == 2 and log[0]["content_digest"]
+    # the remote holds the new version's listing and every file it names
+    listing = root / "remote" / "files" / "md5" / after[:2] / after[2:]
+    assert listing.is_file()
+    assert all(
+        (root / "remote" / "files" / "md5" / f["md5"][:2] / f["md5"][2:]).is_file()
+        for f in json.loads(listing.read_text())
+    )
+    # the site now reads as 12 images; the DICOM patient is a pseudonym and its images are PNG
+    manifest = read_dataset(repo / "data" / "raw" / SITE)
+    assert len(manifest) == 12
+    dicom_rows = manifest[manifest["image_id"].str.startswith("dicom-")]
+    assert len(dicom_rows) == 2 and dicom_rows["patient_id"].nunique() == 1
+    assert not list((repo / "data").rglob("*.dcm"))
+    # PHI is nowhere: dataset, DVC cache, remote, log, reports, workspace
+    assert _phi_found(root) == []
+    assert (repo / "outputs" / "ingest" / SITE / log[0]["batch_id"] / "summary.md").is_file()
+
+    snapshot = _snapshot(root)
+    again = _ingest(root, batch)
+    assert again.exit_code == 0 and "already ingested" in again.output
+    resent = shutil.copytree(batch, tmp_path / "week-01-resent")
+    pd.read_csv(resent / "Data_Entry_2017.csv").iloc[::-1].to_csv(resent / "Data_Entry_2017.csv", index=False)
+    again = _ingest(root, resent)
+    assert again.exit_code == 0 and "already in" in again.output, again.output
+    assert _snapshot(root) == snapshot and len((repo / "ingest_log.jsonl").read_text().splitlines()) == 1
+
+    # DICOM of next week pseudonymised with another secret would split patients in two: refused
+    monkeypatch.setenv(SALT_VAR, "another-secret-salt-0123456789")
+    result = _ingest(root, _mixed_batch(data_dir, tmp_path / "week-02", rows.iloc[6:12]))
+    assert result.exit_code == 3 and "salt_changed" in result.output, result.output
+    assert _snapshot(root) == snapshot
+
+
+def _corrupt_file(batch: Path, root: Path) -> tuple[str, str]:
+    victim = sorted((batch / "images").iterdir())[1]
+    victim.write_bytes(victim.read_bytes()[:300])  # a truncated export
+    return "decodes", victim.name
+
+
+def _unknown_label(batch: Path, root: Path) -> tuple[str, str]:
+    table = pd.read_csv(batch / "Data_Entry_2017.csv", dtype=str, keep_default_na=False)
+    table.loc[1, "Finding Labels"] = "Pneumonai"
+    table.to_csv(batch / "Data_Entry_2017.csv", index=False)
+    return "unknown_label", "line 3"
+
+
+def _known_patient(batch: Path, root: Path) -> tuple[str, str]:
+    table = pd.read_csv(batch / "Data_Entry_2017.csv", dtype=str, keep_default_na=False)
+    table.loc[0, "Patient ID"] = _site_table(root)["Patient ID"].iloc[0]
+    table.to_csv(batch / "Data_Entry_2017.csv", index=False)
+    return "known_patient", table.loc[0, "Image Index"]
+
+
+def _missing_column(batch: Path, root: Path) -> tuple[str, str]:
+    table = pd.read_csv(batch / "Data_Entry_2017.csv", dtype=str, keep_default_na=False)
+    table.drop(columns=["Patient ID"]).to_csv(batch / "Data_Entry_2017.csv", index=False)
+    return "csv_schema", "missing column(s) Patient ID"
+
+
+def _dicom_of_another_patient(batch: Path, root: Path) -> tuple[str, str]:
+    table = pd.read_csv(batch / "Data_Entry_2017.csv", dtype=str, keep_default_na=False)
+    table.loc[4, "Patient ID"] = "MRN-999999"  # the CSV says one patient, the DICOM header another
+    table.to_csv(batch / "Data_Entry_2017.csv", index=False)
+    return "dicom_patient", f"line 6 (images/{table.loc[4, 'Image Index']}"
+
+
+@pytest.mark.parametrize(
+    "defect", [_corrupt_file, _unknown_label, _known_patient, _missing_column, _dicom_of_another_patient]
+)
+def test_bad_batch_is_quarantined_with_a_report_and_changes_nothing(defect, data_dir, root, tmp_path, monkeypatch):
+    monkeypatch.setenv(SALT_VAR, "s3cret-salt-for-tests-0123456789")
+    rows = _fresh_rows(data_dir, root).iloc[:6]
+    batch = _mixed_batch(data_dir, tmp_path / "week-02", rows)
+    rule, named = defect(batch, root)
+    snapshot = _snapshot(root)
+
+    result = _ingest(root, batch)
+    assert result.exit_code == 3, result.output
+    assert "Traceback" not in result.output and named in result.output and "REJECTED" in result.output
+    [quarantined] = (root / "repo" / "quarantine" / SITE).iterdir()
+    report = json.loads((quarantined / "report.json").read_text())
+    blocking = [p for p in report["problems"] if p["severity"] == "blocking"]
+    assert [p for p in blocking if p["rule"] == rule and named in p["message"]], blocking
+    assert (quarantined / "summary.md").is_file()
+    assert _snapshot(root) == snapshot
+    [entry] = [json.loads(line) for line in (root / "repo" / "ingest_log.jsonl").read_text().splitlines()]
+    assert entry["status"] == "rejected" and rule in entry["blocking_rules"]
+    assert entry["version_before"] == entry["version_after"] == dvc_tracked_version(root / "repo" / "data.dvc")
+    assert _phi_found(root) == []  # the quarantine holds the de-identified copy, never the drop itself
+    if defect is _known_patient:  # follow-ups are accepted when the config says so, with a warning
+        result = _ingest(root, batch, "ingest.allow_known_patients=true")
+        assert result.exit_code == 0 and "ACCEPTED" in result.output and "| warning | known_patient |" in result.output
+
+
+@pytest.mark.parametrize("failure", ["copy", "push"])
+def test_failure_midway_rolls_back_to_the_exact_previous_state(failure, data_dir, root, tmp_path, monkeypatch):
+    monkeypatch.setenv(SALT_VAR, "s3cret-salt-for-tests-0123456789")
+    batch = _mixed_batch(data_dir, tmp_path / "week-03", _fresh_rows(data_dir, root).iloc[:6])
+    snapshot = _snapshot(root)
+    if failure == "push":
+
+        def push(self, target, remote):
+            raise VersioningError("remote unreachable")
+
+        monkeypatch.setattr(DvcRepo, "push", push)
+    else:
+        images, real_replace, moved = root / "repo" / "data" / "raw" / SITE / "images", os.replace, []
+
+        def replace(source, destination):
+            if Path(destination).parent == images:
+                moved.append(destination)
+                if len(moved) == 3:
+                    raise OSError(28, "No space left on device")
+            real_replace(source, destination)
+
+        monkeypatch.setattr(os, "replace", replace)
+
+    result = _ingest(root, batch)
+    assert result.exit_code == 5, result.output
+    assert "restored as they were" in result.output and "Traceback" not in result.output
+    assert _snapshot(root) == snapshot
+    repo = root / "repo"
+    assert not (repo / "ingest_log.jsonl").exists() and not (repo / "quarantine").exists()
+    assert [p.name for p in (repo / ".crosssim-ingest").iterdir()] == [".lock"]
+
+    if failure == "push":  # the rolled-back state is a sound one: the same batch now goes in
+        monkeypatch.undo()
+        _dvc_env(monkeypatch, root)
+        monkeypatch.setenv(SALT_VAR, "s3cret-salt-for-tests-0123456789")
+        result = _ingest(root, batch)
+        assert result.exit_code == 0 and "ACCEPTED" in result.output, result.output
+
+
+def test_a_commit_killed_midway_is_rolled_back_by_the_next_ingest(data_dir, root, tmp_path, monkeypatch):
+    batch = _png_batch(data_dir, tmp_path / "week-05", _fresh_rows(data_dir, root).iloc[:4])
+    snapshot = _snapshot(root)
+
+    def push(self, target, remote):
+        raise VersioningError("killed")
+
+    monkeypatch.setattr(DvcRepo, "push", push)
+    monkeypatch.setattr(_Transaction, "rollback", lambda self: None)  # the process died: nothing undone
+    assert _ingest(root, batch).exit_code == 5
+    assert _snapshot(root) != snapshot and list((root / "repo" / ".crosssim-ingest").glob("*/journal.json"))
+
+    monkeypatch.undo()
+    _dvc_env(monkeypatch, root)
+    broken = _png_batch(data_dir, tmp_path / "week-06", _fresh_rows(data_dir, root).iloc[4:6])
+    _missing_column(broken, root)
+    result = _ingest(root, broken)
+    assert result.exit_code == 3 and "rolled back an interrupted ingest" in result.output
+    assert _snapshot(root) == snapshot
+    assert not list((root / "repo" / ".crosssim-ingest").glob("*/journal.json"))
+
+
+def test_dicom_without_a_secret_salt_is_refused_before_anything_is_written(data_dir, root, tmp_path, monkeypatch):
+    batch = _mixed_batch(data_dir, tmp_path / "week-04", _fresh_rows(data_dir, root).iloc[:6])
+    snapshot = _snapshot(root)
+    result = _ingest(root, batch)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"${SALT_VAR}" in result.output and "Nothing was ingested" in " ".join(result.output.split())
+    monkeypatch.setenv("CROSSSIM_DICOM_SALT", "crosssim")  # the public default of read_dataset
+    result = _ingest(root, batch)
+    assert result.exit_code == 2 and "not a usable secret" in result.output
+    repo = root / "repo"
+    assert _snapshot(root) == snapshot
+    assert not (repo / "ingest_log.jsonl").exists() and not (repo / "quarantine").exists()

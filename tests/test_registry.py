@@ -1,0 +1,157 @@
+"""The model registry on a real MLflow store: gate, register, approve/reject/rollback, audit, atomicity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from flows import cli
+from flows.promotion import actions_for
+from pipeline.config import load_config
+from pipeline.registry.gate import decide, score_set
+from pipeline.registry.store import CHALLENGER, CHAMPION, HISTORY_TAG, RegistryError
+from pipeline.tracking import MlflowTracker
+from tests.conftest import REPO
+
+runner = CliRunner()
+
+
+class MeanBrightness(torch.nn.Module):
+    """A stand-in network: P(pneumonia) rises with mean brightness (fast to export and register)."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(scale))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.scale * (pixels.mean(dim=(1, 2, 3)) - 0.5))
+
+
+@pytest.fixture()
+def cfg(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return load_config(REPO / "params.yaml", [f"tracking.local_dir={tmp_path / 'mlflow'}", "registry.model_name=cxr"])
+
+
+def _logged_models(cfg, count: int) -> list[str]:
+    uris = []
+    with MlflowTracker(cfg.tracking, run_name="models") as tracker:
+        for index in range(count):
+            uris.append(tracker.log_model(MeanBrightness(float(index + 1)), f"m{index}", np.zeros((2, 1, 8, 8), np.float32)))
+    return uris
+
+
+def _scores(auc: float, sensitivity: float) -> dict[str, dict[str, float]]:
+    return {site: {"auc": auc, "sensitivity_at_specificity": sensitivity} for site in ("kermany/test", "nih/target-test")}
+
+
+def test_score_set_reads_sensitivity_at_the_specificity():
+    labels = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
+    probabilities = np.array([0.1, 0.2, 0.3, 0.4, 0.9, 0.35, 0.6, 0.7, 0.8, 0.95])
+    scored = score_set(labels, probabilities, specificity=0.8)
+    assert scored["auc"] == pytest.approx(0.8)  # 20 of 25 pairs ranked right
+    assert scored["sensitivity_at_specificity"] == pytest.approx(0.8)  # 4 of 5 above 0.4 with 1 false positive
+
+
+def test_gate_promotes_a_better_challenger_and_blocks_a_worse_one(cfg):
+    champion = _scores(0.80, 0.70)
+    better = decide(_scores(0.85, 0.75), champion, cfg.registry, "champion v1")
+    assert better.passed and not better.failures()
+    slightly_worse = decide(_scores(0.79, 0.69), champion, cfg.registry, "champion v1")  # within the 0.02 margin
+    assert slightly_worse.passed
+    worse = _scores(0.85, 0.75)
+    worse["nih/target-test"]["auc"] = 0.70  # better on one site, clearly worse on the other
+    blocked = decide(worse, champion, cfg.registry, "champion v1")
+    assert not blocked.passed
+    assert blocked.failures() == ["nih/target-test auc: 0.7000 < required 0.7800"]
+    assert "nih/target-test/auc" in blocked.mlflow_verdict  # MLflow's own record of the failed threshold
+    first = decide(_scores(0.55, 0.9), None, cfg.registry)
+    assert not first.passed and first.compared_with.startswith("floors")
+
+
+def test_register_approve_reject_rollback_move_aliases_and_leave_an_audit_trail(cfg):
+    uris = _logged_models(cfg, 3)
+    actions = actions_for(cfg)
+    card = lambda version: f"card of v{version}"  # noqa: E731
+    first = actions.register_challenger(uris[0], {"mlflow_run_id": "r1"}, card)
+    assert first.aliases == {CHALLENGER: "1"}
+    assert actions.registry.version("cxr", "1").description == "card of v1"
+    approved = actions.approve(reviewer="dr. ada", reason="better on both sites")
+    assert approved.aliases == {CHAMPION: "1"}
+    actions.register_challenger(uris[1], {}, card)
+    actions.approve(reviewer="dr. ada", reason="v2 wins")
+    actions.register_challenger(uris[2], {}, card)
+    actions.reject(reviewer="dr. bob", reason="worse on NIH")
+    assert actions.registry.aliases("cxr") == {CHAMPION: "2"}
+    assert actions.registry.version("cxr", "3").tags["review.status"] == "rejected"
+    rolled = actions.rollback(reviewer="dr. ada", reason="v2 misbehaves in production")
+    assert rolled.aliases == {CHAMPION: "1"} and actions.registry.champion_history("cxr") == ["1"]
+    assert actions.registry.version("cxr", "2").tags["review.status"] == "rolled back"
+
+    trail = actions.audit.entries()
+    assert [(e.action, e.version) for e in trail] == [
+        ("register", "1"), ("approve", "1"), ("register", "2"), ("approve", "2"),
+        ("register", "3"), ("reject", "3"), ("rollback", "1"),
+    ]  # fmt: skip
+    assert trail[-1].actor == "dr. ada" and trail[-1].aliases_before == {CHAMPION: "2"}
+    assert trail[-1].aliases_after == {CHAMPION: "1"} and trail[-1].at
+    with pytest.raises(RegistryError, match="no pending challenger"):
+        actions.approve(reviewer="dr. ada", reason="nothing to approve")
+    actions.register_challenger(uris[2], {}, card)
+    with pytest.raises(RegistryError, match="reason"):
+        actions.approve(reviewer="dr. ada", reason=" ")
+
+
+def test_a_failure_between_alias_moves_leaves_the_registry_as_it_was(cfg, monkeypatch):
+    uris = _logged_models(cfg, 2)
+    actions = actions_for(cfg)
+    actions.register_challenger(uris[0], {}, lambda v: "card")
+    actions.approve(reviewer="dr. ada", reason="first champion")
+    actions.register_challenger(uris[1], {}, lambda v: "card")
+    before = (actions.registry.aliases("cxr"), actions.registry.model_tags("cxr"), len(actions.audit.entries()))
+
+    real_move = actions.registry.move_alias
+    calls = []
+
+    def fail_on_second_move(name, alias, version):
+        calls.append(alias)
+        if len(calls) == 2:
+            raise ConnectionError("tracking server went away")
+        real_move(name, alias, version)
+
+    monkeypatch.setattr(actions.registry, "move_alias", fail_on_second_move)
+    with pytest.raises(ConnectionError):
+        actions.approve(reviewer="dr. ada", reason="v2 wins")
+    assert calls == [CHAMPION, CHALLENGER]  # the champion alias had moved when the failure hit
+    after = (actions.registry.aliases("cxr"), actions.registry.model_tags("cxr"), len(actions.audit.entries()))
+    assert after == before and after[0] == {CHAMPION: "1", CHALLENGER: "2"}
+    assert after[1][HISTORY_TAG] == '["1"]'
+
+    monkeypatch.setattr(actions.registry, "move_alias", real_move)
+    monkeypatch.setattr(actions.audit, "append", lambda entry: (_ for _ in ()).throw(OSError("artifact store full")))
+    with pytest.raises(OSError):
+        actions.approve(reviewer="dr. ada", reason="v2 wins")
+    assert actions.registry.aliases("cxr") == {CHAMPION: "1", CHALLENGER: "2"}  # no decision without its record
+
+
+def test_registry_cli_review_decide_and_lineage(cfg, tmp_path):
+    uris = _logged_models(cfg, 1)
+    actions = actions_for(cfg)
+    actions.register_challenger(uris[0], {"data_version.nih": "abc.dir", "git_commit": "1234", "mlflow_run_id": "r9"}, str)
+    actions.record_gate("1", decide(_scores(0.8, 0.7), None, cfg.registry), "review")
+    base = ["--config", str(REPO / "params.yaml"), "--set", f"tracking.local_dir={tmp_path / 'mlflow'}", "--set", "registry.model_name=cxr"]
+    shown = runner.invoke(cli.app, ["registry", "review", *base])
+    assert shown.exit_code == 0, shown.output
+    assert "nih/target-test" in shown.output and "promote" in shown.output
+    refused = runner.invoke(cli.app, ["registry", "approve", *base, "--reviewer", "dr. ada"])
+    assert refused.exit_code != 0 and "reason" in refused.output and "Traceback" not in refused.output
+    done = runner.invoke(cli.app, ["registry", "approve", *base, "--reviewer", "dr. ada", "--reason", "ok"])
+    assert done.exit_code == 0, done.output
+    lineage = runner.invoke(cli.app, ["registry", "lineage", "cxr@champion", *base])
+    assert lineage.exit_code == 0 and "abc.dir" in lineage.output and "1234" in lineage.output
+    listed = runner.invoke(cli.app, ["registry", "list", *base])
+    assert listed.exit_code == 0 and "champion" in listed.output and "approved" in listed.output
+    missing = runner.invoke(cli.app, ["registry", "lineage", "cxr@nope", *base])
+    assert missing.exit_code != 0 and "no such" in missing.output

@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import Any, Protocol, Self
 from urllib.parse import unquote, urlparse
 
+import mlflow
 import mlflow.pytorch
 import numpy as np
 import torch
@@ -25,7 +26,6 @@ from mlflow.entities import RunInfo
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-import mlflow
 from pipeline.config import TrackingConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

@@ -8,13 +8,13 @@ import socket
 import subprocess
 from pathlib import Path
 
+import mlflow
 import mlflow.pytorch
 import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-import mlflow
 from pipeline.config import TrackingConfig
 from pipeline.tracking import (
     MlflowTracker,

@@ -14,13 +14,13 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import mlflow
 import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.models import MetricThreshold
 from mlflow.models.evaluation import EvaluationResult
 from sklearn.metrics import roc_auc_score, roc_curve
 
-import mlflow
 from pipeline.config import RegistryConfig
 from pipeline.evaluation.metrics import check_inputs
 

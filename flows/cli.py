@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.config import PipelineConfig, load_config
-from pipeline.errors import DataValidationError, PipelineError
+from pipeline.errors import ConfigError, DataValidationError, PipelineError
 
 app = typer.Typer(help="CrossSim: retrain and evaluate a chest X-ray pneumonia classifier.", no_args_is_help=True)
 console = Console()
@@ -194,6 +194,36 @@ def ingest(
             console.print(f"record the version: git add {cfg.ingest.dvc_target}.dvc {cfg.ingest.log_path} && git commit")
     except PipelineError as error:
         _fail(error)
+
+
+@app.command("serve-flows")
+def serve_flows(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Register the scheduled retrain and on-demand ingest deployments with $PREFECT_API_URL and run them until Ctrl-C."""
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.deployments import INGEST, RETRAIN, build_deployments, serve_deployments
+
+    try:
+        # Served deployments need a lasting server: an ephemeral one would take the schedule down with this process.
+        if not PREFECT_API_URL.value():
+            raise ConfigError(
+                "PREFECT_API_URL is not set: start a server (`make prefect-ui`) and "
+                "export PREFECT_API_URL=http://127.0.0.1:4200/api, or point it at the team's Prefect server"
+            )
+        cfg_path = config if config is not None else (Path("params.yaml") if Path("params.yaml").is_file() else None)
+        cfg = _config(cfg_path, set_)
+        deployments = build_deployments(cfg, cfg_path, set_ or [])
+    except PipelineError as error:
+        _fail(error)
+    state = "" if cfg.schedule.active else " (schedule off: schedule.active=false)"
+    console.print(
+        f"serving on {PREFECT_API_URL.value()}: {RETRAIN} at {cfg.schedule.retrain_cron!r} "
+        f"{cfg.schedule.timezone}{state}; {INGEST} on demand\n"
+        f"ingest a batch: prefect deployment run {INGEST} -p site=SITE -p folder=DROP_FOLDER",
+        highlight=False,
+        markup=False,
+    )
+    serve_deployments(cfg, deployments)
 
 
 from flows.registry_cli import registry_app  # noqa: E402  (it imports this module's helpers)

@@ -1,7 +1,9 @@
-"""Prefect 3 ingest flow: a hospital's weekly batch → de-identify → check → commit to DVC, or quarantine.
+"""Prefect 3 ingest flow: a hospital's weekly batch → de-identify → check → commit to DVC, or quarantine;
+an accepted batch then retrains (``ingest.retrain_after``): train → CrossSim → registry challenger.
 
 The stages are pipeline.ingest's; this module only makes them tasks and leaves a markdown
-artifact per batch. Schedule it on the drop folder, e.g. ``ingest(site="nih-cxr8", folder=...)``.
+artifact per batch. Run it once per complete batch (deployment ``crosssim-ingest/on-demand``, see
+flows/deployments.py): a timer on a drop folder could pick up a half-copied export.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.retrain import retrain
 from pipeline.config import load_config
 from pipeline.errors import DataValidationError
 from pipeline.ingest import BatchIngest, BatchReport, StagedBatch, resolve_salt
@@ -64,4 +67,9 @@ def ingest(site: str, folder: str, config_path: str | None = None, overrides: li
     logger.info("batch %s: %s", report.batch_id, report.status)
     if report.status == "rejected":
         raise DataValidationError(f"batch {report.batch_id} rejected; quarantined in {report.location}")
-    return report.to_dict()
+    result = report.to_dict()
+    if report.status == "accepted" and cfg.ingest.retrain_after:
+        # a subflow: the new data version goes through train → CrossSim → registry as one traced run
+        retrained = retrain(config_path, [*(overrides or []), f"data.root={cfg.ingest.data_dir}"])
+        result["retrain"] = {key: retrained.get(key) for key in ("mlflow_run_id", "registry")}
+    return result

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -212,6 +213,31 @@ class IngestConfig(_Section):
         default=False, description="Accept images of patients the site already has (follow-ups); default blocks them."
     )
     min_batch_images: int = Field(default=1, ge=1, description="validation.min_images, for one batch.")
+    retrain_after: bool = Field(
+        default=True, description="The ingest flow runs the retraining flow (train, CrossSim, registry) on an accepted batch."
+    )
+
+
+class ScheduleConfig(_Section):
+    """When the retraining runs by itself, as served by ``crosssim serve-flows`` (flows/deployments.py)."""
+
+    retrain_cron: str = Field(
+        default="0 2 * * 1", description="Cron of the scheduled retraining (default: Mondays 02:00); checked by Prefect."
+    )
+    timezone: str = Field(default="UTC", description="IANA zone the cron is read in; daylight-saving shifts are followed.")
+    active: bool = Field(default=True, description="false: the schedule is registered but off; runs only on demand.")
+    max_concurrent_runs: int = Field(
+        default=1, ge=1, description="Flow runs the serving process executes at once: runs share output folders."
+    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown IANA time zone {value!r} (e.g. UTC, Europe/Berlin)") from exc
+        return value
 
 
 class PipelineConfig(_Section):
@@ -225,6 +251,7 @@ class PipelineConfig(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
     def anchored(self, base: Path) -> PipelineConfig:
         """A copy whose relative paths (outputs, caches, data root) are made absolute under ``base``."""

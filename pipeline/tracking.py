@@ -41,6 +41,10 @@ def resolve_tracking_uri(cfg: TrackingConfig) -> str:
         return cfg.tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
+    return _embedded_uri(cfg)
+
+
+def _embedded_uri(cfg: TrackingConfig) -> str:
     return f"sqlite:///{(cfg.local_dir / 'mlflow.db').resolve().as_posix()}"
 
 
@@ -66,9 +70,12 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_dir: Path | None) -
 
 
 def embedded_artifact_dir(cfg: TrackingConfig) -> Path | None:
-    """Where artifacts go when no tracking server is configured; None when one is."""
-    embedded = cfg.tracking_uri is None and not os.environ.get("MLFLOW_TRACKING_URI")
-    return local_artifact_dir(cfg) if embedded else None
+    """Where artifacts go when no tracking server is configured; None when one is.
+
+    Decided on the resolved URI, not on $MLFLOW_TRACKING_URI being set: ``mlflow.set_tracking_uri``
+    exports that variable itself, so after the first run of a process it is always set.
+    """
+    return local_artifact_dir(cfg) if resolve_tracking_uri(cfg) == _embedded_uri(cfg) else None
 
 
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

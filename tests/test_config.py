@@ -31,6 +31,7 @@ def test_data_root_from_environment(monkeypatch, tmp_path):
         ("train.unknown=1", "train.unknown"),
         ("noequals", "key=value"),
         ("data.external=[kermany-pediatric]", "must not repeat"),
+        ("schedule.timezone=Mars/Olympus", "schedule.timezone"),
     ],
 )
 def test_bad_overrides_are_named(override, message):

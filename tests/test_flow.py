@@ -133,6 +133,8 @@ def test_crosssim_adapt_runs_inside_the_flow_and_lands_in_mlflow(data_dir, tmp_p
     assert student.tags["parent_model"] == "models:/crosssim-pneumonia/1"
     assert {"registry/model_card.md", "registry/gate.json"} <= _artifact_paths(client, run.info.run_id)
     assert "## Registry" in Artifact.get("retrain-summary").data
+    audit_experiment = client.get_experiment_by_name("crosssim-retrain-registry")
+    assert audit_experiment.artifact_location == (tmp_path / "mlflow" / "artifacts").resolve().as_uri()
 
     # `crosssim run` prints the adapted models' table next to the source model's (same flow summary)
     monkeypatch.setattr("flows.retrain.retrain", lambda **_: summary)

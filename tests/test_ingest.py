@@ -341,3 +341,40 @@ def test_dicom_without_a_secret_salt_is_refused_before_anything_is_written(data_
     repo = root / "repo"
     assert _snapshot(root) == snapshot
     assert not (repo / "ingest_log.jsonl").exists() and not (repo / "quarantine").exists()
+
+
+def test_the_ingest_flow_retrains_on_an_accepted_batch_and_registers_a_challenger(data_dir, root, tmp_path, monkeypatch):
+    """The user story end to end: a batch in, checked and versioned, then train → registry challenger."""
+    from mlflow.tracking import MlflowClient
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.ingest import ingest
+    from tests.conftest import copy_kermany_subset
+
+    repo = root / "repo"
+    copy_kermany_subset(data_dir, repo / "data" / "raw" / "kermany-pediatric", per_class=20)
+    DvcRepo(repo).add(repo / "data")  # the source site is versioned too: the workspace starts clean
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    batch = _png_batch(data_dir, tmp_path / "week-07", _fresh_rows(data_dir, root).iloc[:6])
+    work = tmp_path / "work"
+    overrides = [
+        f"data.external=[{SITE}]",
+        "crosssim.enabled=false",  # CrossSim inside the flow is test_flow's subject
+        "validation.min_images=5",
+        "data.image_size=32",
+        "train.epochs=1",
+        "train.batch_size=16",
+        "evaluate.bootstrap_samples=50",
+        *(f"{key}={work / key.replace('.', '-')}" for key in ("data.cache_dir", "data.prepared_dir", "validation.report_dir")),
+        f"train.output_dir={work / 'train'}",
+        f"evaluate.output_dir={work / 'eval'}",
+        f"tracking.local_dir={work / 'mlflow'}",
+    ]
+    with prefect_test_harness(server_startup_timeout=120):
+        result = ingest(site=SITE, folder=str(batch), config_path=str(repo / "params.yaml"), overrides=overrides)
+    assert result["status"] == "accepted" and result["retrain"]["registry"]["version"] == "1"
+    challenger = MlflowClient(f"sqlite:///{work / 'mlflow' / 'mlflow.db'}").get_model_version_by_alias(
+        "crosssim-pneumonia", "challenger"
+    )
+    # the model was trained on the new data version: its lineage names the site folder as ingested
+    assert challenger.tags[f"data_version.{SITE}"] == result["site_version"]

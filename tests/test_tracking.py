@@ -20,6 +20,7 @@ from pipeline.tracking import (
     MlflowTracker,
     NullTracker,
     Tracker,
+    embedded_artifact_dir,
     flatten_params,
     resolve_tracking_uri,
     run_context_tags,
@@ -55,6 +56,10 @@ def test_tracking_uri_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
     assert resolve_tracking_uri(TrackingConfig()) == "http://tracking.example:5000"
     assert resolve_tracking_uri(TrackingConfig(tracking_uri="sqlite:///x.db")) == "sqlite:///x.db"
+    assert embedded_artifact_dir(TrackingConfig()) is None  # a server: it decides where artifacts go
+    local = TrackingConfig(local_dir=tmp_path / "mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", default)  # what mlflow.set_tracking_uri exports after a first run
+    assert embedded_artifact_dir(local) == tmp_path.resolve() / "mlflow" / "artifacts"  # still ours, not ./mlruns
 
 
 def test_flatten_params() -> None:

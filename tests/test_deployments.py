@@ -1,0 +1,165 @@
+"""The deployments on a real Prefect server: `crosssim serve-flows` registers the weekly retraining and the
+on-demand ingest, a triggered retraining registers a challenger, and the server schedules the next Monday."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+from mlflow.tracking import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import DeploymentFilter
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.deployments import INGEST, RETRAIN
+from tests.conftest import REPO
+from tests.test_flow import _overrides
+
+CRON, ZONE = "0 2 * * 1", "Europe/Berlin"  # Mondays 02:00 Berlin time: 01:00 UTC in winter, 00:00 UTC in summer
+
+
+def test_serve_flows_needs_a_server_and_a_valid_cron():
+    params = ["serve-flows", "--config", str(REPO / "params.yaml")]
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        result = CliRunner().invoke(app, params)
+    assert result.exit_code == 2 and "PREFECT_API_URL is not set" in result.output
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):  # refused before any connection
+        result = CliRunner().invoke(app, [*params, "--set", "schedule.retrain_cron=61 2 * * 1"])
+    assert result.exit_code == 2 and "schedule.retrain_cron" in result.output and "Traceback" not in result.output
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_for(check: Callable[[], object], timeout: float, what: str, log: Path) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if result := check():
+                return result
+        except Exception:  # not up yet
+            pass
+        time.sleep(1)
+    pytest.fail(f"{what} not ready after {timeout:.0f}s; log tail:\n{log.read_text()[-3000:]}")
+
+
+def _start(command: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
+    with log.open("w") as out:  # a session of its own: stopping it stops the flow-run processes it started
+        return subprocess.Popen(command, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, data_dir) -> Iterator[Path]:
+    """A Prefect server and `crosssim serve-flows` against it, as subprocesses; yields the folder of their logs."""
+    home = tmp_path_factory.mktemp("prefect")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # tracking.local_dir then
+    env |= {
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "CROSSSIM_DATA_DIR": str(data_dir),
+        "PREFECT_RUNNER_POLL_FREQUENCY": "2",  # seconds between the serving process's looks for runs
+    }
+    bin_dir = Path(sys.executable).parent
+    server_command = [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    server = _start([*server_command, "--no-ui"], env, home, home / "server.log")
+    serving = None
+    try:
+        health = f"{url}/health"
+        _wait_for(lambda: urllib.request.urlopen(health, timeout=5), 120, "Prefect server", home / "server.log")
+        serve_command = [str(bin_dir / "crosssim"), "serve-flows", "--config", str(REPO / "params.yaml")]
+        serve_command += ["--set", f"schedule.retrain_cron={CRON}", "--set", f"schedule.timezone={ZONE}"]
+        serving = _start(serve_command, env, REPO, home / "serve.log")  # cwd: the project, as a user runs it
+        with temporary_settings({PREFECT_API_URL: url}):
+            _wait_for(lambda: all(map(_deployment, (RETRAIN, INGEST))), 120, "served deployments", home / "serve.log")
+            yield home
+    finally:
+        for process in (serving, server):
+            if process is not None:
+                _stop(process)
+
+
+def _deployment(name: str):
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            return None
+
+
+def _next_monday_2am(zone: str) -> datetime:
+    local = datetime.now(ZoneInfo(zone))
+    candidate = local.replace(hour=2, minute=0, second=0, microsecond=0) + timedelta(days=(0 - local.weekday()) % 7)
+    return candidate if candidate > local else candidate + timedelta(days=7)
+
+
+def test_serve_flows_registers_the_weekly_retrain_and_the_ingest(served):
+    retrain, ingest = _deployment(RETRAIN), _deployment(INGEST)
+    (schedule,) = retrain.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == (CRON, ZONE, True)
+    assert retrain.parameters["config_path"] == str(REPO / "params.yaml")
+    assert retrain.entrypoint == "flows.retrain.retrain"
+    assert ingest.schedules == [] and set(ingest.parameter_openapi_schema["required"]) == {"site", "folder"}
+
+
+def test_the_server_schedules_the_next_monday_in_the_configured_zone(served):
+    deployment = _deployment(RETRAIN)
+
+    def scheduled():
+        with get_client(sync_client=True) as client:
+            return client.read_flow_runs(deployment_filter=DeploymentFilter(id={"any_": [deployment.id]}))
+
+    runs = _wait_for(scheduled, 20, "scheduled runs", served / "server.log")  # the server looks every 5 s
+    assert min(run.expected_start_time for run in runs) == _next_monday_2am(ZONE)
+
+
+def test_a_triggered_retrain_registers_a_challenger(served, data_dir, tmp_path):
+    # CrossSim inside the flow is test_flow's subject; here it would only double the run's time
+    tiny = ("data.max_images_per_class=30", "data.image_size=32", "train.epochs=1", "train.batch_size=32")
+    overrides = _overrides(tmp_path, data_dir, *tiny, "crosssim.enabled=false")
+    flow_run = run_deployment(RETRAIN, parameters={"overrides": overrides}, timeout=300)
+    assert flow_run.state.is_completed(), f"{flow_run.state}\n{(served / 'serve.log').read_text()[-3000:]}"
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    challenger = client.get_model_version_by_alias("crosssim-pneumonia", "challenger")
+    assert challenger.tags["prefect_flow_run_id"] == str(flow_run.id)  # lineage back to the deployment's run
+
+
+def test_the_ingest_deployment_takes_a_batch_and_fails_on_a_missing_folder(served, tmp_path):
+    repo = tmp_path / "repo"  # the batch's DVC repository: nothing of the project's is touched
+    (repo / ".dvc").mkdir(parents=True)
+    overrides = [f"ingest.dvc_target={repo / 'data'}", f"ingest.data_dir={repo / 'data' / 'raw'}"]
+    overrides += [f"ingest.{key}={repo / key}" for key in ("quarantine_dir", "report_dir", "log_path")]
+    missing = tmp_path / "no-such-drop"
+    parameters = {"site": "nih-cxr8", "folder": str(missing), "overrides": overrides}
+    flow_run = run_deployment(INGEST, parameters=parameters, timeout=120)
+    assert flow_run.state.is_failed() and f"batch folder {missing} does not exist" in flow_run.state.message

@@ -7,14 +7,18 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from prefect.artifacts import Artifact
 from prefect.testing.utilities import prefect_test_harness
 from typer.testing import CliRunner
 
-from flows import cli
+from flows import cli, steps
+from flows.promotion import actions_for, gate_challenger
 from flows.retrain import retrain
+from pipeline.config import load_config
 from pipeline.errors import DataValidationError
+from pipeline.tracking import MlflowTracker
 from tests.conftest import copy_kermany_subset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,8 +92,6 @@ def test_retrain_end_to_end_on_real_images(data_dir, tmp_path, monkeypatch):
     model = mlflow.pytorch.load_model(summary["model_uri"])
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert set(metrics) >= {"kermany-pediatric/test", "nih-cxr8"}
-    import torch
-
     probabilities = model(torch.rand(3, 1, 64, 64))
     assert probabilities.shape == (3,) and ((probabilities >= 0) & (probabilities <= 1)).all()
 
@@ -114,8 +116,6 @@ def test_crosssim_adapt_runs_inside_the_flow_and_lands_in_mlflow(data_dir, tmp_p
     assert set(summary["crosssim"]["scores"]) == {"source", "adapted", "student"}
     target_test = summary["crosssim"]["scores"]["adapted"]["sets"]["nih-cxr8/target-test"]
     assert target_test["n"] > 0 and target_test["n_unlabelled"] == 0
-    import torch
-
     for name in ("adapted_model", "student_model"):
         served = mlflow.pytorch.load_model(summary["crosssim"]["models"][name])
         assert served(torch.rand(2, 1, 32, 32)).shape == (2,)
@@ -144,6 +144,30 @@ def test_crosssim_adapt_runs_inside_the_flow_and_lands_in_mlflow(data_dir, tmp_p
     assert printed.exit_code == 0, printed.output
     assert "adapted model" in printed.output and "student model" in printed.output
     assert "nih-cxr8/target-test" in printed.output and "proxy A-distance" in printed.output
+
+    # the gate on the same frozen sets with real models: once v1 is champion, v1 again passes (equal scores)
+    # and a challenger that inverts the source model's probabilities is blocked (it fails on the source test set)
+    cfg = load_config(REPO / "params.yaml", overrides)
+    actions_for(cfg).approve(reviewer="dr. ada", reason="first champion")
+    same, _ = gate_challenger(cfg, "models:/crosssim-pneumonia/1")
+    assert same.passed and same.compared_with == "champion v1"
+    source_model, example = steps.serving_model(cfg, tmp_path / "train" / "best.pt")
+    with MlflowTracker(cfg.tracking, run_name="inverted") as tracker:
+        inverted = tracker.log_model(Inverted(source_model), "inverted", example)
+    worse, scores = gate_challenger(cfg, inverted)
+    assert not worse.passed and set(scores["challenger"]) == {"kermany-pediatric/test", "nih-cxr8/target-test"}
+    assert scores["challenger"]["kermany-pediatric/test"]["auc"] < 0.5 < scores["champion"]["kermany-pediatric/test"]["auc"]
+
+
+class Inverted(torch.nn.Module):
+    """A deliberately worse challenger: a model's probabilities turned upside down."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return 1 - self.model(pixels)
 
 
 def test_broken_dataset_stops_flow_before_training(data_dir, tmp_path, monkeypatch):

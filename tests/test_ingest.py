@@ -344,7 +344,8 @@ def test_dicom_without_a_secret_salt_is_refused_before_anything_is_written(data_
 
 
 def test_the_ingest_flow_retrains_on_an_accepted_batch_and_registers_a_challenger(data_dir, root, tmp_path, monkeypatch):
-    """The user story end to end: a batch in, checked and versioned, then train → registry challenger."""
+    """The user story end to end: a batch (PNG + DICOM with PHI) in, checked and versioned, then train →
+    registry challenger, with no PHI anywhere in the run."""
     from mlflow.tracking import MlflowClient
     from prefect.testing.utilities import prefect_test_harness
 
@@ -355,7 +356,8 @@ def test_the_ingest_flow_retrains_on_an_accepted_batch_and_registers_a_challenge
     copy_kermany_subset(data_dir, repo / "data" / "raw" / "kermany-pediatric", per_class=20)
     DvcRepo(repo).add(repo / "data")  # the source site is versioned too: the workspace starts clean
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    batch = _png_batch(data_dir, tmp_path / "week-07", _fresh_rows(data_dir, root).iloc[:6])
+    monkeypatch.setenv(SALT_VAR, "s3cret-salt-for-tests-0123456789")
+    batch = _mixed_batch(data_dir, tmp_path / "week-07", _fresh_rows(data_dir, root).iloc[:6])  # PNG + DICOM with PHI
     work = tmp_path / "work"
     overrides = [
         f"data.external=[{SITE}]",
@@ -378,3 +380,5 @@ def test_the_ingest_flow_retrains_on_an_accepted_batch_and_registers_a_challenge
     )
     # the model was trained on the new data version: its lineage names the site folder as ingested
     assert challenger.tags[f"data_version.{SITE}"] == result["site_version"]
+    # the fake PHI reached neither the training run (params, tags, artifacts, registry) nor its outputs
+    assert _phi_found(work) == [] and _phi_found(repo) == []

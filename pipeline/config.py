@@ -139,9 +139,6 @@ class CrossSimConfig(_Section):
     )
     test_fraction: float = Field(default=0.3, gt=0, lt=1)
     labelled_fraction: float = Field(default=0.0, ge=0, le=1, description="Share of target-train patients with labels.")
-    target_label_weight: float = Field(
-        default=1.0, ge=0, description="Weight of the CE on labelled target images, relative to the source CE."
-    )
     alignment: Literal["gan", "dann", "off"] = "gan"
     adversarial_weight: float = Field(default=1.0, ge=0)
     consistency_weight: float = Field(default=0.1, ge=0, description="λ of ‖F_src(x_t) − F_tgt(x_t)‖₂.")

@@ -197,7 +197,7 @@ def test_discriminator_collapse_is_detected_after_patience_windows():
     assert "discriminator collapse" in loop.state.stop_reason
 
 
-def test_selection_rule_gates_on_source_then_prefers_labelled_auc_or_low_entropy():
+def test_selection_rule_gates_on_source_then_prefers_low_target_entropy():
     selector, loop = ModelSelector(tolerance=0.02), _Loop()
     evaluations = [
         {"step": 0, "source_val_auc": 0.95, "target_entropy": 0.1},
@@ -218,29 +218,6 @@ def test_selection_rule_gates_on_source_then_prefers_labelled_auc_or_low_entropy
         loop.state.evaluation = evaluation
         labelled.on_evaluate(loop)
     assert labelled.best["step"] == 10  # labelled target AUC wins over entropy when labels exist
-    saturated = ModelSelector(tolerance=0.02)
-    for step in (0, 10, 20):
-        loop.state.evaluation = {"step": step, "source_val_auc": 0.95, "target_entropy": 0.1, "target_labelled_auc": 1.0}
-        saturated.on_evaluate(loop)
-    assert saturated.best["step"] == 20  # trained-on labels saturate: a tie goes to the later step
-
-
-def test_labelled_target_rows_get_their_own_batch_and_loss(domains, source_model, tmp_path):
-    cfg = _cfg(tmp_path, "crosssim.steps=2", "crosssim.target_label_weight=2")
-    labels = domains["target_labels"].labels.copy()
-    labels[6:] = UNLABELLED  # 6 labelled rows among 80: each step still trains on a whole batch of them
-    labels[:3], labels[3:6] = 0, 1
-    target = DomainData("target-train", domains["target_labels"].images, labels)
-    evaluation = EvaluationSets(domains["source_val"].images, domains["source_val"].labels, target.images, labels)
-    runtime = LoopRuntime(torch.device("cpu"), False, None, torch.Generator().manual_seed(0))
-    adapter = Adapter(source_model, domains["source_train"], target, evaluation, cfg.crosssim, runtime)
-    assert adapter.labelled_target is not None and len(adapter.labelled_target.images) == 6
-    assert torch.equal(adapter.labelled_target.images, torch.from_numpy(target.images[:6]))
-    adapter.train_step()
-    assert adapter.state.losses["target_classification"] > 0
-    unlabelled = Adapter(source_model, domains["source_train"], domains["target_train"], evaluation, cfg.crosssim, runtime)
-    unlabelled.train_step()
-    assert unlabelled.labelled_target is None and "target_classification" not in unlabelled.state.losses
 
 
 def test_bad_inputs_are_refused_before_anything_is_written(domains, source_model, tmp_path):

@@ -12,8 +12,7 @@ initialised from the source one, followed by the shared mapping head — sees bo
   (:class:`DomainAdversarialLoss`); the consistency term is added when λ > 0.
 * ``off``:  CE + consistency only (the "no alignment" ablation).
 
-Labelled target rows, when there are any, come as a third batch of their own each step and add
-``target_label_weight``·CE(target labels) to the loss (semi-supervised adaptation).
+Labelled target rows, when there are any, add their CE to the classification term.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 from pipeline.config import CrossSimConfig
-from pipeline.crosssim.engine import DomainData, DomainLoop, EvaluationSets, LoopRuntime, extract
+from pipeline.crosssim.engine import UNLABELLED, DomainData, DomainLoop, EvaluationSets, LoopRuntime, extract
 from pipeline.crosssim.losses import (
     AdversarialAlignmentLoss,
     DiscriminatorLoss,
@@ -63,10 +62,6 @@ class Adapter(DomainLoop):
             self.device, memory_format=self.memory_format
         )
         self.criterion = nn.CrossEntropyLoss(weight=class_weights(torch.as_tensor(source.labels)).to(self.device))
-        if self.labelled_target is not None:
-            self.target_criterion = nn.CrossEntropyLoss(
-                weight=class_weights(self.labelled_target.labels).to(self.device)
-            )
         self.consistency = FeatureConsistencyLoss(cfg.consistency_weight)
         self.discriminator = DomainDiscriminator(cfg.mapping_dim, batch_norm=cfg.alignment == "dann").to(self.device)
         self.discriminator_loss = DiscriminatorLoss()
@@ -109,32 +104,26 @@ class Adapter(DomainLoop):
 
     def train_step(self) -> None:
         source_images, source_labels = self.source.next()
-        target_images, _ = self.target.next()  # the unlabelled view: alignment and consistency
-        batches = [self.inputs(source_images), self.inputs(target_images)]
-        if self.labelled_target is not None:
-            labelled_images, target_labels = self.labelled_target.next()
-            batches.append(self.inputs(labelled_images))
-        n_source, n_target = len(batches[0]), len(batches[1])
+        target_images, target_labels = self.target.next()
+        x_source, x_target = self.inputs(source_images), self.inputs(target_images)
+        source_labels = source_labels.to(self.device)
+        target_labels = target_labels.to(self.device)
+        n_source = len(x_source)
         self.model.train()
-        features = self.model.features(torch.cat(batches))
+        features = self.model.features(torch.cat([x_source, x_target]))
         embedded = self.model.mapping(features)  # one batch: the mapping head's BatchNorm sees both domains
         logits = self.model.head(embedded)
-        losses = {"classification": self.criterion(logits[:n_source], source_labels.to(self.device))}
-        if self.labelled_target is not None:
-            target_logits = logits[n_source + n_target :]
-            losses["target_classification"] = self.cfg.target_label_weight * self.target_criterion(
-                target_logits, target_labels.to(self.device)
-            )
-        target_features = features[n_source : n_source + n_target]
+        labelled = torch.cat([torch.ones_like(source_labels, dtype=torch.bool), target_labels != UNLABELLED])
+        all_labels = torch.cat([source_labels, target_labels])
+        losses = {"classification": self.criterion(logits[labelled], all_labels[labelled])}
         if self.cfg.consistency_weight > 0:
             with torch.no_grad():
-                anchor = self.frozen_source(batches[1])
-            losses["consistency"] = self.consistency(anchor, target_features)
-        aligned = embedded[: n_source + n_target]
+                anchor = self.frozen_source(x_target)
+            losses["consistency"] = self.consistency(anchor, features[n_source:])
         if self.cfg.alignment == "gan":
-            losses |= self._gan_terms(aligned, n_source)
+            losses |= self._gan_terms(embedded, n_source)
         elif self.cfg.alignment == "dann":
-            losses["dann"] = self.cfg.adversarial_weight * self.dann_loss(aligned[:n_source], aligned[n_source:])
+            losses["dann"] = self.cfg.adversarial_weight * self.dann_loss(embedded[:n_source], embedded[n_source:])
             self.state.domain_accuracy = self.dann_loss.domain_accuracy
         total = sum(value for name, value in losses.items() if name != "discriminator")
         self.optimise(total, losses)

@@ -1,8 +1,8 @@
 """Knowledge distillation: the adapted model (teacher) teaches a smaller student on both domains.
 
-Each step the frozen teacher scores an augmented source batch and target batch (and a batch of
-labelled target rows when there are any); the student minimises :class:`DistillationLoss` on
-each: α·CE + (1 − α)·T²·KL on labelled images, T²·KL alone on unlabelled target images (or α·CE on confident
+Each step the frozen teacher scores an augmented source batch and target batch; the student
+minimises :class:`DistillationLoss` on each: α·CE + (1 − α)·T²·KL on labelled images (source,
+and labelled target rows), T²·KL alone on unlabelled target images (or α·CE on confident
 teacher pseudo-labels + (1 − α)·T²·KL when ``pseudo_label_threshold`` is set).
 """
 
@@ -54,25 +54,22 @@ class Distiller(DomainLoop):
 
     def train_step(self) -> None:
         source_images, source_labels = self.source.next()
-        target_images, _ = self.target.next()
-        batches = [source_images, target_images]
-        labels = [source_labels, torch.full((len(target_images),), UNLABELLED, dtype=torch.long)]
-        if self.labelled_target is not None:
-            labelled_images, target_labels = self.labelled_target.next()
-            batches.append(labelled_images)
-            labels.append(target_labels)
-        inputs = torch.cat([self.inputs(batch) for batch in batches])
-        labels = torch.cat(labels).to(self.device)
+        target_images, target_labels = self.target.next()
+        inputs = torch.cat([self.inputs(source_images), self.inputs(target_images)])
+        labels = torch.cat([source_labels, target_labels]).to(self.device)
         with torch.no_grad():
             teacher_logits = self.teacher(inputs)
         self.model.train()
         student_logits = self.model(inputs)
         labelled = labels != UNLABELLED
-        losses = {
-            "labelled": self.labelled_loss(student_logits[labelled], teacher_logits[labelled], labels[labelled])
-            * labelled.float().mean(),
-            "unlabelled": self.unlabelled_loss(student_logits[~labelled], teacher_logits[~labelled])
-            * (~labelled).float().mean(),
-        }
+        losses: dict[str, torch.Tensor] = {}
+        if labelled.any():
+            losses["labelled"] = self.labelled_loss(
+                student_logits[labelled], teacher_logits[labelled], labels[labelled]
+            ) * labelled.float().mean()
+        if (~labelled).any():
+            losses["unlabelled"] = self.unlabelled_loss(
+                student_logits[~labelled], teacher_logits[~labelled]
+            ) * (~labelled).float().mean()
         total = sum(losses.values())  # weighted by share of the batch: a per-image mean over both parts
         self.optimise(total, losses)

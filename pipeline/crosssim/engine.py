@@ -106,18 +106,6 @@ class DomainLoop:
         self.batch_size = batch_size
         self.source = DomainBatches(source, batch_size, runtime.generator)
         self.target = DomainBatches(target, batch_size, runtime.generator)
-        # Labelled target rows get their own stream: mixed into the target stream they would be
-        # a few images per batch (10% labels → ~3 of 32) against a whole batch of source labels.
-        labelled = np.asarray(target.labels) != UNLABELLED
-        self.labelled_target = (
-            DomainBatches(
-                DomainData(f"{target.name} (labelled)", np.asarray(target.images)[labelled], np.asarray(target.labels)[labelled]),
-                batch_size,
-                runtime.generator,
-            )
-            if labelled.any()
-            else None
-        )
         self.steps = steps
         self.eval_every = eval_every
         self.evaluation_sets = evaluation
@@ -163,7 +151,7 @@ class DomainLoop:
         while self.state.step < self.steps and self.state.stop_reason is None:
             self.train_step()
             self.state.step += 1
-            images += self.batch_size * (2 if self.labelled_target is None else 3)
+            images += 2 * self.batch_size
             bad = [name for name, value in self.state.losses.items() if not math.isfinite(value)]
             if bad:
                 self.state.stop_reason = f"loss {', '.join(bad)} is not finite at step {self.state.step}"

@@ -18,8 +18,7 @@ class ModelSelector:
 
     1. *Gate*: source-val AUC must stay within ``tolerance`` of the starting model's (step 0).
        Alignment that buys target confidence by forgetting the source task is rejected.
-    2. With labelled target images (``target_labelled_auc`` present): the highest labelled-target AUC,
-       the later evaluation on a tie.
+    2. With labelled target images (``target_labelled_auc`` present): the highest labelled-target AUC.
        Without: the lowest mean prediction entropy on target-train images (the model most
        decided about the target, Morerio et al. 2018's minimal-entropy criterion).
     3. If no evaluation passes the gate, the one with the highest source-val AUC.
@@ -50,15 +49,14 @@ class ModelSelector:
         if not passes:
             return (0.0, result["source_val_auc"])
         if "target_labelled_auc" in result:
-            # the labelled rows are also trained on, so their AUC saturates: ties go to the later step
-            return (1.0, result["target_labelled_auc"], result["step"])
+            return (1.0, result["target_labelled_auc"])
         return (1.0, -result["target_entropy"])
 
     @property
     def rule(self) -> str:
         return (
-            f"source-val AUC ≥ {self.reference_auc:.4f} − {self.tolerance}; then max labelled-target AUC (later "
-            "step on ties) when target labels exist, else min target-train prediction entropy; never target-test"
+            f"source-val AUC ≥ {self.reference_auc:.4f} − {self.tolerance}; then max labelled-target AUC when "
+            "target labels exist, else min target-train prediction entropy; never target-test"
         )
 
     def restore_best(self, loop) -> None:

@@ -8,6 +8,8 @@ export CROSSSIM_DATA_DIR ?= $(if $(wildcard data/raw),data/raw,$(if $(wildcard .
 # Prefect's state (ephemeral server database, cached task results) stays inside the project.
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+# The ephemeral server of `crosssim run` gets 20 s to start by default: too short on a busy 2-core machine.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
 .PHONY: setup run test bench-source bench-crosssim data dvc-repro mlflow-ui prefect-ui clean
 

@@ -164,6 +164,13 @@ def run(config: ConfigOption = None, set_: SetOption = None) -> None:
     if "crosssim" in summary:
         crosssim = summary["crosssim"]
         _print_crosssim(crosssim["scores"], crosssim["gap"], crosssim["diagnostics"])
+    if "registry" in summary:
+        registered = summary["registry"]
+        verdict = "passed" if registered["gate_passed"] else "failed"
+        console.print(
+            f"registered {registered['name']} v{registered['version']} as challenger; promotion gate {verdict} "
+            f"(last action: {registered['decision']}); see `crosssim registry review`"
+        )
     console.print(f"\n[bold green]done.[/] MLflow run {summary['mlflow_run_id']}: {summary['mlflow_run_url']}")
     console.print(f"evaluation outputs: {summary['outputs']}\nmodel: {summary['model_uri']}")
     console.print("browse runs: make mlflow-ui   |   flow runs: make prefect-ui")

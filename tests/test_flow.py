@@ -144,6 +144,7 @@ def test_crosssim_adapt_runs_inside_the_flow_and_lands_in_mlflow(data_dir, tmp_p
     assert printed.exit_code == 0, printed.output
     assert "adapted model" in printed.output and "student model" in printed.output
     assert "nih-cxr8/target-test" in printed.output and "proxy A-distance" in printed.output
+    assert "registered crosssim-pneumonia v1 as challenger" in printed.output
 
     # the gate on the same frozen sets with real models: once v1 is champion, v1 again passes (equal scores)
     # and a challenger that inverts the source model's probabilities is blocked (it fails on the source test set)

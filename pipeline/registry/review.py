@@ -78,12 +78,12 @@ class RegistryActions:
                 "review.status": "pending" if policy == "review" else "decided by gate",
             },
         )
-        recorded = self._apply("gate", version, actor, decision.mlflow_verdict, {}, {"gate": decision.to_dict()})
+        summary = "gate passed" if decision.passed else "gate failed: " + "; ".join(decision.failures())
+        recorded = self._apply("gate", version, actor, summary, {}, {"gate": decision.to_dict()})
         if policy != "auto":
             return recorded
-        reason = "gate passed" if decision.passed else "gate failed: " + "; ".join(decision.failures())
         action = self.approve if decision.passed else self.reject
-        return action(reviewer=f"{actor} (policy auto)", reason=reason, version=version)
+        return action(reviewer=f"{actor} (policy auto)", reason=summary, version=version)
 
     def approve(self, reviewer: str, reason: str, version: str | None = None) -> Decision:
         """The pending challenger becomes champion; the old champion stays in the history for rollback."""

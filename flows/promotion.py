@@ -66,24 +66,23 @@ def served_probabilities(model: torch.nn.Module, images: np.ndarray) -> np.ndarr
     return np.concatenate(outputs)
 
 
-def score_registered(model_uri: str, cfg: PipelineConfig, image_size: int) -> dict[str, dict[str, float]]:
+def score_registered(model_uri: str, sets: dict[str, tuple[np.ndarray, np.ndarray]], specificity: float) -> dict[str, dict[str, float]]:
     """A registered model's gate scores on every frozen set."""
     model = mlflow.pytorch.load_model(model_uri)
-    return {
-        name: score_set(labels, served_probabilities(model, images), cfg.registry.specificity)
-        for name, (images, labels) in gate_sets(cfg, image_size).items()
-    }
+    return {name: score_set(labels, served_probabilities(model, images), specificity) for name, (images, labels) in sets.items()}
 
 
 def gate_challenger(cfg: PipelineConfig, challenger_uri: str) -> tuple[GateDecision, dict[str, Any]]:
     """Score challenger and champion on the same sets and apply the gate; returns the decision and both scores."""
     registry = ModelRegistry(resolve_tracking_uri(cfg.tracking))
-    challenger = score_registered(challenger_uri, cfg, cfg.data.image_size)
+    sets = gate_sets(cfg, cfg.data.image_size)  # built once: loading and splitting every site is the slow part
+    challenger = score_registered(challenger_uri, sets, cfg.registry.specificity)
     champion_version = registry.find(cfg.registry.model_name, CHAMPION)
     champion, label = None, None
     if champion_version is not None:
         size = int(champion_version.tags.get(IMAGE_SIZE_TAG, cfg.data.image_size))
-        champion = score_registered(f"models:/{cfg.registry.model_name}@{CHAMPION}", cfg, size)
+        champion_sets = sets if size == cfg.data.image_size else gate_sets(cfg, size)
+        champion = score_registered(f"models:/{cfg.registry.model_name}@{CHAMPION}", champion_sets, cfg.registry.specificity)
         label = f"champion v{champion_version.version}"
     decision = decide(challenger, champion, cfg.registry, label)
     return decision, {"challenger": challenger, "champion": champion}
@@ -110,9 +109,8 @@ def register_run(
             if value is not None
         }
     )
-    sets = dict(run["sets"])
-    if crosssim:  # the registered model is the adapted one: its own numbers, not the source model's
-        sets = crosssim["scores"]["adapted"]["sets"]
+    # the registered model's own numbers: the adapted model's when adaptation ran, not the source model's
+    sets = crosssim["scores"]["adapted"]["sets"] if crosssim else run["sets"]
     threshold = crosssim["scores"]["adapted"] if crosssim else run
     kind = f"CrossSim-adapted {cfg.train.backbone}" if crosssim else cfg.train.backbone
     tags = {

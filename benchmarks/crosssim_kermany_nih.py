@@ -13,9 +13,7 @@ on the same target-test with 95% bootstrap CIs. Thresholds follow pipeline.cross
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
 import platform
 import statistics
 import sys
@@ -31,6 +29,7 @@ from rich.table import Table
 from flows.steps import images_of
 from pipeline.config import PipelineConfig, load_config
 from pipeline.crosssim.engine import UNLABELLED
+from pipeline.crosssim.finetune import finetune_on_labels
 from pipeline.crosssim.model import load_model
 from pipeline.crosssim.scoring import evaluate_models
 from pipeline.crosssim.stage import DomainData, run_crosssim
@@ -40,7 +39,6 @@ from pipeline.data.readers import read_dataset
 from pipeline.data.splits import assign_splits
 from pipeline.evaluation import format_with_interval
 from pipeline.training import load_trained_model, train_model
-from pipeline.training.engine import Trainer, seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT = REPO / "benchmarks" / "results" / "crosssim-kermany-nih.json"
@@ -53,7 +51,6 @@ DEFAULTS = [
     "crosssim.eval_every=100",
     "evaluate.bootstrap_samples=1000",
 ]
-FINETUNE_STEPS = 150
 ABLATIONS = {  # variant → overrides, run on the first seed only
     "crosssim_no_alignment": ["crosssim.alignment=off"],
     "crosssim_no_augmentation": ["crosssim.augment=false"],
@@ -69,15 +66,8 @@ METRICS = ("auc", "accuracy", "sensitivity", "specificity")
 
 
 def _finetune(source_model, data: DomainData, cfg: PipelineConfig) -> torch.nn.Module:
-    """Plain fine-tuning of the whole source model on labelled target images, a fixed step budget."""
-    labelled = data.labels != UNLABELLED
-    images, labels = data.images[labelled], data.labels[labelled]
-    epochs = max(1, math.ceil(FINETUNE_STEPS * cfg.train.batch_size / len(images)))
-    train_cfg = cfg.train.model_copy(update={"epochs": epochs, "lr": 3e-4, "warmup_epochs": 0.0})
-    seed_everything(cfg.seed)
-    trainer = Trainer(copy.deepcopy(source_model), images, labels, images, labels, train_cfg, cfg.augment, cfg.seed)
-    trainer.fit()  # no selection: with this few labels there is no separate validation set to select on
-    return trainer.model.eval()
+    """The fine-tuning baseline: the same recipe CrossSim with labels starts from."""
+    return finetune_on_labels(source_model, data, cfg.crosssim.label_finetune_steps, cfg.train, cfg.augment, cfg.seed)
 
 
 def _variant_config(base: list[str], seed: int, work: Path, extra: list[str]) -> PipelineConfig:
@@ -133,16 +123,17 @@ def run_seed(seed: int, first: bool, args, source: PreparedDataset, target: Prep
     crosssim("crosssim", [])
     started = time.perf_counter()
     models["oracle"] = (_finetune(source_model, target_train[1.0], cfg), target_train[1.0], time.perf_counter() - started)
+    # the 10% pair on every seed: its defaults were chosen on seed 42, the other seeds confirm them
+    crosssim("crosssim_10pct", [], LABELLED_FRACTION)
+    started = time.perf_counter()
+    models["finetune_10pct"] = (
+        _finetune(source_model, target_train[LABELLED_FRACTION], cfg),
+        target_train[LABELLED_FRACTION],
+        time.perf_counter() - started,
+    )
     if first:
         for name, extra in ABLATIONS.items():
             crosssim(name, extra)
-        crosssim("crosssim_10pct", [], LABELLED_FRACTION)
-        started = time.perf_counter()
-        models["finetune_10pct"] = (
-            _finetune(source_model, target_train[LABELLED_FRACTION], cfg),
-            target_train[LABELLED_FRACTION],
-            time.perf_counter() - started,
-        )
 
     rows = {}
     for name, (model, train_data, seconds) in models.items():
@@ -206,9 +197,9 @@ def main() -> None:
     for name in first:
         aucs = [run["variants"][name]["auc"] for run in seeds if name in run["variants"]]
         summary[name] = {"auc_mean": _mean_sd(aucs)[0], "auc_sd": _mean_sd(aucs)[1], "seeds": len(aucs)}
-    source_only, crosssim, oracle = (summary[name]["auc_mean"] for name in ("source_only", "crosssim", "oracle"))
-    # 10% variants ran on the first seed: compare them with that seed's source-only and oracle
-    first_source, first_oracle = first["source_only"]["auc"], first["oracle"]["auc"]
+    source_only, crosssim, oracle, crosssim_10pct, finetune_10pct = (
+        summary[name]["auc_mean"] for name in ("source_only", "crosssim", "oracle", "crosssim_10pct", "finetune_10pct")
+    )
     report = {
         "benchmark": "crosssim-kermany-nih",
         "command": "make bench-crosssim  # python benchmarks/crosssim_kermany_nih.py "
@@ -219,18 +210,18 @@ def main() -> None:
         "source_only_auc": source_only,
         "crosssim_auc": crosssim,
         "oracle_auc": oracle,
-        "crosssim_10pct_auc": first["crosssim_10pct"]["auc"],
-        "finetune_10pct_auc": first["finetune_10pct"]["auc"],
+        "crosssim_10pct_auc": crosssim_10pct,
+        "finetune_10pct_auc": finetune_10pct,
         "dann_auc": first["dann"]["auc"],
         "gap_closed": (crosssim - source_only) / (oracle - source_only),
-        "gap_closed_10pct": (first["crosssim_10pct"]["auc"] - first_source) / (first_oracle - first_source),
-        "gap_closed_finetune_10pct": (first["finetune_10pct"]["auc"] - first_source) / (first_oracle - first_source),
+        "gap_closed_10pct": (crosssim_10pct - source_only) / (oracle - source_only),
+        "gap_closed_finetune_10pct": (finetune_10pct - source_only) / (oracle - source_only),
         "summary": summary,
         "per_seed": seeds,
         "seeds": args.seeds,
         "wall_seconds": time.perf_counter() - started,
         "config": cfg.model_dump(mode="json", include={"data", "augment", "train", "crosssim", "seed"}),
-        "finetune_steps": FINETUNE_STEPS,
+        "finetune_steps": cfg.crosssim.label_finetune_steps,
         "hardware": {
             "cpu": platform.processor() or platform.machine(),
             "cores": torch.get_num_threads(),

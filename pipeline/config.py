@@ -139,6 +139,12 @@ class CrossSimConfig(_Section):
     )
     test_fraction: float = Field(default=0.3, gt=0, lt=1)
     labelled_fraction: float = Field(default=0.0, ge=0, le=1, description="Share of target-train patients with labels.")
+    label_finetune_steps: int = Field(
+        default=150, ge=0, description="With target labels: fine-tune on them first, adapt from that model (0: off)."
+    )
+    source_label_weight: float = Field(
+        default=0.0, ge=0, le=1, description="Weight of the source hard labels when target labels exist (1 without them)."
+    )
     alignment: Literal["gan", "dann", "off"] = "gan"
     adversarial_weight: float = Field(default=1.0, ge=0)
     consistency_weight: float = Field(default=0.1, ge=0, description="λ of ‖F_src(x_t) − F_tgt(x_t)‖₂.")

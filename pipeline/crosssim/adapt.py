@@ -62,13 +62,14 @@ class Adapter(DomainLoop):
             self.device, memory_format=self.memory_format
         )
         self.criterion = nn.CrossEntropyLoss(weight=class_weights(torch.as_tensor(source.labels)).to(self.device))
+        self.source_weight = cfg.source_label_weight if (target.labels != UNLABELLED).any() else 1.0
         self.consistency = FeatureConsistencyLoss(cfg.consistency_weight)
         self.discriminator = DomainDiscriminator(cfg.mapping_dim, batch_norm=cfg.alignment == "dann").to(self.device)
         self.discriminator_loss = DiscriminatorLoss()
         self.adversarial_loss = AdversarialAlignmentLoss()
         grl = WarmStartGradientReverseLayer(max_iters=cfg.steps, auto_step=True)
         self.dann_loss = DomainAdversarialLoss(self.discriminator, grl)
-        self._warm_start_head(source.images, source.labels, runtime.generator)
+        self._warm_start_head(source, target, runtime.generator)
         # The copied backbone learns 10× slower than the new head (TLlib's convention for fine-tuning).
         groups = [
             {"params": self.model.features.parameters(), "lr": cfg.lr},
@@ -83,20 +84,30 @@ class Adapter(DomainLoop):
             self.optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0)))
         )
 
-    def _warm_start_head(self, images: np.ndarray, labels: np.ndarray, generator: torch.Generator) -> None:
-        """Fit the new mapping head + classifier on the frozen source features first.
+    def _warm_start_head(self, source: DomainData, target: DomainData, generator: torch.Generator) -> None:
+        """Fit the new mapping head + classifier on the frozen starting features first.
 
-        The adapted model then starts as good as the source model on source images, instead of
-        from a random head whose large early gradients would wreck the copied backbone.
+        The adapted model then starts as good as the starting model on its labelled images,
+        instead of from a random head whose large early gradients would wreck the copied
+        backbone. The loss is the one of :meth:`_classification`: source CE, plus labelled
+        target CE when the run has target labels.
         """
         self.model.features.eval()
-        features = self.extract(self.model.features, images)
-        targets = torch.as_tensor(np.asarray(labels, dtype=np.int64), device=self.device)
         head = nn.Sequential(self.model.mapping, self.model.head)
+        domains = [(self.extract(self.model.features, source.images), source.labels, self.source_weight)]
+        labelled = target.labels != UNLABELLED
+        if labelled.any():
+            domains.append((self.extract(self.model.features, target.images[labelled]), target.labels[labelled], 1.0))
+        domains = [
+            (features, torch.as_tensor(np.asarray(labels, dtype=np.int64), device=self.device), weight)
+            for features, labels, weight in domains
+        ]
         optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-4)
         for _ in range(HEAD_WARMUP_STEPS):
-            rows = torch.randint(len(features), (128,), generator=generator).to(self.device)
-            loss = self.criterion(head(features[rows]), targets[rows])
+            loss = torch.zeros((), device=self.device)
+            for features, labels, weight in domains:
+                rows = torch.randint(len(features), (128,), generator=generator).to(self.device)
+                loss = loss + weight * self.criterion(head(features[rows]), labels[rows])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -113,9 +124,7 @@ class Adapter(DomainLoop):
         features = self.model.features(torch.cat([x_source, x_target]))
         embedded = self.model.mapping(features)  # one batch: the mapping head's BatchNorm sees both domains
         logits = self.model.head(embedded)
-        labelled = torch.cat([torch.ones_like(source_labels, dtype=torch.bool), target_labels != UNLABELLED])
-        all_labels = torch.cat([source_labels, target_labels])
-        losses = {"classification": self.criterion(logits[labelled], all_labels[labelled])}
+        losses = {"classification": self._classification(logits, source_labels, target_labels)}
         if self.cfg.consistency_weight > 0:
             with torch.no_grad():
                 anchor = self.frozen_source(x_target)
@@ -127,6 +136,20 @@ class Adapter(DomainLoop):
             self.state.domain_accuracy = self.dann_loss.domain_accuracy
         total = sum(value for name, value in losses.items() if name != "discriminator")
         self.optimise(total, losses)
+
+    def _classification(self, logits: torch.Tensor, source_labels: torch.Tensor, target_labels: torch.Tensor) -> torch.Tensor:
+        """Source CE, plus the CE of the batch's labelled target rows when there are any.
+
+        With target labels in the run the two domains' means are added with the source one
+        weighted by ``source_label_weight``: a handful of target rows must not drown in a
+        full source batch whose pediatric cues invert on adults.
+        """
+        n_source = len(source_labels)
+        loss = self.source_weight * self.criterion(logits[:n_source], source_labels)
+        labelled = target_labels != UNLABELLED
+        if labelled.any():
+            loss = loss + self.criterion(logits[n_source:][labelled], target_labels[labelled])
+        return loss
 
     def _gan_terms(self, embedded: torch.Tensor, n_source: int) -> dict[str, torch.Tensor]:
         """D's own step on detached features, then the target extractor's adversarial term."""

@@ -3,7 +3,9 @@
 Each step the frozen teacher scores an augmented source batch and target batch; the student
 minimises :class:`DistillationLoss` on each: α·CE + (1 − α)·T²·KL on labelled images (source,
 and labelled target rows), T²·KL alone on unlabelled target images (or α·CE on confident
-teacher pseudo-labels + (1 − α)·T²·KL when ``pseudo_label_threshold`` is set).
+teacher pseudo-labels + (1 − α)·T²·KL when ``pseudo_label_threshold`` is set). When the run has
+target labels, the source rows' hard labels weigh ``source_label_weight`` (as in adaptation):
+``w``·(α·CE + (1 − α)·T²·KL) + (1 − ``w``)·T²·KL.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Distiller(DomainLoop):
         eval_every: int,
         runtime: LoopRuntime,
         handlers: list[Any] | None = None,
+        source_label_weight: float = 1.0,
     ) -> None:
         super().__init__(source, target, batch_size, cfg.steps, eval_every, evaluation, runtime, handlers)
         self.cfg = cfg
@@ -42,6 +45,8 @@ class Distiller(DomainLoop):
         self.model = build_model(cfg.student_backbone).to(self.device, memory_format=self.memory_format)
         self.labelled_loss = DistillationLoss(cfg.alpha, cfg.temperature)
         self.unlabelled_loss = DistillationLoss(cfg.alpha, cfg.temperature, cfg.pseudo_label_threshold)
+        self.soft_loss = DistillationLoss(0.0, cfg.temperature)  # T²·KL alone
+        self.source_weight = source_label_weight if (target.labels != UNLABELLED).any() else 1.0
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=1e-4)
         warmup = max(1, cfg.steps // 10)
 
@@ -56,20 +61,26 @@ class Distiller(DomainLoop):
         source_images, source_labels = self.source.next()
         target_images, target_labels = self.target.next()
         inputs = torch.cat([self.inputs(source_images), self.inputs(target_images)])
-        labels = torch.cat([source_labels, target_labels]).to(self.device)
         with torch.no_grad():
             teacher_logits = self.teacher(inputs)
         self.model.train()
         student_logits = self.model(inputs)
-        labelled = labels != UNLABELLED
-        losses: dict[str, torch.Tensor] = {}
+        n_source, n_all = len(source_images), len(inputs)
+        source_labels, target_labels = source_labels.to(self.device), target_labels.to(self.device)
+        student_source, student_target = student_logits[:n_source], student_logits[n_source:]
+        teacher_source, teacher_target = teacher_logits[:n_source], teacher_logits[n_source:]
+        # each part weighted by its share of the batch: a per-image mean over all of it
+        source = self.labelled_loss(student_source, teacher_source, source_labels)
+        if self.source_weight < 1:
+            source = self.source_weight * source + (1 - self.source_weight) * self.soft_loss(student_source, teacher_source)
+        losses: dict[str, torch.Tensor] = {"source": source * n_source / n_all}
+        labelled = target_labels != UNLABELLED
         if labelled.any():
-            losses["labelled"] = self.labelled_loss(
-                student_logits[labelled], teacher_logits[labelled], labels[labelled]
-            ) * labelled.float().mean()
+            losses["labelled_target"] = self.labelled_loss(
+                student_target[labelled], teacher_target[labelled], target_labels[labelled]
+            ) * int(labelled.sum()) / n_all
         if (~labelled).any():
-            losses["unlabelled"] = self.unlabelled_loss(
-                student_logits[~labelled], teacher_logits[~labelled]
-            ) * (~labelled).float().mean()
-        total = sum(losses.values())  # weighted by share of the batch: a per-image mean over both parts
-        self.optimise(total, losses)
+            losses["unlabelled_target"] = self.unlabelled_loss(
+                student_target[~labelled], teacher_target[~labelled]
+            ) * int((~labelled).sum()) / n_all
+        self.optimise(sum(losses.values()), losses)

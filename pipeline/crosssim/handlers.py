@@ -16,12 +16,18 @@ class ModelSelector:
 
     Rule, applied at every evaluation after step 0:
 
+    Without target labels:
+
     1. *Gate*: source-val AUC must stay within ``tolerance`` of the starting model's (step 0).
        Alignment that buys target confidence by forgetting the source task is rejected.
-    2. With labelled target images (``target_labelled_auc`` present): the highest labelled-target AUC.
-       Without: the lowest mean prediction entropy on target-train images (the model most
-       decided about the target, Morerio et al. 2018's minimal-entropy criterion).
+    2. Then the lowest mean prediction entropy on target-train images (the model most decided
+       about the target, Morerio et al. 2018's minimal-entropy criterion).
     3. If no evaluation passes the gate, the one with the highest source-val AUC.
+
+    With labelled target images (``target_labelled_auc`` present) those labels are the direct
+    evidence, and a model may give up pediatric cues that do not hold at the target: no gate,
+    the highest labelled-target AUC, ties (these rows were trained on, so it saturates) broken
+    by the lowest target-train entropy.
     """
 
     def __init__(self, tolerance: float, reference_auc: float | None = None) -> None:
@@ -45,18 +51,19 @@ class ModelSelector:
             self.best_state = copy.deepcopy(loop.model.state_dict())
 
     def _key(self, result: dict[str, float]) -> tuple[float, ...]:
+        if "target_labelled_auc" in result:
+            return (1.0, result["target_labelled_auc"], -result["target_entropy"])
         passes = result["source_val_auc"] >= self.reference_auc - self.tolerance
         if not passes:
             return (0.0, result["source_val_auc"])
-        if "target_labelled_auc" in result:
-            return (1.0, result["target_labelled_auc"])
         return (1.0, -result["target_entropy"])
 
     @property
     def rule(self) -> str:
         return (
-            f"source-val AUC ≥ {self.reference_auc:.4f} − {self.tolerance}; then max labelled-target AUC when "
-            "target labels exist, else min target-train prediction entropy; never target-test"
+            "with target labels: max labelled-target AUC, then min target-train prediction entropy; without: "
+            f"source-val AUC ≥ {self.reference_auc:.4f} − {self.tolerance}, then min target-train prediction "
+            "entropy; never target-test"
         )
 
     def restore_best(self, loop) -> None:

@@ -25,6 +25,7 @@ from pipeline.crosssim.adapt import Adapter, recalibrate_batchnorm
 from pipeline.crosssim.diagnostics import domain_gap
 from pipeline.crosssim.distill import Distiller
 from pipeline.crosssim.engine import UNLABELLED, DomainData, EvaluationSets, LoopRuntime
+from pipeline.crosssim.finetune import finetune_on_labels
 from pipeline.crosssim.handlers import DivergenceDetector, HistoryRecorder, LoopProgress, ModelSelector
 from pipeline.crosssim.model import save_model
 from pipeline.errors import DatasetError, TrainingError
@@ -130,6 +131,12 @@ def run_crosssim(
     probe_source = _sample(source_val, settings.diagnostics_samples, rng)
     probe_target = _sample(target_train, settings.diagnostics_samples, rng)
     diagnostics: dict[str, Any] = {"alignment": settings.alignment, "config": settings.model_dump(mode="json")}
+    labelled = int((target_train.labels != UNLABELLED).sum())
+    if labelled and settings.label_finetune_steps:
+        source_model = finetune_on_labels(
+            source_model, target_train, settings.label_finetune_steps, cfg.train, cfg.augment, cfg.seed
+        )
+        diagnostics["label_finetune"] = {"labelled_images": labelled, "steps": settings.label_finetune_steps}
 
     selector = ModelSelector(settings.selection_tolerance)
     adapter = Adapter(
@@ -180,6 +187,7 @@ def run_crosssim(
             settings.eval_every,
             runtime,
             [distill_selector, HistoryRecorder("distill", tracker), LoopProgress("distil", show_progress)],
+            source_label_weight=settings.source_label_weight,
         )
         distill_state = distiller.fit()
         diagnostics["distill"] = {"history": distill_state.history, "steps_run": distill_state.step}

@@ -12,6 +12,7 @@ import torch
 from pipeline.config import load_config
 from pipeline.crosssim.adapt import Adapter, recalibrate_batchnorm
 from pipeline.crosssim.engine import UNLABELLED, EvaluationSets, LoopRuntime, extract
+from pipeline.crosssim.finetune import finetune_on_labels
 from pipeline.crosssim.handlers import DivergenceDetector, ModelSelector
 from pipeline.crosssim.model import AdaptedClassifier, load_model, save_model
 from pipeline.crosssim.stage import (
@@ -218,6 +219,43 @@ def test_selection_rule_gates_on_source_then_prefers_low_target_entropy():
         loop.state.evaluation = evaluation
         labelled.on_evaluate(loop)
     assert labelled.best["step"] == 10  # labelled target AUC wins over entropy when labels exist
+
+    saturated = ModelSelector(tolerance=0.02)
+    for evaluation in [
+        {"step": 0, "source_val_auc": 0.95, "target_entropy": 0.1, "target_labelled_auc": 1.0},
+        {"step": 10, "source_val_auc": 0.95, "target_entropy": 0.2, "target_labelled_auc": 1.0},
+        {"step": 20, "source_val_auc": 0.70, "target_entropy": 0.1, "target_labelled_auc": 1.0},
+    ]:
+        loop.state.evaluation = evaluation
+        saturated.on_evaluate(loop)
+    # with target labels there is no source gate; trained-on labels saturate, entropy breaks the tie
+    assert saturated.best["step"] == 20
+
+
+def test_with_target_labels_adaptation_starts_from_the_fine_tuned_model(domains, source_model, tmp_path):
+    target = domains["target_labels"]
+    rng = np.random.default_rng(0)
+    hidden = rng.random(len(target.labels)) > 0.3
+    some_labels = DomainData("target-train", target.images, np.where(hidden, UNLABELLED, target.labels))
+    cfg = _cfg(tmp_path, "crosssim.labelled_fraction=0.3", "crosssim.label_finetune_steps=5", "crosssim.distill.steps=10")
+    result = _run(cfg, source_model, domains, some_labels)
+    assert result.diagnostics["label_finetune"] == {"labelled_images": int((~hidden).sum()), "steps": 5}
+    assert "max labelled-target AUC" in result.diagnostics["selection_rule"]
+    assert "target_labelled_auc" in result.diagnostics["adapt"]["selected"]
+    before = [p.clone() for p in source_model.parameters()]
+    fine_tuned = finetune_on_labels(source_model, some_labels, 5, cfg.train, cfg.augment, cfg.seed)
+    assert all(torch.equal(a, b) for a, b in zip(before, source_model.parameters(), strict=True))  # a copy moved
+    assert any(not torch.equal(a, b.cpu()) for a, b in zip(before, fine_tuned.parameters(), strict=True))
+    evaluation = EvaluationSets(domains["source_val"].images, domains["source_val"].labels, target.images, some_labels.labels)
+    runtime = LoopRuntime(torch.device("cpu"), False, None, torch.Generator().manual_seed(0))
+    weights = {
+        name: Adapter(fine_tuned, domains["source_train"], data, evaluation, cfg.crosssim, runtime).source_weight
+        for name, data in (("labelled", some_labels), ("unlabelled", domains["target_train"]))
+    }
+    assert weights == {"labelled": 0.0, "unlabelled": 1.0}  # source hard labels step back only when target ones exist
+    with pytest.raises(DatasetError, match="both classes"):
+        one_class = DomainData("target-train", target.images[:6], np.array([1, 1, 1, UNLABELLED, UNLABELLED, UNLABELLED]))
+        finetune_on_labels(source_model, one_class, 5, cfg.train, cfg.augment, cfg.seed)
 
 
 def test_bad_inputs_are_refused_before_anything_is_written(domains, source_model, tmp_path):

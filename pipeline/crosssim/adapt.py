@@ -12,7 +12,9 @@ initialised from the source one, followed by the shared mapping head — sees bo
   (:class:`DomainAdversarialLoss`); the consistency term is added when λ > 0.
 * ``off``:  CE + consistency only (the "no alignment" ablation).
 
-Labelled target rows, when there are any, add their CE to the classification term.
+Labelled target rows, when there are any, add their CE to the classification term, and the
+source CE then weighs ``source_label_weight`` (the stage hands this class the source model
+already fine-tuned on those labels: it is the "source" model, F_src, of the formulas above).
 """
 
 from __future__ import annotations

@@ -56,9 +56,29 @@ def _print_crosssim(scores: dict, gap: dict, diagnostics_path: Path) -> None:
     )
 
 
+PREFECT_STARTUP_TIMEOUT = "Timed out while attempting to connect to ephemeral Prefect API server"
+ORCHESTRATION_EXIT_CODE = 7
+
+
 def _fail(error: PipelineError) -> None:
     err_console.print(f"[bold red]error:[/] {error}", highlight=False, markup=True)
     raise typer.Exit(error.exit_code)
+
+
+def _fail_if_prefect_did_not_start(error: RuntimeError) -> None:
+    """Prefect's temporary API server not answering in time is a busy machine, not a bug: say what to do."""
+    if PREFECT_STARTUP_TIMEOUT not in str(error):
+        raise error
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    err_console.print(
+        "[bold red]error:[/] Prefect's temporary API server did not answer within "
+        f"{PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()} s (a busy machine starts it slowly); nothing "
+        "was run. Set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS higher (make run uses 120), or start a "
+        "server (`prefect server start`) and set PREFECT_API_URL to it.",
+        highlight=False,
+    )
+    raise typer.Exit(ORCHESTRATION_EXIT_CODE)
 
 
 @app.command()
@@ -160,6 +180,8 @@ def run(config: ConfigOption = None, set_: SetOption = None) -> None:
         summary = retrain(config_path=str(cfg_path) if cfg_path else None, overrides=set_ or [])
     except PipelineError as error:
         _fail(error)
+    except RuntimeError as error:
+        _fail_if_prefect_did_not_start(error)
     _print_results(summary["sets"])
     if "crosssim" in summary:
         crosssim = summary["crosssim"]

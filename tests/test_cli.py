@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
@@ -59,3 +64,17 @@ def test_adapt_before_train_and_bad_crosssim_config_are_clear(tmp_path):
     assert result.exit_code == 2 and "must be one of data.external" in " ".join(result.output.split())
     result = runner.invoke(app, ["adapt", "--config", str(REPO / "params.yaml"), "--set", "crosssim.alignment=wgan"])
     assert result.exit_code == 2 and "crosssim.alignment" in result.output
+
+
+def test_run_says_what_to_do_when_prefects_temporary_server_does_not_start(tmp_path):
+    """A busy machine can start Prefect's temporary server too slowly: a clear message, exit 7, nothing run."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "0"}
+    command = [str(Path(sys.executable).parent / "crosssim"), "run", "--config", str(REPO / "params.yaml")]
+    for key in ("train.output_dir", "tracking.local_dir", "data.prepared_dir", "validation.report_dir"):
+        command += ["--set", f"{key}={tmp_path / key}"]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 7, output
+    assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in output and "Traceback" not in output
+    assert not any((tmp_path / key).exists() for key in ("train.output_dir", "tracking.local_dir"))

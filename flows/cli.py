@@ -95,7 +95,8 @@ def validate(
     try:
         cfg = _config(config, set_)
         if dataset_dir is not None:
-            manifest = assign_splits(read_dataset(dataset_dir), cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+            manifest = read_dataset(dataset_dir, dicom_salt=steps.dicom_salt(cfg, dataset_dir.name))
+            manifest = assign_splits(manifest, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
             targets = {dataset_dir.name: manifest}
         else:
             targets = {site: steps.load_site(cfg, site) for site in steps.sites(cfg)}

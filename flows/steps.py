@@ -36,6 +36,7 @@ from pipeline.data.readers import read_dataset
 from pipeline.data.splits import assign_splits, subsample
 from pipeline.errors import DatasetError, DataValidationError
 from pipeline.evaluation import choose_threshold, evaluate_sites
+from pipeline.ingest.batch import resolve_salt
 from pipeline.models import PneumoniaProbability
 from pipeline.training import TrainResult, load_trained_model, train_model
 from pipeline.training.engine import predict_proba, select_device
@@ -72,9 +73,14 @@ def site_dir(cfg: PipelineConfig, site: str) -> Path:
     return root / site
 
 
+def dicom_salt(cfg: PipelineConfig, site: str) -> str | None:
+    """The site's secret DICOM salt from the environment (only a DICOM folder needs one)."""
+    return resolve_salt(site, cfg.ingest, os.environ)
+
+
 def load_site(cfg: PipelineConfig, site: str) -> pd.DataFrame:
     """Read a dataset, assign patient-disjoint splits, subsample if configured."""
-    manifest = read_dataset(site_dir(cfg, site))
+    manifest = read_dataset(site_dir(cfg, site), dicom_salt=dicom_salt(cfg, site))
     manifest = assign_splits(manifest, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
     return subsample(manifest, cfg.data.max_images_per_class, cfg.seed)
 

@@ -16,6 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from pipeline.data.dicom import deidentify, dicom_pixels, parse_age, read_dicom_folder
 from pipeline.data.images import ImageDecodeError, decode_image
+from pipeline.data.readers import read_dataset
 from pipeline.errors import DatasetError
 
 NIH_IMAGES = Path(os.environ.get("CROSSSIM_DATA_DIR", "/work/shared/data")) / "nih-cxr8" / "images"
@@ -210,3 +211,10 @@ def test_labels_by_bare_file_name_and_bad_labels(dicom_dir: Path) -> None:
 def test_parse_age(text: str | None, years: float | None) -> None:
     assert parse_age(text) == years
 
+
+
+def test_read_dataset_refuses_dicom_without_the_sites_secret_salt(dicom_dir: Path) -> None:
+    with pytest.raises(DatasetError, match="secret de-identification salt"):
+        read_dataset(dicom_dir)
+    manifest = read_dataset(dicom_dir, dicom_salt=SALT)
+    assert manifest["patient_id"].tolist() == read_dicom_folder(dicom_dir, dicom_dir.name, None, SALT)["patient_id"].tolist()

@@ -35,8 +35,12 @@ LAYOUTS = """Expected one of these layouts:
   DICOM: <dir>/**/*.dcm [+ <dir>/labels.csv with columns file,label]"""
 
 
-def read_dataset(dataset_dir: Path, *, site: str | None = None, dicom_salt: str = "crosssim") -> pd.DataFrame:
-    """Detect the layout of ``dataset_dir`` and return its manifest (site: ``site``, else the folder name)."""
+def read_dataset(dataset_dir: Path, *, site: str | None = None, dicom_salt: str | None = None) -> pd.DataFrame:
+    """Detect the layout of ``dataset_dir`` and return its manifest (site: ``site``, else the folder name).
+
+    DICOM is pseudonymised with ``dicom_salt``, the site's secret; a DICOM folder without one is
+    refused (a public salt would let anyone recompute the pseudonyms from patient IDs).
+    """
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
         raise DatasetError(f"dataset folder {dataset_dir} does not exist.\n{LAYOUTS}")
@@ -51,6 +55,12 @@ def read_dataset(dataset_dir: Path, *, site: str | None = None, dicom_salt: str 
     if any(dataset_dir.rglob("*.dcm")):
         from pipeline.data.dicom import read_dicom_folder
 
+        if not dicom_salt:
+            raise DatasetError(
+                f"{dataset_dir}: DICOM files need the site's secret de-identification salt (the CLI reads "
+                "$CROSSSIM_DICOM_SALT_<SITE>, else $CROSSSIM_DICOM_SALT; see ingest.salt_env), or ingest the "
+                "export first: crosssim ingest SITE FOLDER"
+            )
         labels_csv = dataset_dir / "labels.csv"
         labels = pd.read_csv(labels_csv) if labels_csv.is_file() else None
         return read_dicom_folder(dataset_dir, site, labels, dicom_salt)

@@ -48,7 +48,7 @@ NIH_FINDINGS = frozenset(
 )  # fmt: skip
 RASTER_SUFFIXES = {".png", ".jpg", ".jpeg"}
 MIN_SALT_CHARS = 16
-PUBLIC_SALT = "crosssim"  # read_dataset's default: known to anyone who reads the code
+PUBLIC_SALT = "crosssim"  # read_dataset's default before it required a salt: public, so refused
 MAX_AGE = 90
 MAX_NAMED = 10  # lines named in one message
 _SALT_CHECK = "crosssim-salt-check"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Optional
 
 import typer
@@ -17,6 +18,12 @@ registry_app = typer.Typer(help="Registered models: review the challenger, decid
 ReviewerOption = Annotated[str, typer.Option("--reviewer", help="Who decides (recorded in the audit trail).")]
 ReasonOption = Annotated[str, typer.Option("--reason", help="Why (recorded in the audit trail).")]
 NameOption = Annotated[Optional[str], typer.Option("--name", help="Registered model (default: registry.model_name).")]
+
+
+@registry_app.callback()
+def _quiet_artifact_downloads() -> None:
+    """Reviews read gate and audit JSON artifacts: MLflow's per-file download bars would bury the tables."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def _actions(config, set_, name: str | None) -> RegistryActions:

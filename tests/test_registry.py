@@ -145,6 +145,7 @@ def test_registry_cli_review_decide_and_lineage(cfg, tmp_path):
     shown = runner.invoke(cli.app, ["registry", "review", *base])
     assert shown.exit_code == 0, shown.output
     assert "nih/target-test" in shown.output and "promote" in shown.output
+    assert "Downloading artifacts" not in shown.output  # MLflow's progress bars stay out of the review
     refused = runner.invoke(cli.app, ["registry", "approve", *base, "--reviewer", "dr. ada"])
     assert refused.exit_code != 0 and "reason" in refused.output and "Traceback" not in refused.output
     done = runner.invoke(cli.app, ["registry", "approve", *base, "--reviewer", "dr. ada", "--reason", "ok"])

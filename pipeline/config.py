@@ -146,6 +146,9 @@ class CrossSimConfig(_Section):
         default=0.0, ge=0, le=1, description="Weight of the source hard labels when target labels exist (1 without them)."
     )
     alignment: Literal["gan", "dann", "off"] = "gan"
+    balance_source_classes: bool = Field(
+        default=True, description="Adaptation's source batches hold both classes equally (the domains' mixes differ)."
+    )
     adversarial_weight: float = Field(default=1.0, ge=0)
     consistency_weight: float = Field(default=0.1, ge=0, description="λ of ‖F_src(x_t) − F_tgt(x_t)‖₂.")
     mapping_dim: int = Field(default=256, ge=2)

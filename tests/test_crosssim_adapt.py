@@ -11,7 +11,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.crosssim.adapt import Adapter, recalibrate_batchnorm
-from pipeline.crosssim.engine import UNLABELLED, EvaluationSets, LoopRuntime, extract
+from pipeline.crosssim.engine import UNLABELLED, DomainBatches, EvaluationSets, LoopRuntime, extract
 from pipeline.crosssim.finetune import finetune_on_labels
 from pipeline.crosssim.handlers import DivergenceDetector, ModelSelector
 from pipeline.crosssim.model import AdaptedClassifier, load_model, save_model
@@ -89,7 +89,7 @@ def _run(cfg, source_model, domains, target: DomainData | None = None):
 
 
 def test_gan_alignment_moves_features_and_pushes_the_discriminator_towards_chance(domains, source_model, tmp_path):
-    cfg = _cfg(tmp_path, "crosssim.steps=60", "crosssim.consistency_weight=0.01")
+    cfg = _cfg(tmp_path, "crosssim.steps=40", "crosssim.consistency_weight=0.01")
     evaluation = EvaluationSets(
         domains["source_val"].images, domains["source_val"].labels, domains["target_train"].images, domains["target_train"].labels
     )
@@ -185,6 +185,19 @@ class _Loop:
         self.model = torch.nn.Linear(1, 1)
 
 
+def test_balanced_batches_hold_both_classes_equally_and_plain_ones_cover_every_image():
+    labels = np.array([1] * 90 + [0] * 10)
+    data = DomainData("src", np.zeros((100, 4, 4), dtype=np.uint8), labels)
+    balanced = DomainBatches(data, 32, torch.Generator().manual_seed(0), balanced=True)
+    for _ in range(5):
+        assert torch.bincount(balanced.next()[1]).tolist() == [16, 16]
+    plain = DomainBatches(DomainData("src", np.arange(100, dtype=np.uint8).reshape(100, 1, 1), labels), 25, torch.Generator())
+    seen = torch.cat([plain.next()[0].flatten() for _ in range(4)])
+    assert sorted(seen.tolist()) == list(range(100))
+    with pytest.raises(TrainingError, match="every image labelled"):
+        DomainBatches(DomainData("tgt", data.images, np.full(100, UNLABELLED)), 32, torch.Generator(), balanced=True)
+
+
 def test_discriminator_collapse_is_detected_after_patience_windows():
     detector, loop = DivergenceDetector(patience=2), _Loop()
     for window, accuracy in enumerate([1.0, 0.7, 1.0, 0.995, 1.0]):
@@ -237,7 +250,9 @@ def test_with_target_labels_adaptation_starts_from_the_fine_tuned_model(domains,
     rng = np.random.default_rng(0)
     hidden = rng.random(len(target.labels)) > 0.3
     some_labels = DomainData("target-train", target.images, np.where(hidden, UNLABELLED, target.labels))
-    cfg = _cfg(tmp_path, "crosssim.labelled_fraction=0.3", "crosssim.label_finetune_steps=5", "crosssim.distill.steps=10")
+    cfg = _cfg(
+        tmp_path, "crosssim.labelled_fraction=0.3", "crosssim.label_finetune_steps=5", "crosssim.steps=10", "crosssim.distill.steps=5"
+    )
     result = _run(cfg, source_model, domains, some_labels)
     assert result.diagnostics["label_finetune"] == {"labelled_images": int((~hidden).sum()), "steps": 5}
     assert "max labelled-target AUC" in result.diagnostics["selection_rule"]

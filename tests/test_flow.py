@@ -64,7 +64,13 @@ def _artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) 
 def test_retrain_end_to_end_on_real_images(data_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     overrides = _overrides(
-        tmp_path, data_dir, "data.max_images_per_class=40", "data.image_size=64", "train.epochs=2", "train.batch_size=32"
+        tmp_path,
+        data_dir,
+        "data.max_images_per_class=40",
+        "data.image_size=64",
+        "train.epochs=2",
+        "train.batch_size=32",
+        "crosssim.enabled=false",  # the next test covers adaptation inside the flow
     )
     summary = retrain(config_path=str(REPO / "params.yaml"), overrides=overrides)
 

@@ -56,14 +56,18 @@ class Adapter(DomainLoop):
         runtime: LoopRuntime,
         handlers: list[Any] | None = None,
     ) -> None:
-        super().__init__(source, target, cfg.batch_size, cfg.steps, cfg.eval_every, evaluation, runtime, handlers)
+        super().__init__(
+            source, target, cfg.batch_size, cfg.steps, cfg.eval_every, evaluation, runtime, handlers, cfg.balance_source_classes
+        )
         self.cfg = cfg
         self.frozen_source = copy.deepcopy(source_model.features).to(self.device, memory_format=self.memory_format).eval()
         self.frozen_source.requires_grad_(False)
         self.model = AdaptedClassifier.from_source(source_model, cfg.mapping_dim).to(
             self.device, memory_format=self.memory_format
         )
-        self.criterion = nn.CrossEntropyLoss(weight=class_weights(torch.as_tensor(source.labels)).to(self.device))
+        self.weighted_criterion = nn.CrossEntropyLoss(weight=class_weights(torch.as_tensor(source.labels)).to(self.device))
+        # balanced batches already weigh the classes equally
+        self.criterion = nn.CrossEntropyLoss() if cfg.balance_source_classes else self.weighted_criterion
         self.source_weight = cfg.source_label_weight if (target.labels != UNLABELLED).any() else 1.0
         self.consistency = FeatureConsistencyLoss(cfg.consistency_weight)
         self.discriminator = DomainDiscriminator(cfg.mapping_dim, batch_norm=cfg.alignment == "dann").to(self.device)
@@ -109,7 +113,7 @@ class Adapter(DomainLoop):
             loss = torch.zeros((), device=self.device)
             for features, labels, weight in domains:
                 rows = torch.randint(len(features), (128,), generator=generator).to(self.device)
-                loss = loss + weight * self.criterion(head(features[rows]), labels[rows])
+                loss = loss + weight * self.weighted_criterion(head(features[rows]), labels[rows])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

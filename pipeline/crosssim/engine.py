@@ -47,21 +47,38 @@ class LoopRuntime:
 
 
 class DomainBatches:
-    """Endless random batches of one domain's uint8 images, with labels (``UNLABELLED`` = hidden)."""
+    """Endless random batches of one domain's uint8 images, with labels (``UNLABELLED`` = hidden).
 
-    def __init__(self, data: DomainData, batch_size: int, generator: torch.Generator) -> None:
+    ``balanced``: every batch holds each label equally often (labelled data only), so that a
+    domain's class mix does not become part of what alignment matches.
+    """
+
+    def __init__(self, data: DomainData, batch_size: int, generator: torch.Generator, balanced: bool = False) -> None:
         self.images = torch.from_numpy(np.array(data.images))  # a copy: prepared arrays are read-only memmaps
         self.labels = torch.as_tensor(np.asarray(data.labels, dtype=np.int64))
         self.batch_size = min(batch_size, len(self.images))
         self.generator = generator
-        self._order = torch.empty(0, dtype=torch.long)
+        classes = torch.unique(self.labels).tolist() if balanced else [None]
+        if UNLABELLED in classes:
+            raise TrainingError(f"{data.name}: balanced batches need every image labelled")
+        self._pools = [
+            torch.arange(len(self.labels)) if label is None else torch.nonzero(self.labels == label).squeeze(1)
+            for label in classes
+        ]
+        self._orders = [torch.empty(0, dtype=torch.long) for _ in self._pools]
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if len(self._order) < self.batch_size:  # a new pass: every image once before any repeats
-            fresh = torch.randperm(len(self.images), generator=self.generator)
-            self._order = torch.cat([self._order, fresh])
-        rows, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
+        share, extra = divmod(self.batch_size, len(self._pools))
+        rows = [self._take(index, share + (index < extra)) for index in range(len(self._pools))]
+        rows = torch.cat(rows)
         return self.images[rows], self.labels[rows]
+
+    def _take(self, index: int, count: int) -> torch.Tensor:
+        pool, order = self._pools[index], self._orders[index]
+        while len(order) < count:  # a new pass: every image once before any repeats
+            order = torch.cat([order, pool[torch.randperm(len(pool), generator=self.generator)]])
+        self._orders[index] = order[count:]
+        return order[:count]
 
 
 @dataclass
@@ -100,11 +117,12 @@ class DomainLoop:
         evaluation: EvaluationSets,
         runtime: LoopRuntime,
         handlers: list[Any] | None = None,
+        balance_source: bool = False,
     ) -> None:
         if steps < 1:
             raise TrainingError(f"steps must be ≥ 1, got {steps}")
         self.batch_size = batch_size
-        self.source = DomainBatches(source, batch_size, runtime.generator)
+        self.source = DomainBatches(source, batch_size, runtime.generator, balanced=balance_source)
         self.target = DomainBatches(target, batch_size, runtime.generator)
         self.steps = steps
         self.eval_every = eval_every

@@ -58,19 +58,19 @@ class DomainBatches:
         self.labels = torch.as_tensor(np.asarray(data.labels, dtype=np.int64))
         self.batch_size = min(batch_size, len(self.images))
         self.generator = generator
-        classes = torch.unique(self.labels).tolist() if balanced else [None]
-        if UNLABELLED in classes:
+        if balanced and (self.labels == UNLABELLED).any():
             raise TrainingError(f"{data.name}: balanced batches need every image labelled")
-        self._pools = [
-            torch.arange(len(self.labels)) if label is None else torch.nonzero(self.labels == label).squeeze(1)
-            for label in classes
-        ]
+        # rows drawn from: one pool per label when balanced, else one pool of all rows
+        self._pools = (
+            [torch.nonzero(self.labels == label).squeeze(1) for label in torch.unique(self.labels)]
+            if balanced
+            else [torch.arange(len(self.labels))]
+        )
         self._orders = [torch.empty(0, dtype=torch.long) for _ in self._pools]
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         share, extra = divmod(self.batch_size, len(self._pools))
-        rows = [self._take(index, share + (index < extra)) for index in range(len(self._pools))]
-        rows = torch.cat(rows)
+        rows = torch.cat([self._take(index, share + (index < extra)) for index in range(len(self._pools))])
         return self.images[rows], self.labels[rows]
 
     def _take(self, index: int, count: int) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from flows.steps import images_of
+from flows.model_steps import images_of
 from pipeline.config import PipelineConfig, load_config
 from pipeline.crosssim.engine import UNLABELLED
 from pipeline.crosssim.finetune import finetune_on_labels

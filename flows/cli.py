@@ -88,21 +88,21 @@ def validate(
     set_: SetOption = None,
 ) -> None:
     """Check a dataset with the data-quality suite; exit 3 on a blocking failure."""
-    from flows import steps
+    from flows import data_steps
     from pipeline.data.readers import read_dataset
     from pipeline.data.splits import assign_splits
 
     try:
         cfg = _config(config, set_)
         if dataset_dir is not None:
-            manifest = read_dataset(dataset_dir, dicom_salt=steps.dicom_salt(cfg, dataset_dir.name))
+            manifest = read_dataset(dataset_dir, dicom_salt=data_steps.dicom_salt(cfg, dataset_dir.name))
             manifest = assign_splits(manifest, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
             targets = {dataset_dir.name: manifest}
         else:
-            targets = {site: steps.load_site(cfg, site) for site in steps.sites(cfg)}
+            targets = {site: data_steps.load_site(cfg, site) for site in data_steps.sites(cfg)}
         blocked = False
         for site, manifest in targets.items():
-            _, report = steps.validate_site(cfg, site, manifest)
+            _, report = data_steps.validate_site(cfg, site, manifest)
             console.print(report.summary(), highlight=False, markup=False)
             blocked |= not report.success
         if blocked:
@@ -114,13 +114,13 @@ def validate(
 @app.command()
 def prepare(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Decode/resize every validated site into outputs/prepared/<site> (run `crosssim validate` first)."""
-    from flows import steps
+    from flows import data_steps
 
     try:
         cfg = _config(config, set_)
-        for site in steps.sites(cfg):
-            manifest = steps.validated_manifest(cfg, site)
-            console.print(f"{site}: {len(manifest)} images → {steps.prepare_site(cfg, site, manifest)}")
+        for site in data_steps.sites(cfg):
+            manifest = data_steps.validated_manifest(cfg, site)
+            console.print(f"{site}: {len(manifest)} images → {data_steps.prepare_site(cfg, site, manifest)}")
     except PipelineError as error:
         _fail(error)
 
@@ -132,11 +132,11 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from outputs/train/last.pt.")] = False,
 ) -> None:
     """Train on the prepared source site (run `crosssim prepare` first)."""
-    from flows import steps
+    from flows import model_steps
 
     try:
         cfg = _config(config, [*(set_ or []), *(["train.resume=true"] if resume else [])])
-        result = steps.train_step(cfg)
+        result = model_steps.train_step(cfg)
         console.print(f"best val AUC {result.state.best_val_auc:.4f} at epoch {result.state.best_epoch}: {result.model_path}")
     except PipelineError as error:
         _fail(error)
@@ -145,11 +145,11 @@ def train(
 @app.command()
 def evaluate(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Score the trained model on the source test split and every external site."""
-    from flows import steps
+    from flows import model_steps
 
     try:
         cfg = _config(config, set_)
-        result = steps.evaluate_step(cfg, cfg.train.output_dir / "best.pt")
+        result = model_steps.evaluate_step(cfg, cfg.train.output_dir / "best.pt")
         _print_results(result["sets"])
         console.print(f"metrics: {cfg.evaluate.output_dir / 'metrics.json'}")
     except PipelineError as error:
@@ -159,12 +159,12 @@ def evaluate(config: ConfigOption = None, set_: SetOption = None) -> None:
 @app.command()
 def adapt(config: ConfigOption = None, set_: SetOption = None) -> None:
     """CrossSim: adapt the trained model to crosssim.target, distil it, score all three on target-test."""
-    from flows import steps
+    from flows import model_steps
 
     try:
         cfg = _config(config, set_)
-        result = steps.adapt_step(cfg, cfg.train.output_dir / "best.pt")
-        scores = steps.evaluate_adaptation_step(cfg, cfg.train.output_dir / "best.pt", result.adapted_path.parent)
+        result = model_steps.adapt_step(cfg, cfg.train.output_dir / "best.pt")
+        scores = model_steps.evaluate_adaptation_step(cfg, cfg.train.output_dir / "best.pt", result.adapted_path.parent)
         _print_crosssim(scores, result.diagnostics["domain_gap"], result.diagnostics_path)
     except PipelineError as error:
         _fail(error)

@@ -16,7 +16,7 @@ import mlflow.pytorch
 import numpy as np
 import torch
 
-from flows import steps
+from flows import model_steps
 from pipeline.config import PipelineConfig
 from pipeline.data.prepare import open_prepared, prepare_dataset
 from pipeline.registry.audit import AuditLog
@@ -41,13 +41,13 @@ def gate_sets(cfg: PipelineConfig, image_size: int) -> dict[str, tuple[np.ndarra
     """The frozen evaluation sets: source test, and each external site's labelled images (for the
     CrossSim target only its held-out target-test: adaptation saw the rest), prepared at ``image_size``
     since a champion may have been trained at another size."""
-    source = open_prepared(steps.prepared_dir(cfg, cfg.data.source))
+    source = open_prepared(cfg.data.prepared_site(cfg.data.source))
     rows = {f"{cfg.data.source}/test": source.manifest[source.manifest["split"] == "test"]}
     for site in cfg.data.external:
         if cfg.crosssim.enabled and site == cfg.crosssim.target:
-            rows[f"{site}/target-test"] = steps.crosssim_data(cfg).target_test[1]
+            rows[f"{site}/target-test"] = model_steps.crosssim_data(cfg).target_test[1]
         else:
-            external = open_prepared(steps.prepared_dir(cfg, site))
+            external = open_prepared(cfg.data.prepared_site(site))
             rows[site] = external.manifest[external.manifest["label"].notna()]
     sets = {}
     for name, frame in rows.items():

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
 
 from flows.cli import ConfigOption, SetOption, _config, _fail, console
-from flows.promotion import actions_for
 from pipeline.errors import PipelineError
-from pipeline.registry.review import RegistryActions
-from pipeline.registry.store import CHALLENGER, CHAMPION, RegistryError
+
+if TYPE_CHECKING:
+    from pipeline.registry.review import RegistryActions
+
+# The registry modules import MLflow and torch: each command imports them when it runs, so that
+# `crosssim --help` and the stage commands (one process per DVC stage) do not pay for them.
 
 registry_app = typer.Typer(help="Registered models: review the challenger, decide, roll back, trace.", no_args_is_help=True)
 ReviewerOption = Annotated[str, typer.Option("--reviewer", help="Who decides (recorded in the audit trail).")]
@@ -27,6 +30,8 @@ def _quiet_artifact_downloads() -> None:
 
 
 def _actions(config, set_, name: str | None) -> RegistryActions:
+    from flows.promotion import actions_for
+
     return actions_for(_config(config, set_), name)
 
 
@@ -54,6 +59,8 @@ def list_versions(config: ConfigOption = None, set_: SetOption = None, name: Nam
 @registry_app.command()
 def review(config: ConfigOption = None, set_: SetOption = None, name: NameOption = None) -> None:
     """The pending challenger beside the champion, per site, as the promotion gate measured them."""
+    from pipeline.registry.store import CHALLENGER, CHAMPION, RegistryError
+
     try:
         actions = _actions(config, set_, name)
         challenger = actions.registry.find(actions.name, CHALLENGER)
@@ -116,6 +123,8 @@ def _decide(action: str, reviewer: str, reason: str, config, set_, name: str | N
 @registry_app.command()
 def lineage(ref: Annotated[str, typer.Argument(help="NAME@ALIAS or NAME@VERSION")], config: ConfigOption = None, set_: SetOption = None) -> None:
     """Data versions, git commit, flow run, MLflow run and parent models of a registered version."""
+    from pipeline.registry.store import RegistryError
+
     try:
         name, _, alias = ref.partition("@")
         if not name or not alias:

@@ -16,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 
-from flows import promotion, steps
+from flows import data_steps, model_steps, promotion
 from pipeline.config import PipelineConfig, load_config
 from pipeline.crosssim.model import load_model
 from pipeline.data.prepare import content_key
@@ -28,7 +28,7 @@ from pipeline.validation import ValidationReport, compute_image_facts
 
 @task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def read_site(cfg: PipelineConfig, site: str) -> pd.DataFrame:
-    return steps.load_site(cfg, site)
+    return data_steps.load_site(cfg, site)
 
 
 def _facts_cache_key(context, parameters) -> str:
@@ -45,27 +45,27 @@ def image_facts(manifest: pd.DataFrame) -> pd.DataFrame:
 def validate_site(
     cfg: PipelineConfig, site: str, manifest: pd.DataFrame, facts: pd.DataFrame
 ) -> tuple[pd.DataFrame, ValidationReport]:
-    return steps.validate_site(cfg, site, manifest, facts)
+    return data_steps.validate_site(cfg, site, manifest, facts)
 
 
 @task(retries=1, cache_policy=NO_CACHE)
 def prepare_site(cfg: PipelineConfig, site: str, manifest: pd.DataFrame) -> Path:
-    return steps.prepare_site(cfg, site, manifest)
+    return data_steps.prepare_site(cfg, site, manifest)
 
 
 @task(cache_policy=NO_CACHE)
 def train(cfg: PipelineConfig, tracker: MlflowTracker):
-    return steps.train_step(cfg, tracker)
+    return model_steps.train_step(cfg, tracker)
 
 
 @task(cache_policy=NO_CACHE)
 def evaluate(cfg: PipelineConfig, model_path: Path) -> dict:
-    return steps.evaluate_step(cfg, model_path)
+    return model_steps.evaluate_step(cfg, model_path)
 
 
 @task(cache_policy=NO_CACHE)
 def adapt(cfg: PipelineConfig, model_path: Path, tracker: MlflowTracker):
-    return steps.adapt_step(cfg, model_path, tracker)
+    return model_steps.adapt_step(cfg, model_path, tracker)
 
 
 @task(cache_policy=NO_CACHE)
@@ -75,7 +75,7 @@ def register(cfg: PipelineConfig, tracker: MlflowTracker, run: dict, data: dict,
 
 @task(cache_policy=NO_CACHE)
 def evaluate_adaptation(cfg: PipelineConfig, model_path: Path, result_dir: Path) -> dict:
-    return steps.evaluate_adaptation_step(cfg, model_path, result_dir)
+    return model_steps.evaluate_adaptation_step(cfg, model_path, result_dir)
 
 
 def _validation_gate(reports: dict[str, ValidationReport], tracker: MlflowTracker) -> None:
@@ -99,9 +99,9 @@ def retrain(config_path: str | None = None, overrides: list[str] | None = None) 
     """Retrain on the configured source dataset and evaluate on it and every external site."""
     cfg = load_config(Path(config_path) if config_path else None, overrides or [])
     logger = get_run_logger()
-    manifests = {site: read_site(cfg, site) for site in steps.sites(cfg)}
+    manifests = {site: read_site(cfg, site) for site in data_steps.sites(cfg)}
     with MlflowTracker(cfg.tracking, run_name="retrain") as tracker:
-        versions = steps.data_versions(cfg)
+        versions = data_steps.data_versions(cfg)
         tags = {f"data_version.{site}": v for site, v in versions.items()}
         tracker.set_tags(tags | {"prefect_flow_run_id": _flow_run_id() or ""})
         tracker.log_params(cfg.model_dump(mode="json"))
@@ -116,7 +116,7 @@ def retrain(config_path: str | None = None, overrides: list[str] | None = None) 
         evaluation = evaluate(cfg, trained.model_path)
         tracker.log_metrics(_flat_metrics(evaluation))
         tracker.log_artifacts(cfg.evaluate.output_dir, artifact_path="eval")
-        model, example = steps.serving_model(cfg, trained.model_path)
+        model, example = model_steps.serving_model(cfg, trained.model_path)
         model_uri = tracker.log_model(model, name="model", input_example=example)
         markdown = _summary_markdown(cfg, tracker, trained, evaluation, metrics_table_markdown(evaluation["sets"]), model_uri)
         summary = {
@@ -157,7 +157,7 @@ def _crosssim(cfg: PipelineConfig, model_path: Path, tracker: MlflowTracker) -> 
     uris = {}
     for name, path in (("adapted_model", result.adapted_path), ("student_model", result.student_path)):
         if path is not None:
-            served, example = steps.serving_model_from(load_model(path), cfg.data.image_size)
+            served, example = model_steps.serving_model_from(load_model(path), cfg.data.image_size)
             uris[name] = tracker.log_model(served, name=name, input_example=example)
     return {"models": uris, "scores": scores, "diagnostics": result.diagnostics_path, "gap": result.diagnostics["domain_gap"]}
 

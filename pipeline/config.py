@@ -55,6 +55,10 @@ class DataConfig(_Section):
             return self.root
         return Path(os.environ.get(DATA_DIR_ENV, DEFAULT_DATA_DIR))
 
+    def prepared_site(self, site: str) -> Path:
+        """Where ``crosssim prepare`` publishes ``site``'s prepared images."""
+        return self.prepared_dir / site
+
 
 class ValidationConfig(_Section):
     """Thresholds of the data-quality rules (see pipeline.validation)."""

@@ -78,3 +78,15 @@ def test_run_says_what_to_do_when_prefects_temporary_server_does_not_start(tmp_p
     assert result.returncode == 7, output
     assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in output and "Traceback" not in output
     assert not any((tmp_path / key).exists() for key in ("train.output_dir", "tracking.local_dir"))
+
+
+@pytest.mark.parametrize(
+    ("module", "kept_out"),
+    [("flows.cli", {"torch", "mlflow", "great_expectations", "prefect"}), ("flows.data_steps", {"torch", "mlflow"})],
+)
+def test_the_cli_and_the_data_stages_do_not_import_what_they_do_not_use(module, kept_out):
+    """`crosssim --help` and each DVC stage start a process: torch, MLflow and GX take ~30 s to import here."""
+    probe = f"import sys, {module}; print(sorted(m for m in {sorted(kept_out)!r} if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

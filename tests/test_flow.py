@@ -13,7 +13,7 @@ from prefect.artifacts import Artifact
 from prefect.testing.utilities import prefect_test_harness
 from typer.testing import CliRunner
 
-from flows import cli, steps
+from flows import cli, model_steps
 from flows.promotion import actions_for, gate_challenger
 from flows.retrain import retrain
 from pipeline.config import load_config
@@ -158,7 +158,7 @@ def test_crosssim_adapt_runs_inside_the_flow_and_lands_in_mlflow(data_dir, tmp_p
     actions_for(cfg).approve(reviewer="dr. ada", reason="first champion")
     same, _ = gate_challenger(cfg, "models:/crosssim-pneumonia/1")
     assert same.passed and same.compared_with == "champion v1"
-    source_model, example = steps.serving_model(cfg, tmp_path / "train" / "best.pt")
+    source_model, example = model_steps.serving_model(cfg, tmp_path / "train" / "best.pt")
     with MlflowTracker(cfg.tracking, run_name="inverted") as tracker:
         inverted = tracker.log_model(Inverted(source_model), "inverted", example)
     worse, scores = gate_challenger(cfg, inverted)

@@ -9,7 +9,8 @@ suite + batch rules), commit (atomic add/version/push, quarantine, crash recover
 (the DVC adapter), log (the append-only ingest log), report.
 """
 
-from pipeline.ingest.batch import StagedBatch, resolve_salt, salt_variables
+from pipeline.data.salt import resolve_salt, salt_variables
+from pipeline.ingest.batch import StagedBatch
 from pipeline.ingest.report import BatchReport
 from pipeline.ingest.run import BatchIngest
 

@@ -18,9 +18,7 @@ File names and PNG/JPEG files are taken as exported: the export must not put PHI
 from __future__ import annotations
 
 import hashlib
-import re
 import shutil
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from pipeline.config import IngestConfig
 from pipeline.data.dicom import deidentify, dicom_pixels, keyed_pseudonym, parse_age
 from pipeline.data.images import DICOM_SUFFIXES, ImageDecodeError
 from pipeline.data.readers import NIH_COLUMNS, NIH_CSV
+from pipeline.data.salt import salt_variables
 from pipeline.errors import ConfigError
 from pipeline.validation.report import Failure
 
@@ -47,8 +46,6 @@ NIH_FINDINGS = frozenset(
     }
 )  # fmt: skip
 RASTER_SUFFIXES = {".png", ".jpg", ".jpeg"}
-MIN_SALT_CHARS = 16
-PUBLIC_SALT = "crosssim"  # read_dataset's default before it required a salt: public, so refused
 MAX_AGE = 90
 MAX_NAMED = 10  # lines named in one message
 _SALT_CHECK = "crosssim-salt-check"
@@ -69,29 +66,6 @@ class StagedBatch:
     @property
     def batch_id(self) -> str:
         return self.fingerprint[:12]
-
-
-def salt_variables(site: str, settings: IngestConfig) -> tuple[str, str]:
-    """The environment variables that may hold the site's salt, most specific first."""
-    return f"{settings.salt_env}_{re.sub(r'[^A-Z0-9]', '_', site.upper())}", settings.salt_env
-
-
-def resolve_salt(site: str, settings: IngestConfig, environ: Mapping[str, str]) -> str | None:
-    """The site's secret DICOM salt from the environment (None when unset); a guessable one is refused.
-
-    Pseudonyms are HMACs of patient IDs: with a public salt anyone could recompute them from an MRN.
-    """
-    for variable in salt_variables(site, settings):
-        salt = environ.get(variable, "")
-        if not salt:
-            continue
-        if salt == PUBLIC_SALT or len(salt) < MIN_SALT_CHARS:
-            raise ConfigError(
-                f"${variable} is not a usable secret: use at least {MIN_SALT_CHARS} random characters "
-                "(e.g. `openssl rand -hex 32`), kept out of the repository"
-            )
-        return salt
-    return None
 
 
 def batch_fingerprint(folder: Path) -> str:

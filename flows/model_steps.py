@@ -1,10 +1,9 @@
-"""The stages run against the project's output layout, shared by the CLI, DVC and Prefect.
+"""The model stages run against the project's output layout, shared by the CLI, DVC and Prefect.
 
-Each function is one stage of ``dvc.yaml`` and one task of the retraining flow; they
-only compose ``pipeline`` functions and decide where artifacts live:
+Each function is one stage of ``dvc.yaml`` and one task of the retraining flow (the data
+stages are in :mod:`flows.data_steps`); they only compose ``pipeline`` functions and decide
+where artifacts live:
 
-    outputs/validation/<site>/   validation.json + GX Data Docs + manifest.csv (the accepted rows)
-    outputs/prepared/<site>/     images.npy + manifest.csv (hard links into the content-keyed cache)
     outputs/train/               best.pt, last.pt, train_summary.json
     outputs/eval/                metrics.json (DVC metrics), plots, predictions.csv
     outputs/adapt/               adapted.pt, student.pt, diagnostics.json, t-SNE plots,
@@ -14,8 +13,6 @@ only compose ``pipeline`` functions and decide where artifacts live:
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,26 +21,18 @@ import pandas as pd
 import torch
 
 from pipeline.augment import PIXEL_MEAN, PIXEL_STD
-from pipeline.config import DATA_DIR_ENV, PipelineConfig
+from pipeline.config import PipelineConfig
 from pipeline.crosssim.engine import UNLABELLED
 from pipeline.crosssim.model import load_model
 from pipeline.crosssim.scoring import evaluate_models
 from pipeline.crosssim.stage import ADAPTED_MODEL, STUDENT_MODEL, CrossSimResult, DomainData, run_crosssim
 from pipeline.crosssim.target import split_target
-from pipeline.data.manifest import load_manifest, save_manifest
 from pipeline.data.prepare import PreparedDataset, open_prepared, prepare_dataset
-from pipeline.data.readers import read_dataset
-from pipeline.data.splits import assign_splits, subsample
-from pipeline.errors import DatasetError, DataValidationError
+from pipeline.errors import DatasetError
 from pipeline.evaluation import choose_threshold, evaluate_sites
-from pipeline.ingest.batch import resolve_salt
 from pipeline.models import PneumoniaProbability
 from pipeline.training import TrainResult, load_trained_model, train_model
 from pipeline.training.engine import predict_proba, select_device
-from pipeline.validation import ValidationReport, check_dataset, compute_image_facts
-from pipeline.versioning import dataset_version
-
-VALIDATED_MANIFEST = "manifest.csv"  # next to validation.json: the rows the rules accepted
 
 
 @dataclass(frozen=True)
@@ -55,90 +44,8 @@ class CrossSimData:
     target_test: tuple[np.ndarray, pd.DataFrame]
 
 
-def prepared_dir(cfg: PipelineConfig, site: str) -> Path:
-    return cfg.data.prepared_dir / site
-
-
-def sites(cfg: PipelineConfig) -> list[str]:
-    return [cfg.data.source, *cfg.data.external]
-
-
-def site_dir(cfg: PipelineConfig, site: str) -> Path:
-    root = cfg.data.resolved_root()
-    if not root.is_dir():
-        raise DatasetError(
-            f"data folder {root} does not exist. Set {DATA_DIR_ENV} (or data.root in params.yaml) to the folder "
-            f"holding one sub-folder per dataset, e.g. {DATA_DIR_ENV}=../shared/data (see README, 'Data')."
-        )
-    return root / site
-
-
-def dicom_salt(cfg: PipelineConfig, site: str) -> str | None:
-    """The site's secret DICOM salt from the environment (only a DICOM folder needs one)."""
-    return resolve_salt(site, cfg.ingest, os.environ)
-
-
-def load_site(cfg: PipelineConfig, site: str) -> pd.DataFrame:
-    """Read a dataset, assign patient-disjoint splits, subsample if configured."""
-    manifest = read_dataset(site_dir(cfg, site), dicom_salt=dicom_salt(cfg, site))
-    manifest = assign_splits(manifest, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
-    return subsample(manifest, cfg.data.max_images_per_class, cfg.seed)
-
-
-def validate_site(
-    cfg: PipelineConfig, site: str, manifest: pd.DataFrame, facts: pd.DataFrame | None = None
-) -> tuple[pd.DataFrame, ValidationReport]:
-    """Run the data-quality suite; returns the manifest later stages use (harmless copies dropped).
-
-    The caller decides whether blocking failures stop the run.
-    """
-    if facts is None:
-        facts = compute_image_facts(manifest)
-    report_dir = cfg.validation.report_dir / site
-    checked, report = check_dataset(manifest, facts, cfg.validation, report_dir)
-    save_manifest(checked, report_dir / VALIDATED_MANIFEST)
-    return checked, report
-
-
-def validated_manifest(cfg: PipelineConfig, site: str) -> pd.DataFrame:
-    """The manifest ``crosssim validate`` accepted for ``site`` (how DVC's prepare stage gets its input)."""
-    report_dir = cfg.validation.report_dir / site
-    report_path = report_dir / "validation.json"
-    if not report_path.is_file():
-        raise DatasetError(f"{site}: no validation report at {report_path}; run `crosssim validate` first")
-    if not json.loads(report_path.read_text())["success"]:
-        raise DataValidationError(f"{site}: data validation failed; see {report_path}", str(report_path))
-    return load_manifest(report_dir / VALIDATED_MANIFEST)
-
-
-def _publish(entry: PreparedDataset, destination: Path) -> None:
-    """Expose a cache entry at a stable path (hard links: no copy of the pixels)."""
-    staging = destination.with_name(destination.name + ".staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for file in entry.directory.iterdir():
-        try:
-            os.link(file, staging / file.name)
-        except OSError:  # another filesystem: copy instead
-            shutil.copy2(file, staging / file.name)
-    shutil.rmtree(destination, ignore_errors=True)
-    os.replace(staging, destination)
-
-
-def prepare_site(cfg: PipelineConfig, site: str, manifest: pd.DataFrame) -> Path:
-    entry = prepare_dataset(manifest, cfg.data.image_size, cfg.data.cache_dir)
-    destination = prepared_dir(cfg, site)
-    _publish(entry, destination)
-    return destination
-
-
-def data_versions(cfg: PipelineConfig) -> dict[str, str]:
-    """DVC md5 of each input dataset folder: the data version recorded with a run."""
-    return {site: dataset_version(site_dir(cfg, site)) for site in sites(cfg)}
-
-
 def train_step(cfg: PipelineConfig, tracker=None, show_progress: bool = True) -> TrainResult:
-    return train_model(open_prepared(prepared_dir(cfg, cfg.data.source)), cfg, tracker, show_progress)
+    return train_model(open_prepared(cfg.data.prepared_site(cfg.data.source)), cfg, tracker, show_progress)
 
 
 def _predictions(model, prepared: PreparedDataset, mask: pd.Series, device: torch.device) -> pd.DataFrame:
@@ -152,12 +59,12 @@ def evaluate_step(cfg: PipelineConfig, model_path: Path) -> dict:
     """Threshold from the source val split; scores on source test and on every external site."""
     device = select_device(cfg.train.device)
     model = load_trained_model(model_path, cfg.train.backbone).to(device).to(memory_format=torch.channels_last)
-    source = open_prepared(prepared_dir(cfg, cfg.data.source))
+    source = open_prepared(cfg.data.prepared_site(cfg.data.source))
     val = _predictions(model, source, source.manifest["split"] == "val", device)
     threshold = choose_threshold(val["label"].to_numpy(dtype=int), val["prob"].to_numpy())
     sets = {f"{cfg.data.source}/test": _predictions(model, source, source.manifest["split"] == "test", device)}
     for site in cfg.data.external:
-        external = open_prepared(prepared_dir(cfg, site))
+        external = open_prepared(cfg.data.prepared_site(site))
         sets[site] = _predictions(model, external, external.manifest["label"].notna(), device)
     out_dir = cfg.evaluate.output_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -183,8 +90,8 @@ def images_of(prepared: PreparedDataset, rows: pd.DataFrame) -> np.ndarray:
 def crosssim_data(cfg: PipelineConfig) -> CrossSimData:
     """Source train/val, target-train (labels hidden but a labelled fraction) and target-test, as arrays."""
     settings = cfg.crosssim
-    source = open_prepared(prepared_dir(cfg, cfg.data.source))
-    target = open_prepared(prepared_dir(cfg, settings.target))
+    source = open_prepared(cfg.data.prepared_site(cfg.data.source))
+    target = open_prepared(cfg.data.prepared_site(settings.target))
     split = split_target(
         target.manifest[target.manifest["label"].notna()].reset_index(drop=True),
         settings.test_fraction,

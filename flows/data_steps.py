@@ -1,0 +1,107 @@
+"""The data stages run against the project's output layout, shared by the CLI, DVC and Prefect.
+
+Kept apart from :mod:`flows.model_steps` so that ``crosssim validate`` and ``crosssim prepare``
+(and DVC, which runs each stage in its own process) do not import torch and MLflow:
+
+    outputs/validation/<site>/   validation.json + GX Data Docs + manifest.csv (the accepted rows)
+    outputs/prepared/<site>/     images.npy + manifest.csv (hard links into the content-keyed cache)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.config import DATA_DIR_ENV, PipelineConfig
+from pipeline.data.manifest import load_manifest, save_manifest
+from pipeline.data.prepare import PreparedDataset, prepare_dataset
+from pipeline.data.readers import read_dataset
+from pipeline.data.salt import resolve_salt
+from pipeline.data.splits import assign_splits, subsample
+from pipeline.errors import DatasetError, DataValidationError
+from pipeline.validation import ValidationReport, check_dataset, compute_image_facts
+from pipeline.versioning import dataset_version
+
+VALIDATED_MANIFEST = "manifest.csv"  # next to validation.json: the rows the rules accepted
+
+
+def sites(cfg: PipelineConfig) -> list[str]:
+    return [cfg.data.source, *cfg.data.external]
+
+
+def site_dir(cfg: PipelineConfig, site: str) -> Path:
+    root = cfg.data.resolved_root()
+    if not root.is_dir():
+        raise DatasetError(
+            f"data folder {root} does not exist. Set {DATA_DIR_ENV} (or data.root in params.yaml) to the folder "
+            f"holding one sub-folder per dataset, e.g. {DATA_DIR_ENV}=../shared/data (see README, 'Data')."
+        )
+    return root / site
+
+
+def dicom_salt(cfg: PipelineConfig, site: str) -> str | None:
+    """The site's secret DICOM salt from the environment (only a DICOM folder needs one)."""
+    return resolve_salt(site, cfg.ingest, os.environ)
+
+
+def load_site(cfg: PipelineConfig, site: str) -> pd.DataFrame:
+    """Read a dataset, assign patient-disjoint splits, subsample if configured."""
+    manifest = read_dataset(site_dir(cfg, site), dicom_salt=dicom_salt(cfg, site))
+    manifest = assign_splits(manifest, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+    return subsample(manifest, cfg.data.max_images_per_class, cfg.seed)
+
+
+def validate_site(
+    cfg: PipelineConfig, site: str, manifest: pd.DataFrame, facts: pd.DataFrame | None = None
+) -> tuple[pd.DataFrame, ValidationReport]:
+    """Run the data-quality suite; returns the manifest later stages use (harmless copies dropped).
+
+    The caller decides whether blocking failures stop the run.
+    """
+    if facts is None:
+        facts = compute_image_facts(manifest)
+    report_dir = cfg.validation.report_dir / site
+    checked, report = check_dataset(manifest, facts, cfg.validation, report_dir)
+    save_manifest(checked, report_dir / VALIDATED_MANIFEST)
+    return checked, report
+
+
+def validated_manifest(cfg: PipelineConfig, site: str) -> pd.DataFrame:
+    """The manifest ``crosssim validate`` accepted for ``site`` (how DVC's prepare stage gets its input)."""
+    report_dir = cfg.validation.report_dir / site
+    report_path = report_dir / "validation.json"
+    if not report_path.is_file():
+        raise DatasetError(f"{site}: no validation report at {report_path}; run `crosssim validate` first")
+    if not json.loads(report_path.read_text())["success"]:
+        raise DataValidationError(f"{site}: data validation failed; see {report_path}", str(report_path))
+    return load_manifest(report_dir / VALIDATED_MANIFEST)
+
+
+def _publish(entry: PreparedDataset, destination: Path) -> None:
+    """Expose a cache entry at a stable path (hard links: no copy of the pixels)."""
+    staging = destination.with_name(destination.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for file in entry.directory.iterdir():
+        try:
+            os.link(file, staging / file.name)
+        except OSError:  # another filesystem: copy instead
+            shutil.copy2(file, staging / file.name)
+    shutil.rmtree(destination, ignore_errors=True)
+    os.replace(staging, destination)
+
+
+def prepare_site(cfg: PipelineConfig, site: str, manifest: pd.DataFrame) -> Path:
+    entry = prepare_dataset(manifest, cfg.data.image_size, cfg.data.cache_dir)
+    destination = cfg.data.prepared_site(site)
+    _publish(entry, destination)
+    return destination
+
+
+def data_versions(cfg: PipelineConfig) -> dict[str, str]:
+    """DVC md5 of each input dataset folder: the data version recorded with a run."""
+    return {site: dataset_version(site_dir(cfg, site)) for site in sites(cfg)}

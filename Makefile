@@ -25,8 +25,9 @@ setup: $(VENV)/.installed
 run: setup
 	$(VENV)/bin/crosssim run --config params.yaml
 
+# Two workers, one test file each: the slow tests mostly wait on subprocesses and servers, so they overlap well.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench-source: setup
 	$(PY) benchmarks/source_pneumoniamnist.py

@@ -149,7 +149,8 @@ def test_a_triggered_retrain_registers_a_challenger(served, data_dir, tmp_path):
     flow_run = run_deployment(RETRAIN, parameters={"overrides": overrides}, timeout=300)
     assert flow_run.state.is_completed(), f"{flow_run.state}\n{(served / 'serve.log').read_text()[-3000:]}"
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)  # not the registry URI an earlier test left set in this process
     challenger = client.get_model_version_by_alias("crosssim-pneumonia", "challenger")
     assert challenger.tags["prefect_flow_run_id"] == str(flow_run.id)  # lineage back to the deployment's run
 

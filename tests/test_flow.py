@@ -51,7 +51,8 @@ def _overrides(work: Path, data_root: Path, *extra: str) -> list[str]:
 
 
 def _client(work: Path) -> MlflowClient:
-    return MlflowClient(f"sqlite:///{work / 'mlflow' / 'mlflow.db'}")
+    uri = f"sqlite:///{work / 'mlflow' / 'mlflow.db'}"
+    return MlflowClient(uri, registry_uri=uri)  # registering sets MLflow's process-wide registry URI
 
 
 def _artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:

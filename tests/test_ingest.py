@@ -375,9 +375,8 @@ def test_the_ingest_flow_retrains_on_an_accepted_batch_and_registers_a_challenge
     with prefect_test_harness(server_startup_timeout=120):
         result = ingest(site=SITE, folder=str(batch), config_path=str(repo / "params.yaml"), overrides=overrides)
     assert result["status"] == "accepted" and result["retrain"]["registry"]["version"] == "1"
-    challenger = MlflowClient(f"sqlite:///{work / 'mlflow' / 'mlflow.db'}").get_model_version_by_alias(
-        "crosssim-pneumonia", "challenger"
-    )
+    uri = f"sqlite:///{work / 'mlflow' / 'mlflow.db'}"
+    challenger = MlflowClient(uri, registry_uri=uri).get_model_version_by_alias("crosssim-pneumonia", "challenger")
     # the model was trained on the new data version: its lineage names the site folder as ingested
     assert challenger.tags[f"data_version.{SITE}"] == result["site_version"]
     # the fake PHI reached neither the training run (params, tags, artifacts, registry) nor its outputs

@@ -11,7 +11,7 @@ from flows import cli
 from flows.promotion import actions_for
 from pipeline.config import load_config
 from pipeline.registry.gate import decide, score_set
-from pipeline.registry.store import CHALLENGER, CHAMPION, HISTORY_TAG, RegistryError
+from pipeline.registry.store import CHALLENGER, CHAMPION, HISTORY_TAG, ModelRegistry, RegistryError
 from pipeline.tracking import MlflowTracker
 from tests.conftest import REPO
 
@@ -69,6 +69,14 @@ def test_gate_promotes_a_better_challenger_and_blocks_a_worse_one(cfg):
     assert "nih/target-test/auc" in blocked.mlflow_verdict  # MLflow's own record of the failed threshold
     first = decide(_scores(0.55, 0.9), None, cfg.registry)
     assert not first.passed and first.compared_with.startswith("floors")
+
+
+def test_register_takes_only_a_logged_model_uri_and_writes_nothing_otherwise(tmp_path):
+    registry = ModelRegistry(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for uri in ("runs:/0123/model", "models:/crosssim-pneumonia/1", "models:/"):
+        with pytest.raises(RegistryError, match="expected a logged model's URI"):
+            registry.register("crosssim-pneumonia", uri, {})
+    assert not (tmp_path / "mlflow.db").exists() or registry.find("crosssim-pneumonia", CHALLENGER) is None
 
 
 def test_register_approve_reject_rollback_move_aliases_and_leave_an_audit_trail(cfg):

@@ -7,7 +7,6 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -39,10 +38,21 @@ class ModelRegistry:
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
     def register(self, name: str, model_uri: str, tags: Mapping[str, str]) -> ModelVersion:
-        """A new version of ``name`` (created on first use) from a logged model's ``models:/`` URI."""
-        mlflow.set_tracking_uri(self.tracking_uri)
-        mlflow.set_registry_uri(self.tracking_uri)
-        return mlflow.register_model(model_uri, name, tags={key: str(value) for key, value in tags.items()})
+        """A new version of ``name`` (created on first use) from a logged model's ``models:/<model_id>`` URI.
+
+        Through this registry's own client: ``mlflow.register_model`` would need MLflow's
+        process-wide tracking and registry URIs set, and they would outlive the call.
+        """
+        model_id = model_uri.removeprefix("models:/")
+        if model_id == model_uri or not model_id or "/" in model_id:
+            raise RegistryError(f"{model_uri!r}: expected a logged model's URI, models:/<model_id>")
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException:
+            self.client.create_registered_model(name)
+        return self.client.create_model_version(
+            name, model_uri, tags={key: str(value) for key, value in tags.items()}, model_id=model_id
+        )
 
     def describe(self, name: str, version: str, description: str) -> None:
         self.client.update_model_version(name, version, description=description)

@@ -1,7 +1,8 @@
 """The data stages run against the project's output layout, shared by the CLI, DVC and Prefect.
 
 Kept apart from :mod:`flows.model_steps` so that ``crosssim validate`` and ``crosssim prepare``
-(and DVC, which runs each stage in its own process) do not import torch and MLflow:
+(and DVC, which runs each stage in its own process) do not import torch and MLflow, and
+``prepare`` not Great Expectations either (validation imports it when it runs):
 
     outputs/validation/<site>/   validation.json + GX Data Docs + manifest.csv (the accepted rows)
     outputs/prepared/<site>/     images.npy + manifest.csv (hard links into the content-keyed cache)
@@ -13,6 +14,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -23,8 +25,10 @@ from pipeline.data.readers import read_dataset
 from pipeline.data.salt import resolve_salt
 from pipeline.data.splits import assign_splits, subsample
 from pipeline.errors import DatasetError, DataValidationError
-from pipeline.validation import ValidationReport, check_dataset, compute_image_facts
 from pipeline.versioning import dataset_version
+
+if TYPE_CHECKING:
+    from pipeline.validation import ValidationReport
 
 VALIDATED_MANIFEST = "manifest.csv"  # next to validation.json: the rows the rules accepted
 
@@ -62,6 +66,8 @@ def validate_site(
 
     The caller decides whether blocking failures stop the run.
     """
+    from pipeline.validation import check_dataset, compute_image_facts  # Great Expectations: ~10 s to import
+
     if facts is None:
         facts = compute_image_facts(manifest)
     report_dir = cfg.validation.report_dir / site

@@ -150,7 +150,7 @@ def test_a_triggered_retrain_registers_a_challenger(served, data_dir, tmp_path):
     assert flow_run.state.is_completed(), f"{flow_run.state}\n{(served / 'serve.log').read_text()[-3000:]}"
 
     uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
-    client = MlflowClient(uri, registry_uri=uri)  # not the registry URI an earlier test left set in this process
+    client = MlflowClient(uri, registry_uri=uri)  # not the process-wide URI an earlier test left set
     challenger = client.get_model_version_by_alias("crosssim-pneumonia", "challenger")
     assert challenger.tags["prefect_flow_run_id"] == str(flow_run.id)  # lineage back to the deployment's run
 

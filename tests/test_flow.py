@@ -52,7 +52,7 @@ def _overrides(work: Path, data_root: Path, *extra: str) -> list[str]:
 
 def _client(work: Path) -> MlflowClient:
     uri = f"sqlite:///{work / 'mlflow' / 'mlflow.db'}"
-    return MlflowClient(uri, registry_uri=uri)  # registering sets MLflow's process-wide registry URI
+    return MlflowClient(uri, registry_uri=uri)  # not the process-wide URI a run leaves set
 
 
 def _artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:

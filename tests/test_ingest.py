@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from typer.testing import CliRunner
@@ -145,9 +146,31 @@ def _dicom_from(png: Path, out: Path, patient_id: str) -> None:
     ds.save_as(out, enforce_file_format=True)
 
 
+def _with_metadata_phi(folder: Path, rows: pd.DataFrame) -> pd.DataFrame:
+    """Row 0's PNG gets PHI in text chunks; row 1 becomes a JPEG with PHI in EXIF and a comment."""
+    rows = rows.copy()
+    png = folder / "images" / rows["Image Index"].iloc[0]
+    info = PngInfo()
+    info.add_text("PatientName", PHI["PatientName"])
+    info.add_itxt("Institution", PHI["InstitutionName"])
+    with Image.open(png) as image:
+        image.save(png, pnginfo=info)
+    exported = folder / "images" / rows["Image Index"].iloc[1]
+    jpeg = exported.with_suffix(".jpg")
+    exif = Image.Exif()
+    exif[0x010E] = f"{PHI['PatientID']} {PHI['AccessionNumber']}"  # ImageDescription
+    with Image.open(exported) as image:
+        image.save(jpeg, exif=exif, comment=PHI["ReferringPhysicianName"].encode(), quality=95)
+    exported.unlink()
+    rows.iloc[1, rows.columns.get_loc("Image Index")] = jpeg.name
+    return rows
+
+
 def _mixed_batch(data_dir: Path, folder: Path, rows: pd.DataFrame) -> Path:
-    """Rows 0-3 as exported PNGs, rows 4-5 as DICOM of patient MRN-123456 (its CSV rows carry the MRN)."""
+    """Rows 0-3 as exported images (row 0 a PNG and row 1 a JPEG with PHI in their metadata), rows 4-5
+    as DICOM of patient MRN-123456 (its CSV rows carry the MRN)."""
     _png_batch(data_dir, folder, rows.iloc[:4])
+    rows = pd.concat([_with_metadata_phi(folder, rows.iloc[:4]), rows.iloc[4:]])
     dicom_rows = rows.iloc[4:6].copy()
     for index, name in zip(dicom_rows.index, dicom_rows["Image Index"], strict=True):
         dicom_name = f"scan{index}.dcm"
@@ -187,8 +210,15 @@ def test_clean_batch_is_versioned_pushed_logged_and_free_of_phi(data_dir, root, 
     dicom_rows = manifest[manifest["image_id"].str.startswith("dicom-")]
     assert len(dicom_rows) == 2 and dicom_rows["patient_id"].nunique() == 1
     assert not list((repo / "data").rglob("*.dcm"))
-    # PHI is nowhere: dataset, DVC cache, remote, log, reports, workspace
-    assert _phi_found(root) == []
+    # PHI is nowhere: dataset, DVC cache, remote, log, reports, workspace; not in the drop's PNG/JPEG
+    # metadata either, and those images' pixels are the exported ones
+    assert _phi_found(batch) and _phi_found(root) == []
+    assert log[0]["counts"]["images_metadata_removed"] == 2 and "metadata_removed" in result.output
+    exported = [p for p in (batch / "images").iterdir() if p.suffix != ".dcm"]
+    assert {p.suffix for p in exported} == {".png", ".jpg"}
+    for image in exported:
+        staged = repo / "data" / "raw" / SITE / "images" / image.name
+        np.testing.assert_array_equal(np.asarray(Image.open(staged)), np.asarray(Image.open(image)))
     assert (repo / "outputs" / "ingest" / SITE / log[0]["batch_id"] / "summary.md").is_file()
 
     snapshot = _snapshot(root)
@@ -210,7 +240,7 @@ def test_clean_batch_is_versioned_pushed_logged_and_free_of_phi(data_dir, root, 
 def _corrupt_file(batch: Path, root: Path) -> tuple[str, str]:
     victim = sorted((batch / "images").iterdir())[1]
     victim.write_bytes(victim.read_bytes()[:300])  # a truncated export
-    return "decodes", victim.name
+    return "corrupt_file", victim.name
 
 
 def _unknown_label(batch: Path, root: Path) -> tuple[str, str]:

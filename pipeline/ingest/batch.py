@@ -12,13 +12,16 @@ in a DICOM header goes no further than this module:
 - the CSV keeps NIH's columns only (extra columns may hold anything) and ages are capped at
   90 (HIPAA Safe Harbor).
 
-File names and PNG/JPEG files are taken as exported: the export must not put PHI in them.
+- a PNG/JPEG file is copied without its metadata (text chunks, EXIF, XMP, comments:
+  pipeline.ingest.scrub), its pixels byte for byte.
+
+File names and the pixels themselves (burned-in annotations) are taken as exported: the
+export must not put PHI in them.
 """
 
 from __future__ import annotations
 
 import hashlib
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +35,7 @@ from pipeline.data.images import DICOM_SUFFIXES, ImageDecodeError
 from pipeline.data.readers import NIH_COLUMNS, NIH_CSV
 from pipeline.data.salt import salt_variables
 from pipeline.errors import ConfigError
+from pipeline.ingest.scrub import ImageFormatError, scrub_image
 from pipeline.validation.report import Failure
 
 # NIH's columns as pandas reads its header (the two size columns hold a comma in their names).
@@ -150,10 +154,10 @@ def _read_csv(csv_path: Path, staged: StagedBatch) -> pd.DataFrame | None:
 def _stage_rows(
     table: pd.DataFrame, folder: Path, images: Path, salt: str | None, staged: StagedBatch
 ) -> list[dict[str, str]]:
-    """Check each row and copy (PNG/JPEG) or de-identify (DICOM) its image; returns the rows to ingest."""
+    """Check each row and copy without metadata (PNG/JPEG) or de-identify (DICOM) its image; returns the rows to ingest."""
     found: dict[str, list[str]] = {}
     seen: dict[str, int] = {}
-    rows, dicom = [], 0
+    rows, dicom, scrubbed = [], 0, []
     for line, record in enumerate(table.to_dict("records"), start=2):
         name, patient = str(record["Image Index"]).strip(), str(record["Patient ID"]).strip()
         where = f"line {line}"
@@ -175,13 +179,23 @@ def _stage_rows(
                 continue
             dicom += 1
         else:
-            shutil.copyfile(source, images / name)
+            try:
+                removed = scrub_image(source, images / name)
+            except ImageFormatError as exc:
+                found.setdefault("corrupt_file", []).append(f"{where} (images/{name}: {exc})")
+                continue
+            if removed:
+                scrubbed.append(f"{name} ({', '.join(sorted(removed))})")
         out["Patient Age"] = _capped_age(out["Patient Age"])
         rows.append(out)
     for rule, what, severity in _ROW_RULES:
         if rule in found:
             _add(staged, rule, severity, what, found[rule])
-    staged.counts.update(dicom_images=dicom, out_of_task_rows=len(found.get("out_of_task", [])))
+    if scrubbed:
+        _add(staged, "metadata_removed", "warning", "image metadata removed before staging", scrubbed)
+    staged.counts.update(
+        dicom_images=dicom, images_metadata_removed=len(scrubbed), out_of_task_rows=len(found.get("out_of_task", []))
+    )
     return rows
 
 
@@ -190,7 +204,7 @@ _ROW_RULES = (
     ("unknown_label", "rows whose 'Finding Labels' is not NIH's vocabulary", "blocking"),
     ("missing_file", "rows whose image is not in images/", "blocking"),
     ("file_type", "rows whose image is not PNG, JPEG or DICOM", "blocking"),
-    ("corrupt_file", "rows whose DICOM file cannot be read", "blocking"),
+    ("corrupt_file", "rows whose image file cannot be read", "blocking"),
     ("dicom_patient", "rows whose DICOM header does not give their patient", "blocking"),
     ("out_of_task", "rows neither 'No Finding' nor with 'Pneumonia', not ingested", "warning"),
 )

@@ -33,6 +33,24 @@ def build_augmentation(cfg: AugmentConfig) -> v2.Transform | None:
     return v2.Compose(steps) if steps else None
 
 
+def build_strong_augmentation(cfg: AugmentConfig) -> v2.Transform:
+    """The *strong* view of consistency training (FixMatch/UDA style) on 1-channel radiographs.
+
+    The training transform's rotation, plus a shift of up to 10%, a zoom of ±15%, twice its
+    brightness jitter (at least ±0.2), contrast ±0.4, a Gaussian blur half of the time and a
+    cut-out patch (2–15% of the image) half of the time. No flips: a chest X-ray's left and
+    right differ (heart, stomach bubble). Applied per image, like :func:`build_augmentation`.
+    """
+    return v2.Compose(
+        [
+            v2.RandomAffine(degrees=cfg.rotation_degrees, translate=(0.1, 0.1), scale=(0.85, 1.15)),
+            v2.ColorJitter(brightness=min(1.0, max(0.2, 2 * cfg.brightness)), contrast=0.4),
+            v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 1.5))], p=0.5),
+            v2.RandomErasing(p=0.5, scale=(0.02, 0.15)),
+        ]
+    )
+
+
 def to_model_input(batch_uint8: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     """(B, H, W) uint8 → (B, 1, H, W) float in [0, 1] on ``device``."""
     batch = batch_uint8.to(device, non_blocking=True).unsqueeze(1).float().div_(255.0)

@@ -146,6 +146,11 @@ class CrossSimConfig(_Section):
     label_finetune_steps: int = Field(
         default=150, ge=0, description="With target labels: fine-tune on them first, adapt from that model (0: off)."
     )
+    label_consistency_weight: float = Field(
+        default=1.0,
+        ge=0,
+        description="In that fine-tuning: weak→strong augmentation consistency on unlabelled target images (0: off).",
+    )
     source_label_weight: float = Field(
         default=0.0, ge=0, le=1, description="Weight of the source hard labels when target labels exist (1 without them)."
     )

@@ -12,7 +12,7 @@ import torch
 from pipeline.config import load_config
 from pipeline.crosssim.adapt import Adapter, recalibrate_batchnorm
 from pipeline.crosssim.engine import UNLABELLED, DomainBatches, EvaluationSets, LoopRuntime, extract
-from pipeline.crosssim.finetune import finetune_on_labels
+from pipeline.crosssim.finetune import ConsistencyFinetuner, finetune_on_labels
 from pipeline.crosssim.handlers import DivergenceDetector, ModelSelector
 from pipeline.crosssim.model import AdaptedClassifier, load_model, save_model
 from pipeline.crosssim.stage import (
@@ -254,7 +254,11 @@ def test_with_target_labels_adaptation_starts_from_the_fine_tuned_model(domains,
         tmp_path, "crosssim.labelled_fraction=0.3", "crosssim.label_finetune_steps=5", "crosssim.steps=10", "crosssim.distill.steps=5"
     )
     result = _run(cfg, source_model, domains, some_labels)
-    assert result.diagnostics["label_finetune"] == {"labelled_images": int((~hidden).sum()), "steps": 5}
+    assert result.diagnostics["label_finetune"] == {
+        "labelled_images": int((~hidden).sum()),
+        "steps": 5,
+        "consistency_weight": 1.0,  # semi-supervised: the other target-train images through consistency
+    }
     assert "max labelled-target AUC" in result.diagnostics["selection_rule"]
     assert "target_labelled_auc" in result.diagnostics["adapt"]["selected"]
     before = [p.clone() for p in source_model.parameters()]
@@ -271,6 +275,29 @@ def test_with_target_labels_adaptation_starts_from_the_fine_tuned_model(domains,
     with pytest.raises(DatasetError, match="both classes"):
         one_class = DomainData("target-train", target.images[:6], np.array([1, 1, 1, UNLABELLED, UNLABELLED, UNLABELLED]))
         finetune_on_labels(source_model, one_class, 5, cfg.train, cfg.augment, cfg.seed)
+
+
+def test_semi_supervised_fine_tuning_learns_consistency_on_the_unlabelled_target_images(domains, source_model, tmp_path):
+    cfg = _cfg(tmp_path)
+    target = domains["target_labels"]
+    hidden = np.random.default_rng(1).random(len(target.labels)) > 0.3
+    some_labels = DomainData("target-train", target.images, np.where(hidden, UNLABELLED, target.labels))
+    evaluation = EvaluationSets(domains["source_val"].images, domains["source_val"].labels, target.images, some_labels.labels)
+    runtime = LoopRuntime(torch.device("cpu"), False, None, torch.Generator().manual_seed(0))
+    loop = ConsistencyFinetuner(source_model, some_labels, 2.0, 4, cfg.train, cfg.augment, evaluation, runtime)
+    before = [p.clone() for p in source_model.parameters()]
+    loop.fit()
+    assert loop.state.step == 4 and set(loop.state.losses) == {"classification", "consistency", "total"}
+    assert loop.state.losses["consistency"] > 0  # weak and strong views disagree
+    assert loop.state.losses["total"] == pytest.approx(loop.state.losses["classification"] + loop.state.losses["consistency"])
+    assert all(torch.equal(a, b) for a, b in zip(before, source_model.parameters(), strict=True))  # a copy moved
+    assert any(not torch.equal(a, b) for a, b in zip(before, loop.model.parameters(), strict=True))
+
+    with pytest.raises(DatasetError, match="needs unlabelled images too"):
+        ConsistencyFinetuner(source_model, target, 1.0, 2, cfg.train, cfg.augment, evaluation, runtime)
+    one_class = DomainData("target-train", target.images[:6], np.array([0, 0, UNLABELLED, UNLABELLED, UNLABELLED, UNLABELLED]))
+    with pytest.raises(DatasetError, match="both classes"):
+        ConsistencyFinetuner(source_model, one_class, 1.0, 2, cfg.train, cfg.augment, evaluation, runtime)
 
 
 def test_bad_inputs_are_refused_before_anything_is_written(domains, source_model, tmp_path):

@@ -14,6 +14,7 @@ from torch import nn
 
 from pipeline.crosssim import (
     AdversarialAlignmentLoss,
+    AugmentationConsistencyLoss,
     DiscriminatorLoss,
     DistillationLoss,
     DomainAdversarialLoss,
@@ -163,6 +164,18 @@ def test_pseudo_labels_only_for_confident_teacher_rows():
     assert strict(student, teacher).item() == pytest.approx(soft, rel=1e-5)  # no confident row: KL only
 
 
+def test_augmentation_consistency_by_hand_and_only_the_strong_view_learns():
+    weak = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]], requires_grad=True)  # softmax [1/2, 1/2], [3/4, 1/4]
+    strong = torch.tensor([[math.log(3.0), 0.0], [math.log(3.0), 0.0]], requires_grad=True)
+    loss = AugmentationConsistencyLoss()(weak, strong)
+    # KL(weak ‖ strong) per row, batch mean: row 1's views agree
+    assert loss.item() == pytest.approx((kl([0.5, 0.5], [0.75, 0.25]) + 0.0) / 2, rel=1e-5)
+    loss.backward()
+    assert weak.grad is None or torch.count_nonzero(weak.grad) == 0  # the weak view is the fixed target
+    # ∂L/∂strong = (softmax(strong) − softmax(weak)) / N: row 0 pulled towards [1/2, 1/2], row 1 left alone
+    torch.testing.assert_close(strong.grad, torch.tensor([[0.125, -0.125], [0.0, 0.0]]))
+
+
 def test_proxy_a_distance_on_synthetic_features():
     rng = np.random.default_rng(0)
     same_a, same_b = rng.normal(size=(400, 8)), rng.normal(size=(400, 8))
@@ -186,6 +199,10 @@ def test_bad_inputs_raise_value_error():
         DistillationLoss()(torch.zeros(3, 2), torch.zeros(3, 3))
     with pytest.raises(ValueError, match="labels"):
         DistillationLoss()(torch.zeros(3, 2), torch.zeros(3, 2), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="weak_logits and strong_logits"):
+        AugmentationConsistencyLoss()(torch.zeros(3, 2), torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="empty batch"):
+        AugmentationConsistencyLoss()(torch.zeros(0, 2), torch.zeros(0, 2))
     with pytest.raises(ValueError, match="pseudo_label_threshold"):
         DistillationLoss(pseudo_label_threshold=1.5)
     with pytest.raises(ValueError, match="feature widths differ"):

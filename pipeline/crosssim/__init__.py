@@ -6,6 +6,7 @@ This package holds the alignment building blocks and losses; see ``losses`` for 
 from pipeline.crosssim.diagnostics import DomainGap, domain_gap
 from pipeline.crosssim.losses import (
     AdversarialAlignmentLoss,
+    AugmentationConsistencyLoss,
     DiscriminatorLoss,
     DistillationLoss,
     DomainAdversarialLoss,
@@ -23,6 +24,7 @@ from pipeline.crosssim.target import TargetSplit, split_target
 
 __all__ = [
     "AdversarialAlignmentLoss",
+    "AugmentationConsistencyLoss",
     "DiscriminatorLoss",
     "DistillationLoss",
     "DomainAdversarialLoss",

@@ -106,6 +106,7 @@ class DomainLoop:
     """Runs ``steps`` optimisation steps on source + target batches, evaluating every ``eval_every``."""
 
     model: nn.Module
+    grad_clip_norm: float | None = 5.0
 
     def __init__(
         self,
@@ -157,7 +158,8 @@ class DomainLoop:
         """Backward + clipped step of ``self.optimizer``/``self.scheduler``; records every term's value."""
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
+        if self.grad_clip_norm is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.state.losses = {name: float(value.detach()) for name, value in losses.items()} | {"total": float(total.detach())}

@@ -1,20 +1,32 @@
-"""Plain supervised fine-tuning of the source model on the labelled target images.
+"""Fine-tuning the source model on the labelled target images, plain or semi-supervised.
 
-With target labels, CrossSim starts adaptation from this model rather than from the source
-model: the pediatric cues the source model learned invert on adults, and a few target labels
-correct that faster than any alignment. The benchmark's "fine-tune" baseline is this same
-function, so CrossSim with labels is compared with exactly what it starts from.
+With target labels, CrossSim starts adaptation from a fine-tuned model rather than from the
+source model: the pediatric cues the source model learned invert on adults, and a few target
+labels correct that faster than any alignment.
+
+* :func:`finetune_on_labels`: plain supervised fine-tuning; the benchmark's "fine-tune" baseline.
+* :class:`ConsistencyFinetuner`: the same labels, plus :class:`AugmentationConsistencyLoss` on
+  the target-train images whose labels are hidden (CrossSim's default when it has labels,
+  ``crosssim.label_consistency_weight``): dynamic augmentation turned into a training signal on
+  the unlabelled target images.
+
+Neither selects a checkpoint: with this few labels no separate validation set is left to select on.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
+from pipeline.augment import augment_batch, build_strong_augmentation, normalise, to_model_input
 from pipeline.config import AugmentConfig, TrainConfig
-from pipeline.crosssim.engine import UNLABELLED, DomainData
+from pipeline.crosssim.engine import UNLABELLED, DomainData, DomainLoop, EvaluationSets, LoopRuntime
+from pipeline.crosssim.losses import AugmentationConsistencyLoss
 from pipeline.errors import DatasetError
 from pipeline.models import Classifier
 from pipeline.training.engine import Trainer, seed_everything
@@ -22,21 +34,81 @@ from pipeline.training.engine import Trainer, seed_everything
 FINETUNE_LR = 3e-4
 
 
+def _labelled_rows(data: DomainData) -> np.ndarray:
+    labelled = data.labels != UNLABELLED
+    if set(np.unique(data.labels[labelled])) != {0, 1}:
+        raise DatasetError(
+            f"{data.name}: fine-tuning needs labelled images of both classes, "
+            f"got {sorted(set(data.labels[labelled].tolist()))}"
+        )
+    return labelled
+
+
 def finetune_on_labels(
     source_model: Classifier, data: DomainData, steps: int, train: TrainConfig, augment: AugmentConfig, seed: int
 ) -> Classifier:
     """A copy of ``source_model`` fine-tuned (all layers, cosine lr) for about ``steps`` steps on
-    ``data``'s labelled rows, with the training augmentation; the last weights are returned.
-
-    There is no selection: with this few labels no separate validation set is left to select on.
-    """
-    labelled = data.labels != UNLABELLED
+    ``data``'s labelled rows, with the training augmentation; the last weights are returned."""
+    labelled = _labelled_rows(data)
     images, labels = np.asarray(data.images[labelled]), data.labels[labelled]
-    if set(np.unique(labels)) != {0, 1}:
-        raise DatasetError(f"{data.name}: fine-tuning needs labelled images of both classes, got {sorted(set(labels.tolist()))}")
     epochs = max(1, math.ceil(steps * train.batch_size / len(images)))
     config = train.model_copy(update={"epochs": epochs, "lr": FINETUNE_LR, "warmup_epochs": 0.0})
     seed_everything(seed)
     trainer = Trainer(copy.deepcopy(source_model), images, labels, images, labels, config, augment, seed)
     trainer.fit()
     return trainer.model.eval()
+
+
+class ConsistencyFinetuner(DomainLoop):
+    """CE on ``data``'s labelled rows + ``weight``·consistency on its unlabelled ones, for ``steps``
+    steps; after :meth:`fit`, ``self.model`` (a copy of ``source_model``) is the result.
+
+    Its two streams are the labelled rows (``source`` of the loop) and the unlabelled rows
+    (``target``). Each step: CE (label smoothing as in training) on an augmented labelled
+    batch; the model's prediction on an ordinarily augmented (weak) view of an unlabelled batch,
+    without gradient, is the target for its prediction on a strongly augmented view of the same
+    images (:func:`pipeline.augment.build_strong_augmentation`).
+    """
+
+    def __init__(
+        self,
+        source_model: Classifier,
+        data: DomainData,
+        weight: float,
+        steps: int,
+        train: TrainConfig,
+        augment: AugmentConfig,
+        evaluation: EvaluationSets,
+        runtime: LoopRuntime,
+        handlers: list[Any] | None = None,
+    ) -> None:
+        labelled = _labelled_rows(data)
+        if labelled.all():
+            raise DatasetError(f"{data.name}: semi-supervised fine-tuning needs unlabelled images too; all are labelled")
+        labelled_rows, unlabelled_rows = (
+            DomainData(f"{data.name} ({kind})", data.images[rows], data.labels[rows])
+            for kind, rows in (("labelled", labelled), ("unlabelled", ~labelled))
+        )
+        super().__init__(labelled_rows, unlabelled_rows, train.batch_size, steps, steps, evaluation, runtime, handlers)
+        self.model = copy.deepcopy(source_model).to(self.device, memory_format=self.memory_format)
+        self.weight = weight
+        self.strong = build_strong_augmentation(augment)
+        self.grad_clip_norm = train.grad_clip_norm
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=train.label_smoothing)
+        self.consistency = AugmentationConsistencyLoss()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=FINETUNE_LR, weight_decay=train.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / steps, 1.0)))
+        )
+
+    def train_step(self) -> None:
+        images, labels = self.source.next()
+        self.model.train()
+        losses = {"classification": self.criterion(self.model(self.inputs(images)), labels.to(self.device))}
+        unlabelled, _ = self.target.next()
+        batch = to_model_input(unlabelled, self.device, self.channels_last)
+        with torch.no_grad():
+            weak = self.model(normalise(augment_batch(batch, self.transform)))
+        strong = self.model(normalise(augment_batch(batch, self.strong)))
+        losses["consistency"] = self.weight * self.consistency(weak, strong)
+        self.optimise(sum(losses.values()), losses)

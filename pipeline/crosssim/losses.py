@@ -208,6 +208,36 @@ class DistillationLoss(nn.Module):
         return self.alpha * hard + (1.0 - self.alpha) * soft
 
 
+class AugmentationConsistencyLoss(nn.Module):
+    r"""Prediction consistency between two views of the same unlabelled images (UDA, Xie et al. 2020).
+
+    .. math::
+        L_{cons} = \frac{1}{B} \sum_i \mathrm{KL}\big(p(y \mid \mathrm{weak}(x_i)) \,\|\, p(y \mid \mathrm{strong}(x_i))\big)
+
+    The weak view's prediction is the target and gets no gradient (it is detached here), so
+    only the strongly augmented view is pulled towards it: the model learns to give the same
+    answer for an image however it was shifted, zoomed, blurred or partly covered, which is
+    what a few labelled images alone cannot teach it on the target hospital's images.
+
+    Inputs: logits of the weak and strong views, both ``(N, C)`` in the same image order.
+    """
+
+    def forward(self, weak_logits: torch.Tensor, strong_logits: torch.Tensor) -> torch.Tensor:
+        if weak_logits.ndim != 2 or weak_logits.shape != strong_logits.shape:
+            raise ValueError(
+                "weak_logits and strong_logits must both be (N, C): got "
+                f"{tuple(weak_logits.shape)} and {tuple(strong_logits.shape)}"
+            )
+        if weak_logits.shape[0] == 0:
+            raise ValueError("weak_logits: empty batch")
+        return F.kl_div(
+            F.log_softmax(strong_logits, dim=1),
+            F.log_softmax(weak_logits.detach(), dim=1),
+            reduction="batchmean",
+            log_target=True,
+        )
+
+
 def binary_entropy(probs: torch.Tensor) -> torch.Tensor:
     r"""Per-sample entropy of a Bernoulli prediction, in bits: :math:`H(p) = -p\log_2 p - (1-p)\log_2(1-p)`.
 

@@ -25,7 +25,7 @@ from pipeline.crosssim.adapt import Adapter, recalibrate_batchnorm
 from pipeline.crosssim.diagnostics import domain_gap
 from pipeline.crosssim.distill import Distiller
 from pipeline.crosssim.engine import UNLABELLED, DomainData, EvaluationSets, LoopRuntime
-from pipeline.crosssim.finetune import finetune_on_labels
+from pipeline.crosssim.finetune import ConsistencyFinetuner, finetune_on_labels
 from pipeline.crosssim.handlers import DivergenceDetector, HistoryRecorder, LoopProgress, ModelSelector
 from pipeline.crosssim.model import save_model
 from pipeline.errors import DatasetError, TrainingError
@@ -133,10 +133,12 @@ def run_crosssim(
     diagnostics: dict[str, Any] = {"alignment": settings.alignment, "config": settings.model_dump(mode="json")}
     labelled = int((target_train.labels != UNLABELLED).sum())
     if labelled and settings.label_finetune_steps:
-        source_model = finetune_on_labels(
-            source_model, target_train, settings.label_finetune_steps, cfg.train, cfg.augment, cfg.seed
-        )
-        diagnostics["label_finetune"] = {"labelled_images": labelled, "steps": settings.label_finetune_steps}
+        source_model = _finetune(source_model, target_train, cfg, evaluation, runtime, tracker, show_progress)
+        diagnostics["label_finetune"] = {
+            "labelled_images": labelled,
+            "steps": settings.label_finetune_steps,
+            "consistency_weight": settings.label_consistency_weight if labelled < len(target_train.labels) else 0.0,
+        }
 
     selector = ModelSelector(settings.selection_tolerance)
     adapter = Adapter(
@@ -208,6 +210,36 @@ def run_crosssim(
             }
         )  # the folder itself is logged by the caller once scores are added to it
     return CrossSimResult(adapted_path, student_path, diagnostics_path, diagnostics)
+
+
+def _finetune(
+    source_model: Classifier,
+    target_train: DomainData,
+    cfg: PipelineConfig,
+    evaluation: EvaluationSets,
+    runtime: LoopRuntime,
+    tracker,
+    show_progress: bool,
+) -> Classifier:
+    """The labelled fine-tuning adaptation starts from: semi-supervised when some target images are unlabelled."""
+    settings = cfg.crosssim
+    if settings.label_consistency_weight == 0 or (target_train.labels != UNLABELLED).all():
+        steps = settings.label_finetune_steps
+        return finetune_on_labels(source_model, target_train, steps, cfg.train, cfg.augment, cfg.seed)
+    handlers = [HistoryRecorder("label_finetune", tracker), LoopProgress("fine-tune + consistency", show_progress)]
+    loop = ConsistencyFinetuner(
+        source_model,
+        target_train,
+        settings.label_consistency_weight,
+        settings.label_finetune_steps,
+        cfg.train,
+        cfg.augment,
+        evaluation,
+        runtime,
+        handlers,
+    )
+    loop.fit()
+    return loop.model.eval()
 
 
 def _gap(gap) -> dict[str, Any]:

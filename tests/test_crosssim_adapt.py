@@ -14,6 +14,7 @@ from pipeline.crosssim.adapt import Adapter, recalibrate_batchnorm
 from pipeline.crosssim.engine import UNLABELLED, DomainBatches, EvaluationSets, LoopRuntime, extract
 from pipeline.crosssim.finetune import ConsistencyFinetuner, finetune_on_labels
 from pipeline.crosssim.handlers import DivergenceDetector, ModelSelector
+from pipeline.crosssim.losses import AugmentationConsistencyLoss
 from pipeline.crosssim.model import AdaptedClassifier, load_model, save_model
 from pipeline.crosssim.stage import (
     ADAPTED_MODEL,
@@ -179,6 +180,17 @@ def test_non_finite_loss_stops_with_diagnostics_and_no_model(domains, source_mod
     assert (tmp_path / "adapt" / DIAGNOSTICS).is_file() and "failure" in error.value.diagnostics_path.read_text()
 
 
+def test_non_finite_fine_tuning_loss_stops_before_adaptation(domains, source_model, tmp_path, monkeypatch):
+    target = domains["target_labels"]
+    some_labels = DomainData("target-train", target.images, np.where(np.arange(len(target.labels)) % 3, UNLABELLED, target.labels))
+    monkeypatch.setattr(AugmentationConsistencyLoss, "forward", lambda self, weak, strong: (strong * math.nan).mean())
+    cfg = _cfg(tmp_path, "crosssim.labelled_fraction=0.3", "crosssim.label_finetune_steps=5")
+    with pytest.raises(AdaptationDivergedError, match="label fine-tuning stopped: loss consistency, total is not finite"):
+        _run(cfg, source_model, domains, some_labels)
+    assert not (tmp_path / "adapt" / ADAPTED_MODEL).exists() and not (tmp_path / "adapt" / STUDENT_MODEL).exists()
+    assert "label_finetune" in (tmp_path / "adapt" / DIAGNOSTICS).read_text()
+
+
 class _Loop:
     def __init__(self) -> None:
         self.state = type("State", (), {"domain_accuracy": math.nan, "stop_reason": None, "step": 0, "evaluation": {}})()
@@ -254,11 +266,15 @@ def test_with_target_labels_adaptation_starts_from_the_fine_tuned_model(domains,
         tmp_path, "crosssim.labelled_fraction=0.3", "crosssim.label_finetune_steps=5", "crosssim.steps=10", "crosssim.distill.steps=5"
     )
     result = _run(cfg, source_model, domains, some_labels)
-    assert result.diagnostics["label_finetune"] == {
+    finetune = result.diagnostics["label_finetune"]
+    assert {key: finetune[key] for key in ("labelled_images", "steps", "consistency_weight")} == {
         "labelled_images": int((~hidden).sum()),
         "steps": 5,
         "consistency_weight": 1.0,  # semi-supervised: the other target-train images through consistency
     }
+    # evaluated before and after (source-val AUC, labelled-target AUC); its losses are logged every 10 steps
+    assert [row["step"] for row in finetune["history"]] == [0.0, 5.0]
+    assert "eval.target_labelled_auc" in finetune["history"][-1]
     assert "max labelled-target AUC" in result.diagnostics["selection_rule"]
     assert "target_labelled_auc" in result.diagnostics["adapt"]["selected"]
     before = [p.clone() for p in source_model.parameters()]

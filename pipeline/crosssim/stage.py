@@ -24,7 +24,7 @@ from pipeline.config import PipelineConfig
 from pipeline.crosssim.adapt import Adapter, recalibrate_batchnorm
 from pipeline.crosssim.diagnostics import domain_gap
 from pipeline.crosssim.distill import Distiller
-from pipeline.crosssim.engine import UNLABELLED, DomainData, EvaluationSets, LoopRuntime
+from pipeline.crosssim.engine import UNLABELLED, DomainData, EvaluationSets, LoopRuntime, LoopState
 from pipeline.crosssim.finetune import ConsistencyFinetuner, finetune_on_labels
 from pipeline.crosssim.handlers import DivergenceDetector, HistoryRecorder, LoopProgress, ModelSelector
 from pipeline.crosssim.model import save_model
@@ -133,12 +133,18 @@ def run_crosssim(
     diagnostics: dict[str, Any] = {"alignment": settings.alignment, "config": settings.model_dump(mode="json")}
     labelled = int((target_train.labels != UNLABELLED).sum())
     if labelled and settings.label_finetune_steps:
-        source_model = _finetune(source_model, target_train, cfg, evaluation, runtime, tracker, show_progress)
+        source_model, finetune_state = _finetune(
+            source_model, target_train, cfg, evaluation, runtime, tracker, show_progress
+        )
         diagnostics["label_finetune"] = {
             "labelled_images": labelled,
             "steps": settings.label_finetune_steps,
-            "consistency_weight": settings.label_consistency_weight if labelled < len(target_train.labels) else 0.0,
+            "consistency_weight": 0.0 if finetune_state is None else settings.label_consistency_weight,
         }
+        if finetune_state is not None:
+            diagnostics["label_finetune"]["history"] = finetune_state.history
+            if finetune_state.stop_reason is not None:
+                _fail(output_dir, diagnostics, f"label fine-tuning stopped: {finetune_state.stop_reason}", tracker)
 
     selector = ModelSelector(settings.selection_tolerance)
     adapter = Adapter(
@@ -220,12 +226,13 @@ def _finetune(
     runtime: LoopRuntime,
     tracker,
     show_progress: bool,
-) -> Classifier:
-    """The labelled fine-tuning adaptation starts from: semi-supervised when some target images are unlabelled."""
+) -> tuple[Classifier, LoopState | None]:
+    """The labelled fine-tuning adaptation starts from, and its loop's state when it was semi-supervised
+    (some target images unlabelled and ``label_consistency_weight`` > 0), else None (plain fine-tuning)."""
     settings = cfg.crosssim
     if settings.label_consistency_weight == 0 or (target_train.labels != UNLABELLED).all():
         steps = settings.label_finetune_steps
-        return finetune_on_labels(source_model, target_train, steps, cfg.train, cfg.augment, cfg.seed)
+        return finetune_on_labels(source_model, target_train, steps, cfg.train, cfg.augment, cfg.seed), None
     handlers = [HistoryRecorder("label_finetune", tracker), LoopProgress("fine-tune + consistency", show_progress)]
     loop = ConsistencyFinetuner(
         source_model,
@@ -238,8 +245,8 @@ def _finetune(
         runtime,
         handlers,
     )
-    loop.fit()
-    return loop.model.eval()
+    state = loop.fit()
+    return loop.model.eval(), state
 
 
 def _gap(gap) -> dict[str, Any]:

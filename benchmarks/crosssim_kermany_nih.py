@@ -120,8 +120,8 @@ def run_seed(seed: int, first: bool, args, source: PreparedDataset, target: Prep
         final = load_model(result.student_path or result.adapted_path)
         models[name] = (final, target_train[fraction], seconds)
         gaps[name] = result.diagnostics["domain_gap"]
-        if result.student_path is not None and name == "crosssim":
-            models["crosssim_no_distillation"] = (load_model(result.adapted_path), target_train[fraction], seconds)
+        if result.student_path is not None and name in ("crosssim", "crosssim_10pct"):  # the teacher, scored too
+            models[f"{name}_no_distillation"] = (load_model(result.adapted_path), target_train[fraction], seconds)
 
     gaps: dict[str, dict] = {}
     crosssim("crosssim", [])

@@ -37,6 +37,16 @@ def _features(name: str, features: torch.Tensor) -> None:
         raise ValueError(f"{name}: empty batch")
 
 
+def _logit_pair(first_name: str, first: torch.Tensor, second_name: str, second: torch.Tensor) -> None:
+    """Two classifiers' logits for the same images: both (N, C), N > 0."""
+    if first.ndim != 2 or first.shape != second.shape:
+        raise ValueError(
+            f"{first_name} and {second_name} must both be (N, C): got {tuple(first.shape)} and {tuple(second.shape)}"
+        )
+    if first.shape[0] == 0:
+        raise ValueError(f"{first_name}: empty batch")
+
+
 def _bce(logits: torch.Tensor, label: float) -> torch.Tensor:
     """Mean of -log D (label 1) or -log(1 - D) (label 0), with D = sigmoid(logits)."""
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, label))
@@ -178,13 +188,7 @@ class DistillationLoss(nn.Module):
     def forward(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if student_logits.ndim != 2 or student_logits.shape != teacher_logits.shape:
-            raise ValueError(
-                "student_logits and teacher_logits must both be (N, C): got "
-                f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
-            )
-        if student_logits.shape[0] == 0:
-            raise ValueError("student_logits: empty batch")
+        _logit_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
         if labels is not None and labels.shape != student_logits.shape[:1]:
             raise ValueError(f"labels: expected shape ({student_logits.shape[0]},), got {tuple(labels.shape)}")
         teacher_logits = teacher_logits.detach()
@@ -223,13 +227,7 @@ class AugmentationConsistencyLoss(nn.Module):
     """
 
     def forward(self, weak_logits: torch.Tensor, strong_logits: torch.Tensor) -> torch.Tensor:
-        if weak_logits.ndim != 2 or weak_logits.shape != strong_logits.shape:
-            raise ValueError(
-                "weak_logits and strong_logits must both be (N, C): got "
-                f"{tuple(weak_logits.shape)} and {tuple(strong_logits.shape)}"
-            )
-        if weak_logits.shape[0] == 0:
-            raise ValueError("weak_logits: empty batch")
+        _logit_pair("weak_logits", weak_logits, "strong_logits", strong_logits)
         return F.kl_div(
             F.log_softmax(strong_logits, dim=1),
             F.log_softmax(weak_logits.detach(), dim=1),

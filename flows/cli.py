@@ -129,7 +129,9 @@ def prepare(config: ConfigOption = None, set_: SetOption = None) -> None:
 def train(
     config: ConfigOption = None,
     set_: SetOption = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from outputs/train/last.pt.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from last.pt (same config; train.epochs may be raised).")
+    ] = False,
 ) -> None:
     """Train on the prepared source site (run `crosssim prepare` first)."""
     from flows import model_steps
@@ -137,6 +139,8 @@ def train(
     try:
         cfg = _config(config, [*(set_ or []), *(["train.resume=true"] if resume else [])])
         result = model_steps.train_step(cfg)
+        for note in result.notes:
+            err_console.print(f"note: {note}", highlight=False, markup=False)
         console.print(f"best val AUC {result.state.best_val_auc:.4f} at epoch {result.state.best_epoch}: {result.model_path}")
     except PipelineError as error:
         _fail(error)

@@ -105,12 +105,36 @@ class TrainConfig(_Section):
     early_stopping_patience: int | None = Field(default=4, ge=1)
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
-    device: str = "auto"
+    device: str = Field(default="auto", description="auto (cuda when present, else cpu), or cpu, cuda, cuda:N, mps.")
     num_threads: int | None = Field(default=None, ge=1)
     output_dir: Path = Path("outputs/train")
     resume: bool = False
 
     _off_words = field_validator("amp", "channels_last", mode="before")(_yaml_off)
+
+    @field_validator("device")
+    @classmethod
+    def _device_exists(cls, value: str) -> str:
+        if value in ("auto", "cpu"):
+            return value  # no torch import: commands that never train load the config fast
+        _check_device(value)
+        return value
+
+
+def _check_device(name: str) -> None:
+    """Raise ValueError unless ``name`` is a torch device string whose device this machine has."""
+    import torch  # only for a device other than auto/cpu (~10 s to import)
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"{name!r} is not a torch device ({exc}); use auto, cpu, cuda, cuda:N or mps") from exc
+    backend = getattr(torch, device.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise ValueError(f"{name!r}: this machine has no {device.type} device; use auto (cuda when present, else cpu)")
+    count = backend.device_count()
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"{name!r}: this machine has {count} {device.type} device(s), numbered from 0")
 
 
 class EvaluateConfig(_Section):

@@ -66,6 +66,36 @@ def test_adapt_before_train_and_bad_crosssim_config_are_clear(tmp_path):
     assert result.exit_code == 2 and "crosssim.alignment" in result.output
 
 
+def test_too_few_patients_for_the_val_split_is_a_clear_error(data_dir, tmp_path):
+    """5 images per class: Kermany's train part has 5 normal and 4 pneumonia patients; a 15% val split needs 7."""
+    small = copy_kermany_subset(data_dir, tmp_path / "kermany-pediatric", per_class=5)
+    result = runner.invoke(app, ["validate", str(small), "--config", str(REPO / "params.yaml")])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "kermany-pediatric: too few patients for the val split (data.val_fraction)" in output
+    assert "at least 7 patients per class" in output and "normal 5 patients (5 images); pneumonia 4 patients" in output
+
+
+def test_a_device_this_machine_lacks_stops_train_before_anything_is_written(tmp_path):
+    out = tmp_path / "train"
+    settings = ["--config", str(REPO / "params.yaml"), "--set", "train.device=cuda:99", "--set", f"train.output_dir={out}"]
+    result = runner.invoke(app, ["train", *settings])
+    assert result.exit_code == 2 and "train.device: 'cuda:99'" in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_train_before_prepare_and_evaluate_before_train_say_what_to_run(tmp_path):
+    settings = ["--config", str(REPO / "params.yaml"), "--set", f"data.prepared_dir={tmp_path / 'prepared'}",
+                "--set", f"train.output_dir={tmp_path / 'train'}", "--set", f"evaluate.output_dir={tmp_path / 'eval'}"]
+    result = runner.invoke(app, ["train", *settings])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "run `crosssim prepare` first" in " ".join(result.output.split())
+    result = runner.invoke(app, ["evaluate", *settings])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "run `crosssim train` first" in " ".join(result.output.split())
+    assert not any((tmp_path / folder).exists() for folder in ("prepared", "train", "eval"))
+
+
 def test_run_says_what_to_do_when_prefects_temporary_server_does_not_start(tmp_path):
     """A busy machine can start Prefect's temporary server too slowly: a clear message, exit 7, nothing run."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,3 +39,29 @@ def test_data_root_from_environment(monkeypatch, tmp_path):
 def test_bad_overrides_are_named(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(REPO / "params.yaml", [override])
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("garbage", "'garbage' is not a torch device"),
+        ("tpu", "'tpu' is not a torch device"),
+        ("cuda:x", "'cuda:x' is not a torch device"),
+        ("cuda:99", "'cuda:99': this machine has"),  # no cuda device, or fewer than 100
+    ],
+)
+def test_a_device_this_machine_lacks_is_refused_when_the_config_is_read(device, message):
+    with pytest.raises(ConfigError, match=f"train.device: {message}"):
+        load_config(REPO / "params.yaml", [f"train.device={device}"])
+
+
+def test_auto_and_cpu_devices_are_read_without_importing_torch():
+    """Commands that never train (registry, validate, prepare) read the config: torch takes ~10 s to import."""
+    probe = (
+        "import sys; from pathlib import Path; from pipeline.config import load_config; "
+        "[load_config(Path('params.yaml'), [f'train.device={d}']) for d in ('auto', 'cpu')]; "
+        "print('torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pipeline.data.readers import read_dataset
 from pipeline.data.splits import assign_splits, subsample
+from pipeline.errors import DatasetError
+from tests.conftest import copy_nih_subset
 
 
 def _patients_per_split(manifest):
@@ -39,3 +43,14 @@ def test_subsample_caps_each_split_and_class(data_dir):
     small = subsample(split, 10, seed=1)
     assert small.groupby(["split", "label"]).size().max() == 10
     assert len(small) == 60
+
+
+def test_too_few_patients_for_a_split_says_how_many_there_are_and_are_needed(data_dir, tmp_path):
+    """3 normal and 3 pneumonia NIH rows (2 pneumonia patients): a 20% test split needs 5 patients per class."""
+    manifest = read_dataset(copy_nih_subset(data_dir, tmp_path / "nih-cxr8", per_class=3))
+    with pytest.raises(DatasetError) as error:
+        assign_splits(manifest, 0.15, 0.2, seed=42)
+    message = str(error.value)
+    assert message.startswith("nih-cxr8: too few patients for the test split (data.test_fraction)")
+    assert "at least 5 patients per class" in message
+    assert "normal 3 patients (3 images); pneumonia 2 patients (3 images)" in message

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from flows.cli import app
+from flows.data_steps import prepare_site
 from pipeline.config import load_config
 from pipeline.data.prepare import prepare_dataset
 from pipeline.data.readers import read_dataset
@@ -14,6 +20,7 @@ from pipeline.errors import TrainingError
 from pipeline.models import build_model
 from pipeline.training import train_model
 from pipeline.training.engine import Trainer
+from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +88,66 @@ def test_single_class_training_set_is_refused(mnist_subset, tmp_path):
 def test_resume_without_checkpoint_is_a_clear_error(mnist_subset, tmp_path):
     with pytest.raises(TrainingError, match="no checkpoint"):
         train_model(mnist_subset, _cfg(tmp_path / "empty", "train.resume=true"), show_progress=False)
+    assert not (tmp_path / "empty").exists()
+
+
+@pytest.fixture(scope="module")
+def trained_once(data_dir, tmp_path_factory):
+    """`crosssim train` for one epoch on a prepared PneumoniaMNIST subset: (CLI settings, its train folder)."""
+    project = tmp_path_factory.mktemp("project")
+    overrides = [
+        "data.source=pneumoniamnist", "data.external=[]", "crosssim.enabled=false", "data.image_size=32",
+        f"data.prepared_dir={project / 'prepared'}", f"data.cache_dir={project / 'cache'}",
+        "train.epochs=1", "train.batch_size=16", "train.early_stopping_patience=null",
+    ]
+    cfg = load_config(REPO / "params.yaml", overrides)
+    prepare_site(cfg, "pneumoniamnist", subsample(read_dataset(data_dir / "pneumoniamnist"), 16, seed=0))
+    settings = ["--config", str(REPO / "params.yaml")]
+    for override in [*overrides, f"train.output_dir={project / 'train'}"]:
+        settings += ["--set", override]
+    result = CliRunner().invoke(app, ["train", *settings])
+    assert result.exit_code == 0, result.output
+    return settings, project / "train"
+
+
+def _resume(trained_once, tmp_path, *overrides):
+    """`crosssim train --resume` on a copy of the trained folder: (exit code, output, last.pt)."""
+    settings, trained = trained_once
+    train_dir = shutil.copytree(trained, tmp_path / "train")
+    extra = [item for override in (f"train.output_dir={train_dir}", *overrides) for item in ("--set", override)]
+    result = CliRunner().invoke(app, ["train", "--resume", *settings, *extra])
+    assert "Traceback" not in result.output, result.output
+    return result.exit_code, " ".join(result.output.split()), train_dir / "last.pt"
+
+
+def test_resume_with_another_configuration_lists_each_difference(trained_once, tmp_path):
+    before = (trained_once[1] / "last.pt").read_bytes()
+    code, output, last = _resume(
+        trained_once, tmp_path, "train.backbone=mobilenet_v3_small", "train.batch_size=8", "train.lr=0.01"
+    )
+    assert code == 2, output
+    assert "was trained with another configuration" in output
+    assert "train.backbone: checkpoint 'resnet18', config 'mobilenet_v3_small'" in output
+    assert "train.batch_size: checkpoint 16, config 8" in output and "train.lr: checkpoint 0.001, config 0.01" in output
+    assert last.read_bytes() == before  # nothing trained, nothing rewritten
+
+
+def test_resume_from_a_truncated_checkpoint_names_the_file(trained_once, tmp_path):
+    last = shutil.copytree(trained_once[1], tmp_path / "broken") / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    code, output, _ = _resume((trained_once[0], last.parent), tmp_path)
+    assert code == 2 and "is truncated or corrupt" in output
+    assert "last.pt" in "".join(output.split())  # the path may be folded across lines
+
+
+def test_resume_may_raise_epochs_and_says_so(trained_once, tmp_path):
+    code, output, last = _resume(trained_once, tmp_path, "train.epochs=2")
+    assert code == 0, output
+    assert "note: train.epochs raised from 1 to 2: training continues after epoch 1" in output
+    assert json.loads((last.parent / "train_summary.json").read_text())["epochs_run"] == 2
+    settings = [*trained_once[0], "--set", f"train.output_dir={last.parent}", "--set", "train.epochs=2"]
+    again = CliRunner().invoke(app, ["train", "--resume", *settings])
+    assert again.exit_code == 0 and "holds 2 of 2 epochs: nothing left to train" in " ".join(again.output.split())
 
 
 @pytest.mark.parametrize("backbone", ["resnet50", "densenet121", "mobilenet_v3_small", "efficientnet_b0"])

@@ -42,7 +42,7 @@ def split_target(
         test = read_dataset(test_set, site=target["site"].iloc[0])
         train = target[~target["patient_id"].isin(set(test["patient_id"]))].assign(split="train")
     else:
-        held = patient_holdout(target, test_fraction, seed)
+        held = patient_holdout(target, test_fraction, seed, "target-test (crosssim.test_fraction)")
         test = target.loc[held].assign(split="test")
         train = target.drop(index=held).assign(split="train")
     if train.empty or test.empty:

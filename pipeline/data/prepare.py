@@ -22,6 +22,7 @@ import pandas as pd
 
 from pipeline.data.images import decode_image, resize_square, to_grayscale
 from pipeline.data.manifest import load_manifest, save_manifest
+from pipeline.errors import DatasetError
 
 PREPARE_FORMAT = "v1"  # bump when the pixel pipeline changes, so old cache entries are not reused
 
@@ -95,6 +96,8 @@ def prepare_dataset(manifest: pd.DataFrame, image_size: int, cache_dir: Path, wo
 
 
 def open_prepared(entry: Path) -> PreparedDataset:
+    if not (entry / "meta.json").is_file():
+        raise DatasetError(f"no prepared images at {entry}; run `crosssim prepare` first")
     meta = json.loads((entry / "meta.json").read_text())
     images = np.load(entry / "images.npy", mmap_mode="r")
     return PreparedDataset(key=meta["key"], directory=entry, images=images, manifest=load_manifest(entry / "manifest.csv"))

@@ -13,7 +13,8 @@ from pipeline.data.prepare import PreparedDataset
 from pipeline.errors import TrainingError
 from pipeline.models import Classifier, build_model
 from pipeline.training.engine import Trainer, TrainState, seed_everything
-from pipeline.training.handlers import Checkpointer, EarlyStopping, MetricsLogger, ProgressBar
+from pipeline.training.handlers import LAST_CHECKPOINT, Checkpointer, EarlyStopping, MetricsLogger, ProgressBar
+from pipeline.training.resume import load_for_resume, run_config
 
 __all__ = ["TrainResult", "train_model", "load_trained_model"]
 
@@ -24,6 +25,7 @@ class TrainResult:
     checkpoint_path: Path  # full state of the last epoch, for --resume
     summary_path: Path
     state: TrainState
+    notes: tuple[str, ...] = ()  # what a resume changed or found (e.g. epochs raised), for the user
 
 
 def train_model(
@@ -33,12 +35,18 @@ def train_model(
     show_progress: bool = True,
     extra_handlers: list | None = None,
 ) -> TrainResult:
-    """Train ``cfg.train.backbone`` on the train split, select on val AUC, checkpoint every epoch."""
+    """Train ``cfg.train.backbone`` on the train split, select on val AUC, checkpoint every epoch.
+
+    With ``train.resume``, continue from last.pt if it was trained with this configuration
+    (see :mod:`pipeline.training.resume`); it is checked before anything is written.
+    """
     manifest = prepared.manifest
     train_images, train_rows = prepared.subset(manifest["split"] == "train")
     val_images, val_rows = prepared.subset(manifest["split"] == "val")
     output_dir = Path(cfg.train.output_dir)
-    checkpointer = Checkpointer(output_dir)
+    record = run_config(cfg, prepared)
+    resumed, notes = load_for_resume(output_dir / LAST_CHECKPOINT, record) if cfg.train.resume else (None, [])
+    checkpointer = Checkpointer(output_dir, record)
     handlers: list = [checkpointer, ProgressBar(show_progress)]
     if cfg.train.early_stopping_patience:
         handlers.append(EarlyStopping(cfg.train.early_stopping_patience))
@@ -57,10 +65,8 @@ def train_model(
         cfg.seed,
         handlers,
     )
-    if cfg.train.resume:
-        if not checkpointer.last.is_file():
-            raise TrainingError(f"--resume: no checkpoint at {checkpointer.last}")
-        trainer.restore(torch.load(checkpointer.last, map_location=trainer.device, weights_only=False))
+    if resumed is not None:
+        trainer.restore(resumed)
     state = trainer.fit()
     summary = {
         "backbone": cfg.train.backbone,
@@ -72,13 +78,16 @@ def train_model(
         "n_train": len(train_rows),
         "n_val": len(val_rows),
         "history": state.history,
+        "resume_notes": notes,
     }
     summary_path = output_dir / "train_summary.json"
     summary_path.write_text(json.dumps(summary, indent=2))
-    return TrainResult(checkpointer.best, checkpointer.last, summary_path, state)
+    return TrainResult(checkpointer.best, checkpointer.last, summary_path, state, tuple(notes))
 
 
 def load_trained_model(model_path: Path, backbone: str) -> Classifier:
+    if not Path(model_path).is_file():
+        raise TrainingError(f"no trained model at {model_path}; run `crosssim train` first")
     model = build_model(backbone)
     try:
         model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))

@@ -21,11 +21,16 @@ def save_atomic(payload: Any, path: Path) -> None:
 
 
 class Checkpointer:
-    """Saves the full training state every epoch (for --resume) and the best model weights."""
+    """Saves the full training state every epoch (for --resume) and the best model weights.
 
-    def __init__(self, directory: Path) -> None:
+    ``run_config`` (what the run was configured with) is saved in ``last.pt``, so that a resume
+    can check that it continues the same training.
+    """
+
+    def __init__(self, directory: Path, run_config: dict[str, Any] | None = None) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.run_config = run_config
 
     @property
     def last(self) -> Path:
@@ -38,7 +43,7 @@ class Checkpointer:
     def on_epoch_end(self, trainer) -> None:
         if trainer.state.best_epoch == trainer.state.epoch:
             save_atomic(trainer.model.state_dict(), self.best)
-        save_atomic(trainer.checkpoint(), self.last)
+        save_atomic({**trainer.checkpoint(), "run_config": self.run_config}, self.last)
 
 
 class EarlyStopping:

@@ -89,20 +89,16 @@ def validate(
 ) -> None:
     """Check a dataset with the data-quality suite; exit 3 on a blocking failure."""
     from flows import data_steps
-    from pipeline.data.readers import read_dataset
-    from pipeline.data.splits import assign_splits
 
     try:
         cfg = _config(config, set_)
         if dataset_dir is not None:
-            manifest = read_dataset(dataset_dir, dicom_salt=data_steps.dicom_salt(cfg, dataset_dir.name))
-            manifest = assign_splits(manifest, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
-            targets = {dataset_dir.name: manifest}
+            targets = {dataset_dir.name: data_steps.read_split(cfg, dataset_dir)}
         else:
             targets = {site: data_steps.load_site(cfg, site) for site in data_steps.sites(cfg)}
         blocked = False
-        for site, manifest in targets.items():
-            _, report = data_steps.validate_site(cfg, site, manifest)
+        for site, (manifest, read) in targets.items():
+            _, report = data_steps.validate_site(cfg, site, manifest, read=read)
             console.print(report.summary(), highlight=False, markup=False)
             blocked |= not report.success
         if blocked:

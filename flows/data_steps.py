@@ -21,7 +21,8 @@ import pandas as pd
 from pipeline.config import DATA_DIR_ENV, PipelineConfig
 from pipeline.data.manifest import load_manifest, save_manifest
 from pipeline.data.prepare import PreparedDataset, prepare_dataset
-from pipeline.data.readers import read_dataset
+from pipeline.data.exclusions import ReadReport
+from pipeline.data.readers import read_dataset_with_report
 from pipeline.data.salt import resolve_salt
 from pipeline.data.splits import assign_splits, subsample
 from pipeline.errors import DatasetError, DataValidationError
@@ -52,18 +53,28 @@ def dicom_salt(cfg: PipelineConfig, site: str) -> str | None:
     return resolve_salt(site, cfg.ingest, os.environ)
 
 
-def load_site(cfg: PipelineConfig, site: str) -> pd.DataFrame:
-    """Read a dataset, assign patient-disjoint splits, subsample if configured."""
-    manifest = read_dataset(site_dir(cfg, site), dicom_salt=dicom_salt(cfg, site))
-    manifest = assign_splits(manifest, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
-    return subsample(manifest, cfg.data.max_images_per_class, cfg.seed)
+def read_split(cfg: PipelineConfig, dataset_dir: Path) -> tuple[pd.DataFrame, ReadReport]:
+    """Read a dataset folder (and what reading left out), assign patient-disjoint splits."""
+    manifest, read = read_dataset_with_report(dataset_dir, dicom_salt=dicom_salt(cfg, dataset_dir.name))
+    return assign_splits(manifest, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed), read
+
+
+def load_site(cfg: PipelineConfig, site: str) -> tuple[pd.DataFrame, ReadReport]:
+    """``read_split`` of the site's folder, subsampled if configured."""
+    manifest, read = read_split(cfg, site_dir(cfg, site))
+    return subsample(manifest, cfg.data.max_images_per_class, cfg.seed), read
 
 
 def validate_site(
-    cfg: PipelineConfig, site: str, manifest: pd.DataFrame, facts: pd.DataFrame | None = None
+    cfg: PipelineConfig,
+    site: str,
+    manifest: pd.DataFrame,
+    facts: pd.DataFrame | None = None,
+    read: ReadReport | None = None,
 ) -> tuple[pd.DataFrame, ValidationReport]:
     """Run the data-quality suite; returns the manifest later stages use (harmless copies dropped).
 
+    What reading left out (``read``) goes into the report; a blocking exclusion fails it.
     The caller decides whether blocking failures stop the run.
     """
     from pipeline.validation import check_dataset, compute_image_facts  # Great Expectations: ~10 s to import
@@ -71,7 +82,7 @@ def validate_site(
     if facts is None:
         facts = compute_image_facts(manifest)
     report_dir = cfg.validation.report_dir / site
-    checked, report = check_dataset(manifest, facts, cfg.validation, report_dir)
+    checked, report = check_dataset(manifest, facts, cfg.validation, report_dir, read=read)
     save_manifest(checked, report_dir / VALIDATED_MANIFEST)
     return checked, report
 

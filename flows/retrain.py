@@ -19,21 +19,23 @@ from prefect.context import get_run_context
 from flows import data_steps, model_steps, promotion
 from pipeline.config import PipelineConfig, load_config
 from pipeline.crosssim.model import load_model
+from pipeline.data.exclusions import ReadReport
 from pipeline.data.prepare import content_key
 from pipeline.errors import DataValidationError
 from pipeline.evaluation import format_with_interval, metrics_table_markdown
 from pipeline.tracking import MlflowTracker, run_context_tags
 from pipeline.validation import ValidationReport, compute_image_facts
+from pipeline.validation.facts import FACTS_FORMAT
 
 
 @task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
-def read_site(cfg: PipelineConfig, site: str) -> pd.DataFrame:
+def read_site(cfg: PipelineConfig, site: str) -> tuple[pd.DataFrame, ReadReport]:
     return data_steps.load_site(cfg, site)
 
 
 def _facts_cache_key(context, parameters) -> str:
     # Keyed on the bytes of every image and the manifest rows, not on object identity.
-    return f"facts-{content_key(parameters['manifest'], 0)}"
+    return f"facts{FACTS_FORMAT}-{content_key(parameters['manifest'], 0)}"
 
 
 @task(cache_key_fn=_facts_cache_key, cache_expiration=timedelta(days=30), persist_result=True)
@@ -43,9 +45,9 @@ def image_facts(manifest: pd.DataFrame) -> pd.DataFrame:
 
 @task(cache_policy=NO_CACHE)
 def validate_site(
-    cfg: PipelineConfig, site: str, manifest: pd.DataFrame, facts: pd.DataFrame
+    cfg: PipelineConfig, site: str, manifest: pd.DataFrame, facts: pd.DataFrame, read: ReadReport
 ) -> tuple[pd.DataFrame, ValidationReport]:
-    return data_steps.validate_site(cfg, site, manifest, facts)
+    return data_steps.validate_site(cfg, site, manifest, facts, read)
 
 
 @task(retries=1, cache_policy=NO_CACHE)
@@ -81,6 +83,10 @@ def evaluate_adaptation(cfg: PipelineConfig, model_path: Path, result_dir: Path)
 def _validation_gate(reports: dict[str, ValidationReport], tracker: MlflowTracker) -> None:
     for site, report in reports.items():
         tracker.log_artifacts(report.report_json_path.parent, artifact_path=f"validation/{site}")
+        if report.exclusions:  # what reading or de-duplication left out, by reason
+            tracker.log_metrics({f"excluded.{site}.{e.reason}": e.count for e in report.exclusions})
+        for failure in report.warnings:
+            get_run_logger().warning("%s: %s: %s", site, failure.rule, failure.message)
     blocking = [report for report in reports.values() if not report.success]
     if blocking:
         summary = "\n\n".join(report.summary() for report in blocking)
@@ -106,7 +112,8 @@ def retrain(config_path: str | None = None, overrides: list[str] | None = None) 
         tracker.set_tags(tags | {"prefect_flow_run_id": _flow_run_id() or ""})
         tracker.log_params(cfg.model_dump(mode="json"))
         checked = {
-            site: validate_site(cfg, site, manifest, image_facts(manifest)) for site, manifest in manifests.items()
+            site: validate_site(cfg, site, manifest, image_facts(manifest), read)
+            for site, (manifest, read) in manifests.items()
         }
         _validation_gate({site: report for site, (_, report) in checked.items()}, tracker)
         for site, (manifest, _) in checked.items():

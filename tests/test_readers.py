@@ -8,12 +8,19 @@ import pandas as pd
 import pytest
 
 from pipeline.data.manifest import MANIFEST_COLUMNS
-from pipeline.data.readers import kermany_patient, nih_label, read_dataset
+from pipeline.data.readers import (
+    kermany_patient,
+    nih_label,
+    nih_label_problem,
+    read_dataset,
+    read_dataset_with_report,
+)
 from pipeline.errors import DatasetError
 
 
 def test_kermany_imagefolder_counts_and_patients(data_dir):
-    manifest = read_dataset(data_dir / "kermany-pediatric")
+    manifest, report = read_dataset_with_report(data_dir / "kermany-pediatric")
+    assert report.exclusions == []  # no file left out, no patient in both official splits
     assert list(manifest.columns) == list(MANIFEST_COLUMNS)
     counts = manifest.groupby([manifest["split"].replace("", "train"), "label"]).size().to_dict()
     assert counts == {("train", 0): 1341, ("train", 1): 3875, ("test", 0): 234, ("test", 1): 390}
@@ -21,6 +28,9 @@ def test_kermany_imagefolder_counts_and_patients(data_dir):
     assert row["patient_id"] == "kermany-pediatric/person1000" and row["label"] == 1
     # two separate normal numberings must not collide
     assert {"kermany-pediatric/IM-0115", "kermany-pediatric/NORMAL2-IM-0383"} <= set(manifest["patient_id"])
+    # the test folder numbers "person" patients afresh (its own namespace), IM patients not
+    test_patients = set(manifest.loc[manifest["split"] == "test", "patient_id"])
+    assert {"kermany-pediatric/test/person100", "kermany-pediatric/IM-0001"} <= test_patients
 
 
 @pytest.mark.parametrize(
@@ -32,7 +42,8 @@ def test_kermany_patient_parsing(name, patient):
 
 
 def test_nih_csv_labels_patients_and_missing_metadata(data_dir):
-    manifest = read_dataset(data_dir / "nih-cxr8")
+    manifest, report = read_dataset_with_report(data_dir / "nih-cxr8")
+    assert report.exclusions == []  # every row in the task, every image listed
     assert len(manifest) == 692
     assert manifest["label"].value_counts().to_dict() == {0: 348, 1: 344}
     assert manifest["patient_id"].nunique() == 477
@@ -50,8 +61,24 @@ def test_nih_label_rule(labels, expected):
     assert nih_label(labels) == expected
 
 
+@pytest.mark.parametrize(
+    ("labels", "problem"),
+    [
+        ("Infiltration|Pneumonia", None),
+        ("Hernia", None),  # NIH's vocabulary, only out of this task
+        ("Pneumonai", "'Pneumonai' is not an NIH label (nearest: 'Pneumonia')"),
+        ("No finding", "'No finding' is not an NIH label (nearest: 'No Finding')"),
+        ("Effusion|Pleural Thickening", "'Pleural Thickening' is not an NIH label (nearest: 'Pleural_Thickening')"),
+        ("No Finding|Mass", "'No Finding' together with findings"),
+    ],
+)
+def test_nih_label_vocabulary_names_the_nearest_label(labels, problem):
+    assert nih_label_problem(labels) == problem
+
+
 def test_medmnist_npz_official_splits(data_dir):
-    manifest = read_dataset(data_dir / "pneumoniamnist")
+    manifest, report = read_dataset_with_report(data_dir / "pneumoniamnist")
+    assert report.exclusions == []
     assert manifest["split"].value_counts().to_dict() == {"train": 4708, "test": 624, "val": 524}
     assert manifest.loc[manifest["split"] == "test", "label"].value_counts().to_dict() == {1: 390, 0: 234}
 
@@ -73,5 +100,5 @@ def test_nih_csv_missing_column_is_named(data_dir, tmp_path):
 
 def test_unknown_class_folder_is_named(kermany_subset):
     shutil.move(kermany_subset / "train" / "NORMAL", kermany_subset / "train" / "HEALTHY")
-    with pytest.raises(DatasetError, match="unknown class folder 'HEALTHY'"):
+    with pytest.raises(DatasetError, match=r"unknown_class_folder: 1 class folder.*: train/HEALTHY/ \(6 files\)"):
         read_dataset(kermany_subset)

@@ -14,9 +14,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.config import ValidationConfig
+from pipeline.config import EvaluateConfig, ValidationConfig
 from pipeline.data.images import decode_image
+from pipeline.data.readers import NIH_CSV, read_dataset
 from pipeline.errors import DataValidationError
+from pipeline.evaluation import evaluate_split
 from pipeline.validation import ValidationReport, compute_image_facts, validate_dataset
 from tests.validation_fixtures import copies_root, kermany_manifest, nih_manifest, validation_cfg  # noqa: F401
 
@@ -161,3 +163,41 @@ def test_raise_if_blocking_carries_summary_and_report(kermany_manifest, validati
         report.raise_if_blocking()
     assert "label_values" in caught.value.summary and caught.value.report_path == str(report.report_json_path)
     assert json.loads(report.report_json_path.read_text())["success"] is False
+
+
+def test_implausible_metadata_warns_naming_rows_and_stays_out_of_subgroups(nih_manifest, copies_root, validation_cfg):
+    site = copies_root / "nih-cxr8"
+    table = pd.read_csv(site / NIH_CSV, dtype=str, keep_default_na=False)
+    table.loc[0, "Patient Age"], table.loc[1, "Patient Age"] = "250", "-5"
+    table.loc[2, "Patient Gender"], table.loc[3, "View Position"] = "Q", "XYZ"
+    table.to_csv(site / NIH_CSV, index=False)
+    manifest = read_dataset(site)
+    report = run(manifest, validation_cfg)
+    assert report.success, report.summary()
+    assert {f.rule for f in report.failures} == {"metadata_implausible"}
+    messages = "\n".join(f.message for f in report.warnings)
+    assert "2 of 8 rows break 'age within [0, 120]'" in messages
+    for row, value in ((0, "age 250"), (1, "age -5"), (2, "sex 'Q'"), (3, "view 'XYZ'")):
+        assert f"{ref(manifest.loc[row, 'path'], copies_root)} ({value})" in messages
+
+    scored = manifest.assign(prob=np.linspace(0.1, 0.9, len(manifest)))
+    result = evaluate_split("nih-cxr8/test", scored, 0.5, EvaluateConfig(bootstrap_samples=20), copies_root / "eval")
+    groups = result["subgroups"]
+    assert "Q" not in groups["sex"] and "XYZ" not in groups["view"]
+    assert groups["sex"]["unknown"]["n"] == groups["view"]["unknown"]["n"] == 1
+    assert groups["age_band"]["unknown"]["n"] == 2
+    assert "2 implausible age value(s) counted as unknown" in result["notes"]
+
+
+def test_colour_alpha_and_16_bit_images_in_a_grayscale_site_are_counted(nih_manifest, copies_root, validation_cfg):
+    paths = [Path(nih_manifest.loc[row, "path"]) for row in (0, 1, 2)]
+    gray = [np.asarray(Image.open(path)) for path in paths]
+    Image.fromarray(gray[0]).convert("RGB").save(paths[0])
+    Image.fromarray(gray[1]).convert("RGBA").save(paths[1])
+    Image.fromarray(gray[2].astype(np.uint16) * 257).save(paths[2])  # 16-bit grayscale PNG
+    report = run(nih_manifest, validation_cfg)
+    assert report.success, report.summary()
+    [warning] = report.warnings
+    assert warning.rule == "mode_converted" and "3 of 8 rows break" in warning.message
+    for path, mode in zip(paths, ("RGB", "RGBA", "I;16"), strict=True):
+        assert f"{ref(str(path), copies_root)} (stored {mode})" in warning.message

@@ -11,6 +11,9 @@ from PIL import Image, UnidentifiedImageError
 from pipeline.errors import DatasetError
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
+DICOM_MODE = "DICOM"  # windowed to 8 bits by the DICOM reader, as its display would
+# Stored formats decoded without conversion (a DICOM's windowing is how DICOM is meant to be viewed).
+NATIVE_MODES = frozenset({"L", "RGB", DICOM_MODE})
 
 
 class ImageDecodeError(DatasetError):
@@ -28,21 +31,39 @@ def decode_image(path: str | Path, frame: int | None = None, array_key: str | No
 
     Raises ImageDecodeError naming the file and what went wrong.
     """
+    return decode_image_and_mode(path, frame, array_key)[0]
+
+
+def decode_image_and_mode(
+    path: str | Path, frame: int | None = None, array_key: str | None = None
+) -> tuple[np.ndarray, str]:
+    """``decode_image``, and the format the pixels were stored in: PIL's mode ("L", "RGB", "RGBA", "I;16", "P",
+    ...), DICOM_MODE, or for an array its mode when uint8, else its dtype. Modes other than NATIVE_MODES were
+    converted to reach uint8 L/RGB.
+    """
     path = Path(path)
     try:
         if array_key is not None:
-            return np.asarray(_npz_arrays(str(path))[array_key][int(frame)])
+            pixels = np.asarray(_npz_arrays(str(path))[array_key][int(frame)])
+            return pixels, _array_mode(pixels)
         if path.suffix.lower() in DICOM_SUFFIXES:
             from pipeline.data.dicom import dicom_pixels
 
-            return dicom_pixels(path)
+            return dicom_pixels(path), DICOM_MODE
         with Image.open(path) as image:
             image.load()  # forces a full decode: truncated files fail here, not later
-            return _pil_to_uint8(image)
+            return _pil_to_uint8(image), image.mode
     except ImageDecodeError:
         raise
     except (OSError, UnidentifiedImageError, KeyError, IndexError, ValueError, SyntaxError) as exc:
         raise ImageDecodeError(f"{path}: cannot decode image ({exc})") from exc
+
+
+def _array_mode(pixels: np.ndarray) -> str:
+    if pixels.dtype != np.uint8:
+        return str(pixels.dtype)
+    channels = 1 if pixels.ndim == 2 else pixels.shape[2]
+    return {1: "L", 3: "RGB", 4: "RGBA"}.get(channels, f"{channels} channels")
 
 
 def _pil_to_uint8(image: Image.Image) -> np.ndarray:

@@ -35,6 +35,10 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
 REQUIRED_COLUMNS: tuple[str, ...] = ("image_id", "path", "label", "patient_id", "site", "split")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 LABEL_NAMES: dict[int, str] = {0: "normal", 1: "pneumonia"}
+# Values a real record can hold; validation warns about others and subgroup metrics count them as unknown.
+AGE_RANGE: tuple[float, float] = (0.0, 120.0)  # years
+SEXES: tuple[str, ...] = ("M", "F", "O")  # DICOM PatientSex's defined terms (O: other)
+VIEWS: tuple[str, ...] = ("PA", "AP", "LL", "RL", "LLD", "RLD", "LLO", "RLO")  # DICOM ViewPosition's terms
 
 
 def make_manifest(rows: list[dict]) -> pd.DataFrame:
@@ -59,6 +63,17 @@ def normalise(frame: pd.DataFrame) -> pd.DataFrame:
     for column in ("array_key", "view", "sex"):
         frame[column] = frame[column].astype(object).where(frame[column].notna(), None)
     return frame[list(MANIFEST_COLUMNS)].reset_index(drop=True)
+
+
+def implausible(frame: pd.DataFrame, column: str) -> pd.Series:
+    """True where ``column`` (age, sex or view) holds a value no real record has; a missing value is not implausible."""
+    values = frame[column]
+    if column == "age":
+        age = pd.to_numeric(values, errors="coerce")
+        low, high = AGE_RANGE
+        return values.notna() & ~age.between(low, high)
+    allowed = {"sex": SEXES, "view": VIEWS}[column]
+    return values.notna() & ~values.isin(allowed)
 
 
 def save_manifest(frame: pd.DataFrame, path) -> None:

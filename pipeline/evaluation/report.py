@@ -27,6 +27,7 @@ import pandas as pd
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from pipeline.config import EvaluateConfig
+from pipeline.data.manifest import implausible
 from pipeline.evaluation import plots
 from pipeline.evaluation.metrics import EvaluationError, binary_metrics, bootstrap_cis, check_inputs
 
@@ -220,12 +221,20 @@ def _groupings(frame: pd.DataFrame) -> tuple[dict[str, np.ndarray], list[str]]:
     notes: list[str] = []
     if "site" in frame.columns and frame["site"].nunique(dropna=True) > 1:
         columns["site"] = frame["site"]
+    metadata = {}
+    for column in ("view", "sex", "age"):
+        if column not in frame.columns:
+            continue
+        wrong = implausible(frame, column)
+        if wrong.any():
+            notes.append(f"{int(wrong.sum())} implausible {column} value(s) counted as {_UNKNOWN}")
+        metadata[column] = frame[column].where(~wrong)
     for column in ("view", "sex"):
-        if column in frame.columns and frame[column].notna().any():
-            columns[column] = frame[column]
+        if column in metadata and metadata[column].notna().any():
+            columns[column] = metadata[column]
         else:
             notes.append(f"no {column} information: no per-{column} breakdown")
-    age = pd.to_numeric(frame["age"], errors="coerce") if "age" in frame.columns else None
+    age = pd.to_numeric(metadata["age"], errors="coerce") if "age" in metadata else None
     if age is not None and age.notna().any():
         columns["age_band"] = pd.cut(age, bins=_AGE_EDGES, right=False, labels=AGE_BANDS)
     else:

@@ -32,7 +32,7 @@ from PIL import Image
 from pipeline.config import IngestConfig
 from pipeline.data.dicom import deidentify, dicom_pixels, keyed_pseudonym, parse_age
 from pipeline.data.images import DICOM_SUFFIXES, ImageDecodeError
-from pipeline.data.readers import NIH_COLUMNS, NIH_CSV
+from pipeline.data.readers import NIH_COLUMNS, NIH_CSV, nih_label, nih_label_problem
 from pipeline.data.salt import salt_variables
 from pipeline.errors import ConfigError
 from pipeline.ingest.scrub import ImageFormatError, scrub_image
@@ -42,12 +42,6 @@ from pipeline.validation.report import Failure
 NIH_ALL_COLUMNS = (
     "Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
     "View Position", "OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]",
-)  # fmt: skip
-NIH_FINDINGS = frozenset(
-    {
-        "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis", "Hernia",
-        "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax", "No Finding",
-    }
 )  # fmt: skip
 RASTER_SUFFIXES = {".png", ".jpg", ".jpeg"}
 MAX_AGE = 90
@@ -166,8 +160,7 @@ def _stage_rows(
         if problem is not None:
             found.setdefault(problem[0], []).append(f"{where} ({problem[1]})")
             continue
-        findings = {f.strip() for f in str(record["Finding Labels"]).split("|")}
-        if "Pneumonia" not in findings and findings != {"No Finding"}:
+        if nih_label(record["Finding Labels"]) is None:
             found.setdefault("out_of_task", []).append(where)
             continue
         out = {column: str(record.get(column, "")).strip() for column in NIH_ALL_COLUMNS}
@@ -220,12 +213,9 @@ def _row_problem(
         return "csv_values", f"{name} also on line {seen[name]}"
     if Path(name).name != name or name.startswith("."):
         return "csv_values", f"{name!r} is not a plain file name"
-    findings = [f.strip() for f in str(record["Finding Labels"]).split("|")]
-    unknown = [f for f in findings if f not in NIH_FINDINGS]
-    if unknown:
-        return "unknown_label", f"{name}: {', '.join(repr(f) for f in unknown)}"
-    if "No Finding" in findings and len(findings) > 1:
-        return "unknown_label", f"{name}: 'No Finding' together with findings"
+    label_problem = nih_label_problem(record["Finding Labels"])
+    if label_problem is not None:
+        return "unknown_label", f"{name}: {label_problem}"
     suffix = Path(name).suffix.lower()
     if suffix not in RASTER_SUFFIXES | DICOM_SUFFIXES:
         return "file_type", name

@@ -13,7 +13,8 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.config import ValidationConfig
-from pipeline.validation.report import Failure, ValidationReport
+from pipeline.data.exclusions import Exclusion, ReadReport
+from pipeline.validation.report import ValidationReport
 from pipeline.validation.suite import validate_dataset
 
 
@@ -31,20 +32,23 @@ def drop_exact_duplicates(manifest: pd.DataFrame, facts: pd.DataFrame) -> tuple[
 
 
 def check_dataset(
-    manifest: pd.DataFrame, facts: pd.DataFrame, cfg: ValidationConfig, report_dir: Path, labels_required: bool = True
+    manifest: pd.DataFrame,
+    facts: pd.DataFrame,
+    cfg: ValidationConfig,
+    report_dir: Path,
+    labels_required: bool = True,
+    read: ReadReport | None = None,
 ) -> tuple[pd.DataFrame, ValidationReport]:
-    """Drop harmless copies (if configured), run every rule, report the drops as a warning.
+    """Drop harmless copies (if configured), run every rule, report the drops and what ``read`` left out.
 
     Returns the manifest that later stages must use and the report.
     """
-    dropped: list[str] = []
+    exclusions = list(read.exclusions) if read is not None else []
     if cfg.drop_exact_duplicates:
         manifest, facts, dropped = drop_exact_duplicates(manifest, facts)
+        if dropped:
+            copies = Exclusion.of("duplicate_dropped", "warning", "exact copies inside one split dropped", dropped)
+            exclusions.append(copies)
     report = validate_dataset(manifest, facts, cfg, report_dir, labels_required)
-    if dropped:
-        shown = ", ".join(dropped[:10]) + (" ..." if len(dropped) > 10 else "")
-        report.failures.append(
-            Failure("duplicate_dropped", "warning", f"{len(dropped)} exact copies inside one split dropped: {shown}")
-        )
-        report.write_json()
+    report.add_exclusions(exclusions)
     return manifest, report

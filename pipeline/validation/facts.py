@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.data.images import decode_image
+from pipeline.data.images import decode_image_and_mode
 from pipeline.errors import DatasetError
 
 FACT_COLUMNS: tuple[str, ...] = (
@@ -32,7 +32,10 @@ FACT_COLUMNS: tuple[str, ...] = (
     "mean_intensity",
     "std_intensity",
     "content_hash",
+    "stored_mode",  # how the file stored its pixels (decode_image_and_mode): conversions are reported
 )
+# Bumped when the columns change, so facts cached in an older format are not reused.
+FACTS_FORMAT = 2
 # Below this many images a thread pool costs more than it saves.
 _PARALLEL_FROM = 64
 
@@ -40,7 +43,7 @@ _PARALLEL_FROM = 64
 def _image_facts(path: str, frame: Any, array_key: Any) -> dict[str, Any]:
     frame = None if pd.isna(frame) else int(frame)
     try:
-        pixels = decode_image(path, frame, array_key if isinstance(array_key, str) else None)
+        pixels, stored_mode = decode_image_and_mode(path, frame, array_key if isinstance(array_key, str) else None)
     except DatasetError as exc:  # ImageDecodeError, or a DICOM the reader cannot handle
         return {"decodes": False, "decode_error": str(exc)}
     pixels = np.ascontiguousarray(pixels)
@@ -59,6 +62,7 @@ def _image_facts(path: str, frame: Any, array_key: Any) -> dict[str, Any]:
         "mean_intensity": float(pixels.mean()),
         "std_intensity": float(pixels.std()),
         "content_hash": digest.hexdigest(),
+        "stored_mode": stored_mode,
     }
 
 

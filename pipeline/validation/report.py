@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
+from pipeline.data.exclusions import Exclusion, Severity
 from pipeline.errors import DataValidationError
-
-Severity = Literal["blocking", "warning"]
 
 
 class Failure(NamedTuple):
@@ -28,6 +27,7 @@ class ValidationReport:
     report_json_path: Path
     data_docs_dir: Path  # the GX Data Docs site; open data_docs_dir / "index.html"
     checks: list[dict[str, Any]] = field(default_factory=list)  # every expectation run, passed or not
+    exclusions: list[Exclusion] = field(default_factory=list)  # rows/files left out before the rules ran
 
     @property
     def blocking(self) -> list[Failure]:
@@ -49,6 +49,14 @@ class ValidationReport:
         lines.append(f"Data Docs: {self.data_docs_dir / 'index.html'}")
         return "\n".join(lines)
 
+    def add_exclusions(self, exclusions: list[Exclusion]) -> None:
+        """Report what was left out before the rules ran (by the reader, as exact copies); a blocking one fails."""
+        self.exclusions += exclusions
+        self.failures += [Failure(e.reason, e.severity, e.message) for e in exclusions]
+        self.failures.sort(key=lambda f: f.severity != "blocking")  # stable: each group keeps its order
+        self.success = self.success and not any(e.severity == "blocking" for e in exclusions)
+        self.write_json()
+
     def raise_if_blocking(self) -> None:
         if not self.success:
             raise DataValidationError(self.summary(), str(self.report_json_path))
@@ -59,6 +67,7 @@ class ValidationReport:
             "n_images": self.n_images,
             "failures": [f._asdict() for f in self.failures],
             "checks": self.checks,
+            "exclusions": [asdict(e) for e in self.exclusions],
             "data_docs": str(self.data_docs_dir / "index.html"),
         }
         self.report_json_path.write_text(json.dumps(payload, indent=2, default=str))

@@ -26,7 +26,8 @@ from great_expectations.expectations import Expectation
 from great_expectations.expectations.metadata_types import FailureSeverity
 
 from pipeline.config import ValidationConfig
-from pipeline.data.manifest import LABEL_NAMES, REQUIRED_COLUMNS, SPLITS
+from pipeline.data.images import NATIVE_MODES
+from pipeline.data.manifest import AGE_RANGE, LABEL_NAMES, REQUIRED_COLUMNS, SEXES, SPLITS, VIEWS, implausible
 from pipeline.validation.facts import FACT_COLUMNS
 from pipeline.validation.report import Failure, ValidationReport
 
@@ -72,12 +73,23 @@ def images_table(manifest: pd.DataFrame, facts: pd.DataFrame) -> pd.DataFrame:
             table[column] = None
     where = table.reindex(columns=["path", "site", "frame", "array_key"])  # absent columns read as NaN
     table["file"] = [_file_ref(*row) for row in where.itertuples(index=False)]
+    table["converted"] = _converted(table)
     if "split" in table:
         table["hash_split_count"] = _splits_per(table, table["content_hash"])
         if "patient_id" in table:
             patient = table["patient_id"].where(table["patient_id"].fillna("").astype(str) != "")
             table["patient_split_count"] = _splits_per(table, patient)
     return table.reset_index(drop=True)
+
+
+def _converted(table: pd.DataFrame) -> pd.Series:
+    """True for an image whose pixels were converted to reach the site's 8-bit mode: alpha dropped, a palette
+    expanded, 16 bits rescaled (any site), or colour made grey in a site stored mostly in grayscale."""
+    mode = table.get("stored_mode", pd.Series(None, index=table.index, dtype=object))
+    site = table.get("site", pd.Series("", index=table.index)).fillna("")
+    most_common = mode.groupby(site).transform(lambda modes: modes.mode().iat[0] if modes.notna().any() else None)
+    colour_in_grey = (most_common == "L") & (mode == "RGB")
+    return mode.notna() & (~mode.isin(NATIVE_MODES) | colour_in_grey)
 
 
 def classes_table(table: pd.DataFrame, allowed_labels: list[int]) -> pd.DataFrame:
@@ -191,6 +203,26 @@ def image_expectations(table: pd.DataFrame, cfg: ValidationConfig, labels_requir
         _rule(E.ExpectColumnValuesToNotBeNull, "metadata_missing", f"{c} is recorded", severity=WARNING, column=c)
         for c in METADATA_COLUMNS
     ]
+    # Implausible values are left out of subgroup metrics (counted as unknown) by the same definition.
+    rules += [
+        _rule(
+            E.ExpectColumnValuesToBeBetween, "metadata_implausible", f"age within [{AGE_RANGE[0]:g}, {AGE_RANGE[1]:g}]",
+            severity=WARNING, column="age", min_value=AGE_RANGE[0], max_value=AGE_RANGE[1],
+        ),
+        _rule(
+            E.ExpectColumnValuesToBeInSet, "metadata_implausible", f"sex is one of {', '.join(SEXES)}",
+            severity=WARNING, column="sex", value_set=list(SEXES),
+        ),
+        _rule(
+            E.ExpectColumnValuesToBeInSet, "metadata_implausible", f"view is one of {', '.join(VIEWS)}",
+            severity=WARNING, column="view", value_set=list(VIEWS),
+        ),
+        _rule(
+            E.ExpectColumnValuesToBeInSet, "mode_converted",
+            "stored in the site's 8-bit grayscale or RGB (not converted)",
+            severity=WARNING, column="converted", value_set=[False],
+        ),
+    ]
     return rules
 
 
@@ -287,6 +319,15 @@ def _details(table: pd.DataFrame, rule: str) -> dict[str, str]:
             f: f"{s or UNSPLIT}, pixels {str(h)[:8]}"
             for f, s, h in zip(table["file"], table["split"], table["content_hash"], strict=True)
         }
+    if rule == "metadata_implausible":
+        bad = pd.DataFrame({c: implausible(table, c) for c in METADATA_COLUMNS})
+        return {
+            table.at[i, "file"]: ", ".join(_shown(c, table.at[i, c]) for c in METADATA_COLUMNS if bad.at[i, c])
+            for i in bad.index[bad.any(axis=1)]
+        }
+    if rule == "mode_converted":
+        converted = table[table["converted"]]
+        return {f: f"stored {m}" for f, m in zip(converted["file"], converted["stored_mode"], strict=True)}
     if rule == "patient_in_two_splits":
         return {
             f: f"{s or UNSPLIT}, patient {p}"
@@ -295,6 +336,10 @@ def _details(table: pd.DataFrame, rule: str) -> dict[str, str]:
     if rule in ("class_present", "class_share"):
         return {f"{s}/{c}": f"{n} images, {share:.0%}" for s, c, n, share in table.itertuples(index=False)}
     return {}
+
+
+def _shown(column: str, value: Any) -> str:
+    return f"{column} {value:g}" if isinstance(value, float) else f"{column} {value!r}"
 
 
 def validate_dataset(

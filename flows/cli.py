@@ -6,28 +6,14 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from pipeline.config import PipelineConfig, load_config
+from flows.cli_common import ConfigOption, SetOption, _config, _fail, console, err_console
+from flows.registry_cli import registry_app
 from pipeline.errors import ConfigError, DataValidationError, PipelineError
 
 app = typer.Typer(help="CrossSim: retrain and evaluate a chest X-ray pneumonia classifier.", no_args_is_help=True)
-console = Console()
-err_console = Console(stderr=True)
-
-ConfigOption = Annotated[
-    Optional[Path], typer.Option("--config", "-c", help="params.yaml to read (default: ./params.yaml if present).")
-]
-SetOption = Annotated[
-    Optional[list[str]], typer.Option("--set", "-s", help="Override a config key, e.g. --set train.epochs=2.")
-]
-
-
-def _config(config: Path | None, overrides: list[str] | None) -> PipelineConfig:
-    if config is None and Path("params.yaml").is_file():
-        config = Path("params.yaml")
-    return load_config(config, overrides or [])
+app.add_typer(registry_app, name="registry")
 
 
 def _print_results(sets: dict, title: str = "Evaluation (threshold chosen on the source val split; 95% CI)") -> None:
@@ -58,11 +44,6 @@ def _print_crosssim(scores: dict, gap: dict, diagnostics_path: Path) -> None:
 
 PREFECT_STARTUP_TIMEOUT = "Timed out while attempting to connect to ephemeral Prefect API server"
 ORCHESTRATION_EXIT_CODE = 7
-
-
-def _fail(error: PipelineError) -> None:
-    err_console.print(f"[bold red]error:[/] {error}", highlight=False, markup=True)
-    raise typer.Exit(error.exit_code)
 
 
 def _fail_if_prefect_did_not_start(error: RuntimeError) -> None:
@@ -205,6 +186,9 @@ def ingest(
     folder: Annotated[Path, typer.Argument(help="The export: Data_Entry_2017.csv + images/ (PNG, JPEG or DICOM).")],
     config: ConfigOption = None,
     set_: SetOption = None,
+    new_site: Annotated[
+        bool, typer.Option("--new-site", help="SITE is a new site: create its folder (otherwise it must exist).")
+    ] = False,
 ) -> None:
     """Add a hospital's batch to the site's DVC-tracked dataset; exit 3 when a check rejects it (quarantined)."""
     import os
@@ -213,7 +197,7 @@ def ingest(
 
     try:
         cfg = _config(config, set_)
-        with BatchIngest(cfg, site, folder, resolve_salt(site, cfg.ingest, os.environ)) as batch:
+        with BatchIngest(cfg, site, folder, resolve_salt(site, cfg.ingest, os.environ), new_site) as batch:
             report = batch.run()
         for message in batch.recovered:
             err_console.print(f"note: {message}", highlight=False, markup=False)
@@ -255,10 +239,6 @@ def serve_flows(config: ConfigOption = None, set_: SetOption = None) -> None:
     )
     serve_deployments(cfg, deployments)
 
-
-from flows.registry_cli import registry_app  # noqa: E402  (it imports this module's helpers)
-
-app.add_typer(registry_app, name="registry")
 
 if __name__ == "__main__":
     app()

@@ -44,11 +44,16 @@ def quarantine(batch: BatchIngest, staged: StagedBatch, report: BatchReport) -> 
 
 
 @flow(name="crosssim-ingest", log_prints=True)
-def ingest(site: str, folder: str, config_path: str | None = None, overrides: list[str] | None = None) -> dict:
-    """Ingest ``folder`` into ``site``; the flow fails (DataValidationError) when the batch is rejected."""
+def ingest(
+    site: str, folder: str, config_path: str | None = None, overrides: list[str] | None = None, new_site: bool = False
+) -> dict:
+    """Ingest ``folder`` into ``site``; the flow fails (DataValidationError) when the batch is rejected.
+
+    ``site`` must exist under ingest.data_dir (ConfigError otherwise); ``new_site=True`` creates it.
+    """
     cfg = load_config(Path(config_path) if config_path else None, overrides or [])
     logger = get_run_logger()
-    with BatchIngest(cfg, site, Path(folder), resolve_salt(site, cfg.ingest, os.environ)) as batch:
+    with BatchIngest(cfg, site, Path(folder), resolve_salt(site, cfg.ingest, os.environ), new_site) as batch:
         for message in batch.recovered:
             logger.warning(message)
         report = batch.previous()

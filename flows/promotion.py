@@ -19,22 +19,13 @@ import torch
 from flows import model_steps
 from pipeline.config import PipelineConfig
 from pipeline.data.prepare import open_prepared, prepare_dataset
-from pipeline.registry.audit import AuditLog
 from pipeline.registry.card import CardFacts, model_card
 from pipeline.registry.gate import GateDecision, decide, score_set
-from pipeline.registry.review import Decision, RegistryActions
+from pipeline.registry.review import Decision, actions_for
 from pipeline.registry.store import CHAMPION, ModelRegistry
-from pipeline.tracking import embedded_artifact_dir, resolve_tracking_uri
+from pipeline.tracking import resolve_tracking_uri
 
 IMAGE_SIZE_TAG = "image_size"
-
-
-def actions_for(cfg: PipelineConfig, name: str | None = None) -> RegistryActions:
-    """The registry actions on ``name`` (default ``registry.model_name``) of the configured tracking server."""
-    uri = resolve_tracking_uri(cfg.tracking)
-    name = name or cfg.registry.model_name
-    audit = AuditLog(uri, f"{cfg.tracking.experiment}-registry", embedded_artifact_dir(cfg.tracking), name)
-    return RegistryActions(ModelRegistry(uri), audit, name)
 
 
 def gate_sets(cfg: PipelineConfig, image_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:

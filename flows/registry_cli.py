@@ -8,19 +8,27 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from rich.table import Table
 
-from flows.cli import ConfigOption, SetOption, _config, _fail, console
+from flows.cli_common import ConfigOption, SetOption, _config, _fail, console
 from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
     from pipeline.registry.review import RegistryActions
 
-# The registry modules import MLflow and torch: each command imports them when it runs, so that
-# `crosssim --help` and the stage commands (one process per DVC stage) do not pay for them.
+# The registry modules import MLflow: each command imports them when it runs, so that `crosssim --help`
+# and the stage commands (one process per DVC stage) do not pay for it. No command here imports torch
+# (flows.promotion, pipeline.registry.gate): a table must not wait for a deep-learning framework.
 
 registry_app = typer.Typer(help="Registered models: review the challenger, decide, roll back, trace.", no_args_is_help=True)
 ReviewerOption = Annotated[str, typer.Option("--reviewer", help="Who decides (recorded in the audit trail).")]
 ReasonOption = Annotated[str, typer.Option("--reason", help="Why (recorded in the audit trail).")]
 NameOption = Annotated[Optional[str], typer.Option("--name", help="Registered model (default: registry.model_name).")]
+OverrideGateOption = Annotated[
+    bool,
+    typer.Option(
+        "--override-gate",
+        help="Approve a challenger the promotion gate rejected; --reason must say why (recorded as an override).",
+    ),
+]
 
 
 @registry_app.callback()
@@ -30,7 +38,7 @@ def _quiet_artifact_downloads() -> None:
 
 
 def _actions(config, set_, name: str | None) -> RegistryActions:
-    from flows.promotion import actions_for
+    from pipeline.registry.review import actions_for
 
     return actions_for(_config(config, set_), name)
 
@@ -47,8 +55,9 @@ def list_versions(config: ConfigOption = None, set_: SetOption = None, name: Nam
         for version in actions.registry.versions(actions.name):
             held = ", ".join(alias for alias, v in aliases.items() if v == str(version.version))
             tags = version.tags
+            review = tags.get("review.status", "") + (" (gate overridden)" if tags.get("review.override_gate") else "")
             table.add_row(
-                str(version.version), held, tags.get("review.status", ""), tags.get("gate.recommendation", ""),
+                str(version.version), held, review, tags.get("gate.recommendation", ""),
                 tags.get("model_kind", ""), version.run_id or "",
             )  # fmt: skip
         console.print(table)
@@ -87,14 +96,23 @@ def review(config: ConfigOption = None, set_: SetOption = None, name: NameOption
                     f"models:/{actions.name}/{version.version} (description) and the run's registry/model_card.md"
                 )
         console.print("decide: crosssim registry approve|reject --reviewer NAME --reason TEXT")
+        if not gate["passed"]:
+            console.print("approving it against the gate needs --override-gate (recorded as an override)")
     except PipelineError as error:
         _fail(error)
 
 
 @registry_app.command()
-def approve(reviewer: ReviewerOption, reason: ReasonOption, config: ConfigOption = None, set_: SetOption = None, name: NameOption = None) -> None:
-    """Promote the pending challenger to champion."""
-    _decide("approve", reviewer, reason, config, set_, name)
+def approve(
+    reviewer: ReviewerOption,
+    reason: ReasonOption,
+    override_gate: OverrideGateOption = False,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    name: NameOption = None,
+) -> None:
+    """Promote the pending challenger to champion (one the promotion gate rejected only with --override-gate)."""
+    _decide("approve", reviewer, reason, config, set_, name, override_gate=override_gate)
 
 
 @registry_app.command()
@@ -109,12 +127,13 @@ def rollback(reviewer: ReviewerOption, reason: ReasonOption, config: ConfigOptio
     _decide("rollback", reviewer, reason, config, set_, name)
 
 
-def _decide(action: str, reviewer: str, reason: str, config, set_, name: str | None) -> None:
+def _decide(action: str, reviewer: str, reason: str, config, set_, name: str | None, **options: bool) -> None:
     try:
         actions = _actions(config, set_, name)
-        decision = getattr(actions, action)(reviewer=reviewer, reason=reason)
+        decision = getattr(actions, action)(reviewer=reviewer, reason=reason, **options)
         aliases = ", ".join(f"{alias} → v{version}" for alias, version in sorted(decision.aliases.items()))
-        console.print(f"{action}: {actions.name} v{decision.version}; aliases now {aliases or 'none'}")
+        overridden = " against the promotion gate (override recorded)" if options.get("override_gate") else ""
+        console.print(f"{action}: {actions.name} v{decision.version}{overridden}; aliases now {aliases or 'none'}")
         console.print(f"audit entry: {decision.audit_artifact}")
     except PipelineError as error:
         _fail(error)
@@ -148,7 +167,8 @@ def audit(config: ConfigOption = None, set_: SetOption = None, name: NameOption 
             table.add_column(column)
         for entry in actions.audit.entries():
             after = ", ".join(f"{a}→v{v}" for a, v in sorted(entry.aliases_after.items()))
-            table.add_row(entry.at, entry.action, entry.version, entry.actor, entry.reason, after)
+            action = f"{entry.action} (gate overridden)" if entry.override_gate else entry.action
+            table.add_row(entry.at, action, entry.version, entry.actor, entry.reason, after)
         console.print(table)
     except PipelineError as error:
         _fail(error)

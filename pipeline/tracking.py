@@ -15,18 +15,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self
 from urllib.parse import unquote, urlparse
 
 import mlflow
-import mlflow.pytorch
 import numpy as np
-import torch
 from mlflow.entities import RunInfo
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import TrackingConfig
+
+if TYPE_CHECKING:  # torch only where a model is logged (mlflow.pytorch loads lazily): registry commands stay fast
+    import torch
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TRACKED_PACKAGES = ("torch", "torchvision", "mlflow", "prefect", "great_expectations", "dvc", "numpy")

@@ -283,14 +283,16 @@ def test_bad_batch_is_quarantined_with_a_report_and_changes_nothing(defect, data
     result = _ingest(root, batch)
     assert result.exit_code == 3, result.output
     assert "Traceback" not in result.output and named in result.output and "REJECTED" in result.output
-    [quarantined] = (root / "repo" / "quarantine" / SITE).iterdir()
+    [quarantined] = [p for p in (root / "repo" / "quarantine" / SITE).iterdir() if p.is_dir()]
     report = json.loads((quarantined / "report.json").read_text())
     blocking = [p for p in report["problems"] if p["severity"] == "blocking"]
     assert [p for p in blocking if p["rule"] == rule and named in p["message"]], blocking
     assert (quarantined / "summary.md").is_file()
     assert _snapshot(root) == snapshot
-    [entry] = [json.loads(line) for line in (root / "repo" / "ingest_log.jsonl").read_text().splitlines()]
-    assert entry["status"] == "rejected" and rule in entry["blocking_rules"]
+    # the versioned ingest log is untouched: the rejection is logged with the quarantine
+    assert not (root / "repo" / "ingest_log.jsonl").exists()
+    [entry] = [json.loads(line) for line in (quarantined.parent / "quarantine_log.jsonl").read_text().splitlines()]
+    assert entry["status"] == "rejected" and rule in entry["blocking_rules"] and entry["location"] == str(quarantined)
     assert entry["version_before"] == entry["version_after"] == dvc_tracked_version(root / "repo" / "data.dvc")
     assert _phi_found(root) == []  # the quarantine holds the de-identified copy, never the drop itself
     if defect is _known_patient:  # follow-ups are accepted when the config says so, with a warning
@@ -411,3 +413,26 @@ def test_the_ingest_flow_retrains_on_an_accepted_batch_and_registers_a_challenge
     assert challenger.tags[f"data_version.{SITE}"] == result["site_version"]
     # the fake PHI reached neither the training run (params, tags, artifacts, registry) nor its outputs
     assert _phi_found(work) == [] and _phi_found(repo) == []
+
+
+def test_an_unknown_site_is_refused_unless_asked_for_as_a_new_site(data_dir, root, tmp_path):
+    repo = root / "repo"
+    batch = _png_batch(data_dir, tmp_path / "week-08", _fresh_rows(data_dir, root).iloc[:4])
+    config = ["--config", str(repo / "params.yaml")]
+    snapshot = _snapshot(root)
+
+    typo = runner.invoke(app, ["ingest", "nih-sitr", str(batch), *config])
+    assert typo.exit_code == 2 and "Traceback" not in typo.output
+    message = " ".join(typo.output.split())
+    assert "site 'nih-sitr' does not exist" in message and "known sites: nih-site" in message
+    assert "did you mean 'nih-site'?" in message and "--new-site" in message
+    existing = runner.invoke(app, ["ingest", SITE, str(batch), *config, "--new-site"])
+    assert existing.exit_code == 2 and "already exists" in existing.output
+    assert _snapshot(root) == snapshot and not (repo / ".crosssim-ingest").exists()
+    assert not (repo / "ingest_log.jsonl").exists() and not (repo / "quarantine").exists()
+
+    created = runner.invoke(app, ["ingest", "st-mary", str(batch), *config, "--new-site"])
+    assert created.exit_code == 0 and "ACCEPTED" in created.output, created.output
+    assert len(read_dataset(repo / "data" / "raw" / "st-mary")) == 4
+    [entry] = [json.loads(line) for line in (repo / "ingest_log.jsonl").read_text().splitlines()]
+    assert entry["site"] == "st-mary" and entry["status"] == "accepted"

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from flows import cli
-from flows.promotion import actions_for
 from pipeline.config import load_config
 from pipeline.registry.gate import decide, score_set
+from pipeline.registry.review import actions_for
 from pipeline.registry.store import CHALLENGER, CHAMPION, HISTORY_TAG, ModelRegistry, RegistryError
 from pipeline.tracking import MlflowTracker
 from tests.conftest import REPO
@@ -164,3 +171,105 @@ def test_registry_cli_review_decide_and_lineage(cfg, tmp_path):
     assert listed.exit_code == 0 and "champion" in listed.output and "approved" in listed.output
     missing = runner.invoke(cli.app, ["registry", "lineage", "cxr@nope", *base])
     assert missing.exit_code != 0 and "no such" in missing.output
+
+
+def _registry_state(actions, version: str) -> tuple:
+    """Everything an approval could change: aliases, model tags, the version's tags and card, the audit trail."""
+    registered = actions.registry.version("cxr", version)
+    return (
+        actions.registry.aliases("cxr"), actions.registry.model_tags("cxr"), dict(registered.tags),
+        registered.description, len(actions.audit.entries()),
+    )  # fmt: skip
+
+
+def test_approving_a_challenger_the_gate_rejected_needs_an_override_that_is_recorded(cfg, tmp_path, monkeypatch):
+    uris = _logged_models(cfg, 3)
+    actions = actions_for(cfg)
+    card = lambda version: f"card of v{version}"  # noqa: E731
+    actions.register_challenger(uris[0], {}, card)
+    actions.record_gate("1", decide(_scores(0.80, 0.70), None, cfg.registry), "review")
+    actions.approve(reviewer="dr. ada", reason="first champion")
+    actions.register_challenger(uris[1], {}, card)
+    failed = decide(_scores(0.37, 0.20), _scores(0.80, 0.70), cfg.registry, "champion v1")  # the issue's NIH 0.37
+    actions.record_gate("2", failed, "review")
+    base = ["--config", str(REPO / "params.yaml"), "--set", f"tracking.local_dir={tmp_path / 'mlflow'}", "--set", "registry.model_name=cxr"]
+    before = _registry_state(actions, "2")
+
+    # refused, by the CLI and by the library, with the failed checks named; nothing changed
+    refused = runner.invoke(cli.app, ["registry", "approve", *base, "--reviewer", "dr. ada", "--reason", "looks fine"])
+    assert refused.exit_code == RegistryError.exit_code and "Traceback" not in refused.output
+    message = " ".join(refused.output.split())
+    assert "--override-gate" in message and "nih/target-test auc: 0.3700 < required 0.7800" in message
+    with pytest.raises(RegistryError, match="promotion gate rejected it"):
+        actions.approve(reviewer="dr. ada", reason="looks fine")
+    with pytest.raises(RegistryError, match="reason"):
+        actions.approve(reviewer="dr. ada", reason=" ", override_gate=True)
+    assert _registry_state(actions, "2") == before
+    review = runner.invoke(cli.app, ["registry", "review", *base])
+    assert review.exit_code == 0 and "reject" in review.output and "--override-gate" in review.output
+
+    # with --override-gate and a reason: promoted, and the override is on record everywhere
+    reason = "NIH labels of this batch are known bad; ticket 42"
+    done = runner.invoke(cli.app, ["registry", "approve", *base, "--override-gate", "--reviewer", "dr. ada", "--reason", reason])
+    assert done.exit_code == 0, done.output
+    assert "override" in done.output and actions.registry.aliases("cxr") == {CHAMPION: "2"}
+    entry = actions.audit.entries()[-1]
+    assert (entry.action, entry.version, entry.override_gate, entry.reason) == ("approve", "2", True, reason)
+    assert entry.evidence["gate"]["passed"] is False and entry.evidence["gate"]["failures"] == failed.failures()
+    assert not any(e.override_gate for e in actions.audit.entries()[:-1])
+    version = actions.registry.version("cxr", "2")
+    assert version.tags["review.override_gate"] == "true" and version.tags["review.status"] == "approved"
+    assert version.description.startswith("card of v2") and "against the promotion gate (override)" in version.description
+    assert all(f"- {failure}" in version.description for failure in failed.failures()) and reason in version.description
+    assert "review.override_gate" not in actions.registry.version("cxr", "1").tags
+    monkeypatch.setattr(cli.console, "width", 250)  # no wrapped table cells
+    trail, listed = (runner.invoke(cli.app, ["registry", command, *base]) for command in ("audit", "list"))
+    assert "approve (gate overridden)" in trail.output and "approved (gate overridden)" in listed.output
+
+    # an override where the gate passed is refused too: there is nothing to override
+    actions.register_challenger(uris[2], {}, card)
+    actions.record_gate("3", decide(_scores(0.80, 0.70), _scores(0.37, 0.20), cfg.registry, "champion v2"), "review")
+    before = _registry_state(actions, "3")
+    with pytest.raises(RegistryError, match="nothing to override"):
+        actions.approve(reviewer="dr. ada", reason="better", override_gate=True)
+    assert _registry_state(actions, "3") == before
+
+
+# What a reviewer's table must not wait for; each costs seconds to import.
+HEAVY_MODULES = ("torch", "torchvision", "sklearn", "prefect")
+READ_ONLY_COMMANDS = """
+import json, sys
+from typer.testing import CliRunner
+from flows.cli import app
+codes = [CliRunner().invoke(app, ["registry", command, *sys.argv[2:]]).exit_code for command in ("list", "review", "audit")]
+print(json.dumps({"codes": codes, "heavy": [name for name in sys.argv[1].split(",") if name in sys.modules]}))
+"""
+OPEN_REGISTRY = "import sys; from mlflow.tracking import MlflowClient; MlflowClient(sys.argv[1], registry_uri=sys.argv[1]).search_model_versions(\"name = 'cxr'\")"
+
+
+def _timed(command: list[str], cwd: Path) -> tuple[float, float, str]:
+    """CPU seconds (user + system) and wall seconds of a child process, and its stdout."""
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
+    wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert done.returncode == 0, done.stderr
+    return after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime, wall, done.stdout
+
+
+def test_registry_list_review_audit_import_neither_torch_nor_the_gate_and_cost_little_beyond_mlflow(cfg, tmp_path):
+    uris = _logged_models(cfg, 1)
+    actions = actions_for(cfg)
+    actions.register_challenger(uris[0], {}, str)
+    actions.record_gate("1", decide(_scores(0.8, 0.7), None, cfg.registry), "review")
+    base = ["--config", str(REPO / "params.yaml"), "--set", f"tracking.local_dir={tmp_path / 'mlflow'}", "--set", "registry.model_name=cxr"]
+
+    _, _, printed = _timed([sys.executable, "-c", READ_ONLY_COMMANDS, ",".join(HEAVY_MODULES), *base], tmp_path)
+    assert json.loads(printed) == {"codes": [0, 0, 0], "heavy": []}
+
+    # Wall time swings with the machine's load; CPU time does not. MLflow's own import and store opening is
+    # the floor (about 2-3 s on a quiet machine); torch and torchvision alone would add several seconds.
+    uri = f"sqlite:///{(tmp_path / 'mlflow' / 'mlflow.db').as_posix()}"
+    floor, floor_wall, _ = _timed([sys.executable, "-c", OPEN_REGISTRY, uri], tmp_path)
+    listed, listed_wall, table = _timed([str(Path(sys.executable).with_name("crosssim")), "registry", "list", *base], tmp_path)
+    assert "challenger" in table
+    assert listed < floor + 1.5, f"registry list: {listed:.1f} s CPU ({listed_wall:.1f} s wall); MLflow alone {floor:.1f} s ({floor_wall:.1f} s)"

@@ -35,6 +35,7 @@ from pipeline.versioning import dataset_version
 
 WORKSPACE = ".crosssim-ingest"  # at the repository root: same filesystem as the data, outside the DVC target
 JOURNAL = "journal.json"
+QUARANTINE_LOG = "quarantine_log.jsonl"  # per site, beside its quarantined batches: every rejection, oldest first
 _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -64,6 +65,12 @@ class DataLayout:
         if not _SITE_NAME.match(site):
             raise ConfigError(f"site {site!r}: use letters, digits, '.', '_' and '-' (it names a folder)")
         return self.data_dir / site
+
+    def sites(self) -> list[str]:
+        """The sites that exist: the folders under ``data_dir``."""
+        if not self.data_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.data_dir.iterdir() if p.is_dir() and _SITE_NAME.match(p.name))
 
     @contextmanager
     def lock(self) -> Iterator[None]:
@@ -217,7 +224,9 @@ def _cause(exc: Exception) -> str:
 def quarantine_batch(
     staged: StagedBatch, report: BatchReport, settings: IngestConfig, validation_dir: Path
 ) -> BatchReport:
-    """Move the de-identified batch and its reports to ``<quarantine_dir>/<site>/<batch_id>/`` and log it.
+    """Move the de-identified batch and its reports to ``<quarantine_dir>/<site>/<batch_id>/`` and log it in
+    ``<quarantine_dir>/<site>/quarantine_log.jsonl``. The ingest log is not touched: it is versioned with the
+    data, and a rejected batch changes no data.
 
     The drop folder itself is left where the hospital put it: it may hold PHI, so it is not copied.
     """
@@ -232,7 +241,7 @@ def quarantine_batch(
     report.write(partial)
     shutil.rmtree(destination, ignore_errors=True)
     os.replace(partial, destination)
-    append_entry(settings.log_path, report)
+    append_entry(destination.parent / QUARANTINE_LOG, report)
     return report
 
 

@@ -1,7 +1,8 @@
-"""The ingest log: one JSON line per accepted or rejected batch, only ever appended to.
+"""The ingest log: one JSON line per accepted batch, only ever appended to.
 
 Kept beside the ``.dvc`` file and committed with it, it says which batch made each data version.
-Appending the accepted line is the commit point of an ingest (see commit.py).
+Appending the accepted line is the commit point of an ingest (see commit.py). Rejected batches change
+no data version, so they are logged with their quarantine instead (the same line format).
 """
 
 from __future__ import annotations

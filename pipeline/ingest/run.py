@@ -7,12 +7,13 @@ calls the same stages as tasks.
 
 from __future__ import annotations
 
+import difflib
 import shutil
 from contextlib import ExitStack
 from pathlib import Path
 
 from pipeline.config import PipelineConfig
-from pipeline.errors import DatasetError
+from pipeline.errors import ConfigError, DatasetError
 from pipeline.ingest.batch import StagedBatch, batch_fingerprint, stage_batch
 from pipeline.ingest.checks import check_batch
 from pipeline.ingest.commit import JOURNAL, DataLayout, commit_batch, quarantine_batch, recover
@@ -23,14 +24,16 @@ from pipeline.ingest.report import BatchReport, move_validation
 class BatchIngest:
     """The ingest of one drop folder into one site; use it as a context manager, then ``run()``."""
 
-    def __init__(self, cfg: PipelineConfig, site: str, folder: Path, salt: str | None) -> None:
-        """``salt``: the site's DICOM secret (see batch.resolve_salt); None refuses batches holding DICOM."""
+    def __init__(self, cfg: PipelineConfig, site: str, folder: Path, salt: str | None, new_site: bool = False) -> None:
+        """``salt``: the site's DICOM secret (see batch.resolve_salt); None refuses batches holding DICOM.
+        ``new_site``: ``site`` is to be created; otherwise it must be one of the sites under ingest.data_dir."""
         self.cfg, self.settings = cfg, cfg.ingest
         self.layout = DataLayout.from_settings(cfg.ingest)
         self.site, self.site_dir = site, self.layout.site_dir(site)
         self.folder, self.salt = Path(folder), salt
         if not self.folder.is_dir():
             raise DatasetError(f"batch folder {self.folder} does not exist")
+        _check_site(site, self.layout.sites(), self.layout.data_dir, new_site)
         self.recovered: list[str] = []
         self._stack = ExitStack()
 
@@ -104,3 +107,16 @@ class BatchIngest:
         if report.status == "accepted":
             return self.commit(staged, report)
         return report
+
+
+def _check_site(site: str, known: list[str], data_dir: Path, new_site: bool) -> None:
+    """A typo in the site name must not start a new site: creating one is asked for with ``new_site``."""
+    if new_site and site in known:
+        raise ConfigError(f"site {site!r} already exists in {data_dir}: drop --new-site to add the batch to it")
+    if not new_site and site not in known:
+        nearest = difflib.get_close_matches(site, known, n=1, cutoff=0.6)
+        raise ConfigError(
+            f"site {site!r} does not exist in {data_dir} (known sites: {', '.join(known) or 'none yet'})"
+            + (f"; did you mean {nearest[0]!r}?" if nearest else "")
+            + " To start a new site, add --new-site (flow parameter new_site=true). Nothing was ingested."
+        )

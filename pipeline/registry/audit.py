@@ -35,6 +35,7 @@ class AuditEntry:
     aliases_after: dict[str, str]
     evidence: dict[str, Any] = field(default_factory=dict)
     at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="microseconds"))
+    override_gate: bool = False  # an approval against the promotion gate's rejection (entries before it: False)
 
 
 class AuditLog:

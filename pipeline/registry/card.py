@@ -11,8 +11,6 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.evaluation import format_with_interval
-
 INTENDED_USE = (
     "Decision support for radiologists: the probability that a frontal chest X-ray shows pneumonia, "
     "for triage and second reading. Not a diagnosis and not for use without a clinician's review."
@@ -43,6 +41,8 @@ class CardFacts:
 
 
 def model_card(facts: CardFacts) -> str:
+    from pipeline.evaluation import format_with_interval  # imports torch: only cards need it, not review notes
+
     lines = [
         f"# Model card: {facts.name} v{facts.version}",
         "",
@@ -98,3 +98,19 @@ def model_card(facts: CardFacts) -> str:
     lines += ["", "## Lineage", *(f"- {key}: `{value}`" for key, value in facts.lineage.items())]
     lines += ["", "## Training configuration", "```json", json.dumps(facts.config, indent=2, default=str), "```", ""]
     return "\n".join(lines)
+
+
+def gate_override_note(reviewer: str, reason: str, failures: list[str], audit_artifact: str) -> str:
+    """The card section saying that a reviewer promoted this version although the promotion gate rejected it."""
+    return "\n".join(
+        [
+            "## Review: approved against the promotion gate (override)",
+            f"{reviewer} made this version champion although the promotion gate rejected it on:",
+            *(f"- {failure}" for failure in failures),
+            "",
+            f"Reason given: {reason}",
+            "",
+            f"Audit entry: `{audit_artifact}`",
+            "",
+        ]
+    )

@@ -12,12 +12,18 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mlflow.entities.model_registry import ModelVersion
 
+from pipeline.config import PipelineConfig
 from pipeline.registry.audit import AuditEntry, AuditLog
-from pipeline.registry.gate import GateDecision
+from pipeline.registry.card import gate_override_note
 from pipeline.registry.store import CHALLENGER, CHAMPION, HISTORY_TAG, ModelRegistry, RegistryError
+from pipeline.tracking import embedded_artifact_dir, resolve_tracking_uri
+
+if TYPE_CHECKING:  # the gate needs scikit-learn; reviewing and deciding do not
+    from pipeline.registry.gate import GateDecision
 
 STUDENT_SUFFIX = "-student"
 STUDENT_TAG = "student_version"
@@ -25,6 +31,14 @@ STUDENT_TAG = "student_version"
 
 def student_name(name: str) -> str:
     return f"{name}{STUDENT_SUFFIX}"
+
+
+def actions_for(cfg: PipelineConfig, name: str | None = None) -> RegistryActions:
+    """The registry actions on ``name`` (default ``registry.model_name``) of the configured tracking server."""
+    uri = resolve_tracking_uri(cfg.tracking)
+    name = name or cfg.registry.model_name
+    audit = AuditLog(uri, f"{cfg.tracking.experiment}-registry", embedded_artifact_dir(cfg.tracking), name)
+    return RegistryActions(ModelRegistry(uri), audit, name)
 
 
 @dataclass(frozen=True)
@@ -85,15 +99,37 @@ class RegistryActions:
         action = self.approve if decision.passed else self.reject
         return action(reviewer=f"{actor} (policy auto)", reason=summary, version=version)
 
-    def approve(self, reviewer: str, reason: str, version: str | None = None) -> Decision:
-        """The pending challenger becomes champion; the old champion stays in the history for rollback."""
+    def approve(self, reviewer: str, reason: str, version: str | None = None, override_gate: bool = False) -> Decision:
+        """The pending challenger becomes champion; the old champion stays in the history for rollback.
+
+        A challenger the promotion gate rejected is promoted only with ``override_gate`` (and, as every
+        decision, a reason); the audit entry, the version's ``review.override_gate`` tag and a section of its
+        model card then say so. Refused (RegistryError, nothing changed) otherwise.
+        """
         target = self._pending(version)
-        history = [*self.registry.champion_history(self.name), _number(target)]
-        moves = {self.name: {CHAMPION: _number(target), CHALLENGER: None}}
+        number = _number(target)
+        evidence = self._evidence(number)
+        failures = _gate_failures(evidence["gate"])
+        if failures and not override_gate:
+            raise RegistryError(
+                f"{self.name} v{number}: the promotion gate rejected it ({'; '.join(failures)}). To approve it "
+                "anyway, add --override-gate and say why in --reason (recorded as an override). Nothing changed."
+            )
+        if override_gate and not failures:
+            verdict = "has not run on it" if evidence["gate"] is None else "passed it"
+            raise RegistryError(
+                f"{self.name} v{number}: --override-gate, but the promotion gate {verdict}: there is nothing to "
+                "override; approve without it. Nothing changed."
+            )
+        history = [*self.registry.champion_history(self.name), number]
+        moves = {self.name: {CHAMPION: number, CHALLENGER: None}}
         moves |= self._student_moves(target, {CHAMPION: True, CHALLENGER: False})
         tags = {HISTORY_TAG: json.dumps(history)}
-        decided = self._apply("approve", _number(target), reviewer, reason, moves, self._evidence(_number(target)), tags)
-        self._mark(_number(target), "approved", reviewer, reason)
+        decided = self._apply("approve", number, reviewer, reason, moves, evidence, tags, override_gate)
+        self._mark(number, "approved", reviewer, reason, {"review.override_gate": "true"} if override_gate else {})
+        if override_gate:
+            note = gate_override_note(reviewer, reason, failures, decided.audit_artifact)
+            self.registry.describe(self.name, number, f"{(target.description or '').rstrip()}\n\n{note}")
         return decided
 
     def reject(self, reviewer: str, reason: str, version: str | None = None) -> Decision:
@@ -160,9 +196,9 @@ class RegistryActions:
     def _evidence(self, version: str) -> dict:
         return {"gate": self.gate_evidence(version)}
 
-    def _mark(self, version: str, status: str, reviewer: str, reason: str) -> None:
+    def _mark(self, version: str, status: str, reviewer: str, reason: str, extra: Mapping[str, str] | None = None) -> None:
         self.registry.set_version_tags(
-            self.name, version, {"review.status": status, "review.by": reviewer, "review.reason": reason}
+            self.name, version, {"review.status": status, "review.by": reviewer, "review.reason": reason, **(extra or {})}
         )
 
     def _apply(
@@ -174,6 +210,7 @@ class RegistryActions:
         moves: dict[str, dict[str, str | None]],
         evidence: dict,
         tags: dict[str, str] | None = None,
+        override_gate: bool = False,
     ) -> Decision:
         _require(actor, reason)
         before = self.registry.aliases(self.name)
@@ -184,9 +221,14 @@ class RegistryActions:
             for key, value in (tags or {}).items():
                 self.registry.set_model_tag(self.name, key, value)
             after = self.registry.aliases(self.name)
-            entry = AuditEntry(action, self.name, version, actor, reason, before, after, evidence)
+            entry = AuditEntry(action, self.name, version, actor, reason, before, after, evidence, override_gate=override_gate)
             artifact = self.audit.append(entry)
         return Decision(action, version, after, artifact)
+
+
+def _gate_failures(gate: dict | None) -> list[str]:
+    """What the recorded gate decision failed on; empty when it passed or never ran."""
+    return [] if gate is None or gate["passed"] else gate["failures"]
 
 
 def _number(version: ModelVersion) -> str:

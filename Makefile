@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 # The ephemeral server of `crosssim run` gets 20 s to start by default: too short on a busy 2-core machine.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: setup run test bench-source bench-crosssim data dvc-repro mlflow-ui prefect-ui clean
+.PHONY: setup run test bench-source bench-crosssim bench-smoke data dvc-repro mlflow-ui prefect-ui clean
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -35,6 +35,11 @@ bench-source: setup
 # CrossSim on Kermany → NIH: every variant of the table, 3 seeds for the headline rows (≈1 h on 2 CPU cores).
 bench-crosssim: setup
 	$(PY) benchmarks/crosssim_kermany_nih.py $(BENCH_ARGS)
+
+# Every benchmark in seconds on a tiny real subset (what tests/test_benchmarks.py runs in CI); JSON to a temp folder.
+bench-smoke: setup
+	$(PY) benchmarks/source_pneumoniamnist.py --smoke
+	$(PY) benchmarks/crosssim_kermany_nih.py --smoke
 
 # Put the datasets under DVC: copy them from FROM into data/raw, `dvc add data` (→ data.dvc), push to the remote.
 FROM ?= ../shared/data

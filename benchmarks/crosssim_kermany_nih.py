@@ -7,7 +7,12 @@ patients instead). Every variant starts from the same source model of its seed a
 on the same target-test with 95% bootstrap CIs. Thresholds follow pipeline.crosssim.scoring
 (labelled target-train rows when a variant had labels, else source-val).
 
-    python benchmarks/crosssim_kermany_nih.py [--seeds 42 43 44] [--test-set DIR] [--set key=value ...]
+    python benchmarks/crosssim_kermany_nih.py [--seeds 42 43 44] [--test-set DIR] [--smoke] [--output FILE]
+        [--set key=value ...]
+
+--smoke runs every variant of the table in seconds (first seed, a tiny real subset, a few steps) and
+writes its JSON to a temp folder unless --output says where: CI runs it (tests/test_benchmarks.py),
+so the benchmark cannot stop working unseen.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from pipeline.crosssim.stage import DomainData, run_crosssim
 from pipeline.crosssim.target import split_target
 from pipeline.data.prepare import PreparedDataset, prepare_dataset
 from pipeline.data.readers import read_dataset
-from pipeline.data.splits import assign_splits
+from pipeline.data.splits import assign_splits, subsample
 from pipeline.evaluation import format_with_interval
 from pipeline.training import load_trained_model, train_model
 
@@ -66,6 +71,20 @@ LABELLED_ABLATIONS = {  # with 10% labels, first seed only: the semi-supervised 
     "crosssim_10pct_no_consistency": ["crosssim.label_consistency_weight=0"],
 }
 METRICS = ("auc", "accuracy", "sensitivity", "specificity")
+SMOKE = [  # --smoke: every variant on 12 images per split and class of each site, a step or two each
+    "data.max_images_per_class=12",
+    "data.image_size=16",
+    "train.epochs=1",
+    "train.batch_size=8",
+    "train.num_threads=1",  # CI runs two test files at once on 2 cores: more threads thrash (~5× slower)
+    "crosssim.steps=2",
+    "crosssim.eval_every=2",
+    "crosssim.batch_size=4",
+    "crosssim.label_finetune_steps=1",
+    "crosssim.diagnostics_samples=10",
+    "crosssim.distill.steps=2",
+    "evaluate.bootstrap_samples=20",
+]
 
 
 def _finetune(source_model, data: DomainData, cfg: PipelineConfig) -> torch.nn.Module:
@@ -81,9 +100,17 @@ def _variant_config(base: list[str], seed: int, work: Path, extra: list[str]) ->
     )
 
 
-def run_seed(seed: int, first: bool, args, source: PreparedDataset, target: PreparedDataset, console: Console) -> dict:
+def run_seed(
+    seed: int,
+    first: bool,
+    overrides: list[str],
+    test_set: Path | None,
+    source: PreparedDataset,
+    target: PreparedDataset,
+    console: Console,
+) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f"bench-crosssim-{seed}-"))
-    cfg = _variant_config(args.overrides, seed, work, [])
+    cfg = _variant_config(overrides, seed, work, [])
     show = sys.stdout.isatty()
     console.print(f"[bold]seed {seed}[/]: training the source model")
     trained = train_model(source, cfg, show_progress=show)
@@ -95,12 +122,12 @@ def run_seed(seed: int, first: bool, args, source: PreparedDataset, target: Prep
 
     source_train, source_val = labelled("train"), labelled("val")
     splits = {
-        fraction: split_target(target.manifest, cfg.crosssim.test_fraction, fraction, seed, args.test_set)
+        fraction: split_target(target.manifest, cfg.crosssim.test_fraction, fraction, seed, test_set)
         for fraction in (0.0, LABELLED_FRACTION, 1.0)
     }
     test = splits[0.0].test
     test_images = (
-        images_of(target, test) if args.test_set is None else prepare_dataset(test, cfg.data.image_size, cfg.data.cache_dir).images
+        images_of(target, test) if test_set is None else prepare_dataset(test, cfg.data.image_size, cfg.data.cache_dir).images
     )
     target_train = {
         fraction: DomainData(
@@ -112,7 +139,7 @@ def run_seed(seed: int, first: bool, args, source: PreparedDataset, target: Prep
     models: dict[str, tuple[torch.nn.Module, DomainData, float]] = {"source_only": (source_model, target_train[0.0], 0.0)}
 
     def crosssim(name: str, extra: list[str], fraction: float = 0.0) -> None:
-        variant_cfg = _variant_config(args.overrides, seed, work, [*extra, f"crosssim.labelled_fraction={fraction}"])
+        variant_cfg = _variant_config(overrides, seed, work, [*extra, f"crosssim.labelled_fraction={fraction}"])
         console.print(f"seed {seed}: {name}")
         started = time.perf_counter()
         result = run_crosssim(source_model, cfg.data.image_size, source_train, source_val, target_train[fraction], variant_cfg, show_progress=show)
@@ -173,6 +200,11 @@ def run_seed(seed: int, first: bool, args, source: PreparedDataset, target: Prep
     }
 
 
+def _gap_closed(adapted: float, source_only: float, oracle: float) -> float:
+    """(adapted − source-only) / (oracle − source-only); NaN when the oracle gained nothing (tiny smoke sets)."""
+    return (adapted - source_only) / (oracle - source_only) if oracle != source_only else float("nan")
+
+
 def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -182,22 +214,32 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     parser.add_argument("--test-set", type=Path, default=None, help="NIH-format folder of held-out target patients")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
-    parser.add_argument("--output", type=Path, default=RESULT)
+    parser.add_argument("--smoke", action="store_true", help="seconds: first seed, tiny real subset, few steps (CI)")
+    parser.add_argument("--output", type=Path, default=None, help=f"result JSON (default {RESULT.relative_to(REPO)})")
     args = parser.parse_args()
     console = Console(width=160)
     started = time.perf_counter()
-    cfg = load_config(REPO / "params.yaml", [*DEFAULTS, *args.overrides])
+    overrides, output, run_seeds = args.overrides, args.output or RESULT, args.seeds
+    if args.smoke:
+        smoke_dir = Path(tempfile.mkdtemp(prefix="bench-crosssim-smoke-"))
+        # its prepared images stay in its temp folder: a smoke run leaves nothing in the project
+        overrides = [*SMOKE, f"data.cache_dir={smoke_dir / 'cache'}", *args.overrides]
+        output = args.output or smoke_dir / RESULT.name
+        run_seeds = args.seeds[:1]
+    cfg = load_config(REPO / "params.yaml", [*DEFAULTS, *overrides])
     root = cfg.data.resolved_root()
     kermany = assign_splits(read_dataset(root / cfg.data.source), cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+    kermany = subsample(kermany, cfg.data.max_images_per_class, cfg.seed)
     source = prepare_dataset(kermany, cfg.data.image_size, cfg.data.cache_dir)
     nih = read_dataset(root / cfg.crosssim.target)
-    target = prepare_dataset(nih[nih["label"].notna()].reset_index(drop=True), cfg.data.image_size, cfg.data.cache_dir)
+    nih = subsample(nih[nih["label"].notna()], cfg.data.max_images_per_class, cfg.seed)
+    target = prepare_dataset(nih.reset_index(drop=True), cfg.data.image_size, cfg.data.cache_dir)
 
     seeds = []
-    for index, seed in enumerate(args.seeds):
-        seeds.append(run_seed(seed, index == 0, args, source, target, console))
+    for index, seed in enumerate(run_seeds):
+        seeds.append(run_seed(seed, index == 0, overrides, args.test_set, source, target, console))
         # kept after every seed: a long run interrupted later still leaves its finished seeds
-        args.output.with_suffix(".partial.json").write_text(json.dumps(seeds, indent=2, default=str))
+        output.with_suffix(".partial.json").write_text(json.dumps(seeds, indent=2, default=str))
     first = seeds[0]["variants"]
     summary = {}
     for name in first:
@@ -208,8 +250,16 @@ def main() -> None:
     )
     report = {
         "benchmark": "crosssim-kermany-nih",
-        "command": "make bench-crosssim  # python benchmarks/crosssim_kermany_nih.py "
-        + " ".join([f"--seeds {' '.join(map(str, args.seeds))}", *(f"--test-set {args.test_set}" for _ in [0] if args.test_set), *(f"--set {o}" for o in args.overrides)]),
+        "command": f"make bench-{'smoke' if args.smoke else 'crosssim'}  # python benchmarks/crosssim_kermany_nih.py "
+        + " ".join(
+            [
+                f"--seeds {' '.join(map(str, run_seeds))}",
+                *(f"--test-set {args.test_set}" for _ in [0] if args.test_set),
+                *(["--smoke"] if args.smoke else []),
+                *(f"--set {o}" for o in args.overrides),
+            ]
+        ),
+        "smoke": args.smoke,
         "source": cfg.data.source,
         "target": cfg.crosssim.target,
         "target_test": str(args.test_set) if args.test_set else f"{cfg.crosssim.test_fraction:.0%} patient holdout of {cfg.crosssim.target} (per seed)",
@@ -219,12 +269,12 @@ def main() -> None:
         "crosssim_10pct_auc": crosssim_10pct,
         "finetune_10pct_auc": finetune_10pct,
         "dann_auc": first["dann"]["auc"],
-        "gap_closed": (crosssim - source_only) / (oracle - source_only),
-        "gap_closed_10pct": (crosssim_10pct - source_only) / (oracle - source_only),
-        "gap_closed_finetune_10pct": (finetune_10pct - source_only) / (oracle - source_only),
+        "gap_closed": _gap_closed(crosssim, source_only, oracle),
+        "gap_closed_10pct": _gap_closed(crosssim_10pct, source_only, oracle),
+        "gap_closed_finetune_10pct": _gap_closed(finetune_10pct, source_only, oracle),
         "summary": summary,
         "per_seed": seeds,
-        "seeds": args.seeds,
+        "seeds": run_seeds,
         "wall_seconds": time.perf_counter() - started,
         "config": cfg.model_dump(mode="json", include={"data", "augment", "train", "crosssim", "seed"}),
         "finetune_steps": cfg.crosssim.label_finetune_steps,
@@ -237,9 +287,9 @@ def main() -> None:
         | {"python": platform.python_version()},
         "date": time.strftime("%Y-%m-%d"),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    args.output.with_suffix(".partial.json").unlink(missing_ok=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    output.with_suffix(".partial.json").unlink(missing_ok=True)
     _print(report, console)
 
 

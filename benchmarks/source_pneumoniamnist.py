@@ -5,7 +5,11 @@ official train split, picks the threshold on the official val split, scores the
 official test split once. Then times the pipeline's training loop against a bare
 PyTorch loop on the same model, data, augmentation and batch size.
 
-    python benchmarks/source_pneumoniamnist.py [--set key=value ...]
+    python benchmarks/source_pneumoniamnist.py [--smoke] [--output FILE] [--set key=value ...]
+
+--smoke runs the same code in seconds on a tiny real subset (1 epoch, one throughput round) and
+writes its JSON to the run's temp folder unless --output says where: CI runs it
+(tests/test_benchmarks.py), so the benchmark cannot stop working unseen.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -27,6 +32,7 @@ from pipeline.augment import augment_batch, build_augmentation, normalise, to_mo
 from pipeline.config import load_config
 from pipeline.data.prepare import prepare_dataset
 from pipeline.data.readers import read_dataset
+from pipeline.data.splits import subsample
 from pipeline.evaluation import binary_metrics, choose_threshold
 from pipeline.models import build_model
 from pipeline.training import load_trained_model, train_model
@@ -39,6 +45,7 @@ RESULT = REPO / "benchmarks" / "results" / "source-pneumoniamnist.json"
 DEFAULTS = [
     "data.source=pneumoniamnist",
     "data.external=[]",
+    "crosssim.enabled=false",  # source training only: no target site to adapt to
     "data.image_size=64",
     "train.epochs=14",
     "train.batch_size=64",
@@ -54,6 +61,14 @@ MEDMNIST_TABLE = {
     "Google AutoML Vision": (0.991, 0.946),
 }
 THROUGHPUT_BATCHES = 24
+THROUGHPUT_ROUNDS = 3
+SMOKE = [  # --smoke: every step of the benchmark on 24 images per split and class
+    "data.max_images_per_class=24",
+    "data.image_size=16",
+    "train.epochs=1",
+    "train.batch_size=8",
+    "train.num_threads=1",  # CI runs two test files at once on 2 cores: more threads thrash (~5× slower)
+]
 
 
 def _bare_loop_images_per_second(cfg, images, labels, batches: int) -> float:
@@ -105,15 +120,21 @@ def _pipeline_images_per_second(cfg, images, labels, batches: int, out: Path) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
+    parser.add_argument("--smoke", action="store_true", help="seconds on a tiny real subset (CI); not a result")
+    parser.add_argument("--output", type=Path, default=None, help=f"result JSON (default {RESULT.relative_to(REPO)})")
     args = parser.parse_args()
     console = Console()
     work = Path(tempfile.mkdtemp(prefix="bench-source-"))
+    # a smoke run keeps its prepared images in its temp folder too: it leaves nothing in the project
+    smoke = [*SMOKE, f"data.cache_dir={work / 'cache'}"] if args.smoke else []
+    output = args.output or (work / RESULT.name if args.smoke else RESULT)
     cfg = load_config(
         REPO / "params.yaml",
-        [*DEFAULTS, f"train.output_dir={work / 'train'}", *args.overrides],
+        [*DEFAULTS, *smoke, f"train.output_dir={work / 'train'}", *args.overrides],
     )
     started = time.perf_counter()
     manifest = read_dataset(cfg.data.resolved_root() / "pneumoniamnist")
+    manifest = subsample(manifest, cfg.data.max_images_per_class, cfg.seed)
     prepared = prepare_dataset(manifest, cfg.data.image_size, cfg.data.cache_dir)
     result = train_model(prepared, cfg, show_progress=sys.stdout.isatty())
     model = load_trained_model(result.model_path, cfg.train.backbone).to(memory_format=torch.channels_last)
@@ -129,18 +150,19 @@ def main() -> None:
     train_images, train_rows = prepared.subset(prepared.manifest["split"] == "train")
     images = torch.from_numpy(train_images.copy())
     labels = torch.as_tensor(train_rows["label"].to_numpy(dtype="int64"))
+    batches = min(THROUGHPUT_BATCHES, len(labels) // cfg.train.batch_size)
     # Interleave the two measurements so background load hits both alike; keep each one's best.
     pipeline_ips, bare_ips = [], []
-    for _ in range(3):
-        bare_ips.append(_bare_loop_images_per_second(cfg, images, labels, THROUGHPUT_BATCHES))
-        pipeline_ips.append(_pipeline_images_per_second(cfg, images, labels, THROUGHPUT_BATCHES, work / "tp"))
+    for _ in range(1 if args.smoke else THROUGHPUT_ROUNDS):
+        bare_ips.append(_bare_loop_images_per_second(cfg, images, labels, batches))
+        pipeline_ips.append(_pipeline_images_per_second(cfg, images, labels, batches, work / "tp"))
     ratio = max(pipeline_ips) / max(bare_ips)
 
     report = {
         "benchmark": "source-pneumoniamnist",
-        "command": "make bench-source  # python benchmarks/source_pneumoniamnist.py " + " ".join(
-            f"--set {o}" for o in args.overrides
-        ),
+        "command": f"make bench-{'smoke' if args.smoke else 'source'}  # python benchmarks/source_pneumoniamnist.py "
+        + shlex.join(sys.argv[1:]),
+        "smoke": args.smoke,
         "dataset": "PneumoniaMNIST official split (MedMNIST v2), 28x28 upsampled to "
         f"{cfg.data.image_size}x{cfg.data.image_size}",
         "test_auc": test_at_threshold["auc"],
@@ -157,7 +179,7 @@ def main() -> None:
         "throughput_pipeline_images_per_second": max(pipeline_ips),
         "throughput_bare_images_per_second": max(bare_ips),
         "throughput_ratio": ratio,
-        "throughput_measurements": {"pipeline": pipeline_ips, "bare": bare_ips, "batches": THROUGHPUT_BATCHES},
+        "throughput_measurements": {"pipeline": pipeline_ips, "bare": bare_ips, "batches": batches},
         "seed": cfg.seed,
         "config": cfg.model_dump(mode="json", include={"data", "augment", "train", "seed"}),
         "hardware": {
@@ -170,8 +192,8 @@ def main() -> None:
         "medmnist_v2_reference": {name: {"auc": auc, "acc": acc} for name, (auc, acc) in MEDMNIST_TABLE.items()},
         "date": time.strftime("%Y-%m-%d"),
     }
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2, default=str) + "\n")
 
     table = Table(title="PneumoniaMNIST test (official split)")
     for column in ("model", "AUC", "ACC", "ACC@0.5"):
@@ -183,7 +205,7 @@ def main() -> None:
     console.print(table)
     console.print(
         f"wall {wall_seconds / 60:.1f} min | throughput pipeline {max(pipeline_ips):.0f} img/s vs bare "
-        f"{max(bare_ips):.0f} img/s → ratio {ratio:.3f} | written {RESULT.relative_to(REPO)}"
+        f"{max(bare_ips):.0f} img/s → ratio {ratio:.3f} | written {output}"
     )
 
 

@@ -1,0 +1,71 @@
+"""Every `make bench-*` in its --smoke mode (seconds, tiny real subset): a benchmark cannot stop working unseen."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+CROSSSIM_VARIANTS = {
+    "source_only",
+    "crosssim",
+    "crosssim_no_distillation",
+    "oracle",
+    "crosssim_10pct",
+    "crosssim_10pct_no_distillation",
+    "finetune_10pct",
+    "crosssim_no_alignment",
+    "crosssim_no_augmentation",
+    "dann",
+    "crosssim_10pct_no_consistency",
+}
+
+
+def _run_smoke(script: str, data_dir: Path, tmp_path: Path) -> dict:
+    """Runs the benchmark's smoke mode; returns its result JSON, checking what every benchmark reports."""
+    committed = {path: path.read_bytes() for path in (REPO / "benchmarks" / "results").glob("*.json")}
+    output = tmp_path / "result.json"
+    # TMPDIR: the benchmark's work folders (checkpoints, prepared images) land in tmp_path too
+    env = {**os.environ, "CROSSSIM_DATA_DIR": str(data_dir), "TMPDIR": str(tmp_path)}
+    command = [sys.executable, f"benchmarks/{script}", "--smoke", "--output", str(output)]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{script} --smoke failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert {path: path.read_bytes() for path in committed} == committed, "a smoke run overwrote a committed result"
+    report = json.loads(output.read_text())
+    assert report["smoke"] is True
+    assert f"benchmarks/{script}" in report["command"] and "--smoke" in report["command"]
+    assert set(report["hardware"]) == {"cpu", "cores", "gpu"} and report["hardware"]["cores"] >= 1
+    assert {"torch", "python"} <= set(report["versions"])
+    assert report["wall_seconds"] > 0 and re.fullmatch(r"\d{4}-\d{2}-\d{2}", report["date"])
+    return report
+
+
+def _is_score(value: float) -> bool:
+    return isinstance(value, float) and 0.0 <= value <= 1.0
+
+
+def test_bench_source_smoke_writes_its_table(data_dir, tmp_path):
+    report = _run_smoke("source_pneumoniamnist.py", data_dir, tmp_path)
+    assert report["seed"] == 42 and report["epochs"] == 1
+    assert all(_is_score(report[key]) for key in ("test_auc", "test_acc", "test_acc_at_0.5", "best_val_auc"))
+    assert set(report["medmnist_v2_reference"]) == {"ResNet-18 (28)", "ResNet-50 (28)", "Google AutoML Vision"}
+    assert report["throughput_pipeline_images_per_second"] > 0 and report["throughput_bare_images_per_second"] > 0
+    assert report["throughput_ratio"] > 0
+
+
+def test_bench_crosssim_smoke_writes_every_variant(data_dir, tmp_path):
+    report = _run_smoke("crosssim_kermany_nih.py", data_dir, tmp_path)
+    assert report["seeds"] == [42] and [run["seed"] for run in report["per_seed"]] == [42]
+    assert set(report["summary"]) == CROSSSIM_VARIANTS
+    rows = report["per_seed"][0]["variants"]
+    assert set(rows) == CROSSSIM_VARIANTS
+    for name, row in rows.items():
+        assert all(_is_score(row[metric]) for metric in ("auc", "accuracy", "sensitivity", "specificity")), name
+        assert set(row["ci"]) == {"auc", "accuracy", "sensitivity", "specificity"}, name
+    assert rows["finetune_10pct"]["labelled_target_images"] < rows["oracle"]["labelled_target_images"]
+    assert all(isinstance(report[key], float) for key in ("source_only_auc", "crosssim_auc", "oracle_auc"))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -42,24 +45,22 @@ def _print_crosssim(scores: dict, gap: dict, diagnostics_path: Path) -> None:
     )
 
 
-PREFECT_STARTUP_TIMEOUT = "Timed out while attempting to connect to ephemeral Prefect API server"
-ORCHESTRATION_EXIT_CODE = 7
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that every open block (MLflow run, Prefect server) closes."""
 
 
-def _fail_if_prefect_did_not_start(error: RuntimeError) -> None:
-    """Prefect's temporary API server not answering in time is a busy machine, not a bug: say what to do."""
-    if PREFECT_STARTUP_TIMEOUT not in str(error):
-        raise error
-    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    # Python's default SIGTERM ends the process on the spot: no finally, no atexit. During a flow Prefect swaps
+    # in its own handler and, after marking the flow run, re-sends the signal to this one.
+    def raise_terminated(signum: int, frame: object) -> None:
+        raise Terminated()
 
-    err_console.print(
-        "[bold red]error:[/] Prefect's temporary API server did not answer within "
-        f"{PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()} s (a busy machine starts it slowly); nothing "
-        "was run. Set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS higher (make run uses 120), or start a "
-        "server (`prefect server start`) and set PREFECT_API_URL to it.",
-        highlight=False,
-    )
-    raise typer.Exit(ORCHESTRATION_EXIT_CODE)
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @app.command()
@@ -153,17 +154,30 @@ def adapt(config: ConfigOption = None, set_: SetOption = None) -> None:
 
 @app.command()
 def run(config: ConfigOption = None, set_: SetOption = None) -> None:
-    """The whole retraining flow under Prefect, tracked in MLflow."""
+    """The whole retraining flow under Prefect, tracked in MLflow, in its own run folder under runs.dir."""
+    from prefect.exceptions import TerminationSignal
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.prefect_server import temporary_server
     from flows.retrain import retrain
 
     try:
         cfg_path = config if config is not None else (Path("params.yaml") if Path("params.yaml").is_file() else None)
         _config(cfg_path, set_)  # fail fast on a bad config, before Prefect starts
-        summary = retrain(config_path=str(cfg_path) if cfg_path else None, overrides=set_ or [])
+        # Without a configured server, one of our own that dies with this process (not Prefect's ephemeral one).
+        server = nullcontext() if PREFECT_API_URL.value() else temporary_server()
+        with _sigterm_unwinds(), server:
+            summary = retrain(config_path=str(cfg_path) if cfg_path else None, overrides=set_ or [])
     except PipelineError as error:
         _fail(error)
-    except RuntimeError as error:
-        _fail_if_prefect_did_not_start(error)
+    except (KeyboardInterrupt, TerminationSignal) as stop:
+        by_sigterm = isinstance(stop, (Terminated, TerminationSignal))
+        err_console.print(
+            f"[bold red]stopped[/] by {'SIGTERM' if by_sigterm else 'Ctrl-C'}: the MLflow run is marked KILLED "
+            "and the temporary Prefect server is stopped",
+            highlight=False,
+        )
+        raise typer.Exit(128 + (signal.SIGTERM if by_sigterm else signal.SIGINT)) from None
     _print_results(summary["sets"])
     if "crosssim" in summary:
         crosssim = summary["crosssim"]

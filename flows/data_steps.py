@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -100,9 +101,8 @@ def validated_manifest(cfg: PipelineConfig, site: str) -> pd.DataFrame:
 
 def _publish(entry: PreparedDataset, destination: Path) -> None:
     """Expose a cache entry at a stable path (hard links: no copy of the pixels)."""
-    staging = destination.with_name(destination.name + ".staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}-", dir=destination.parent))
     for file in entry.directory.iterdir():
         try:
             os.link(file, staging / file.name)

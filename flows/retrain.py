@@ -2,26 +2,30 @@
 
 Runs in Prefect's local ephemeral mode unless PREFECT_API_URL points at a server.
 One MLflow run spans the flow: a blocked validation leaves a FAILED run holding the
-validation reports and no model.
+validation reports and no model. Each flow run works in its own folder under ``runs.dir``, so runs
+started together (a schedule overlapping a manual run) never train, score or register each other's files.
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
+import uuid
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
+from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
 from prefect.context import get_run_context
+from prefect.locking.filesystem import FileSystemLockManager
+from prefect.settings import PREFECT_HOME
 
 from flows import data_steps, model_steps, promotion
 from pipeline.config import PipelineConfig, load_config
 from pipeline.crosssim.model import load_model
 from pipeline.data.exclusions import ReadReport
 from pipeline.data.prepare import content_key
-from pipeline.errors import DataValidationError
+from pipeline.errors import ConfigError, DataValidationError
 from pipeline.evaluation import format_with_interval, metrics_table_markdown
 from pipeline.tracking import MlflowTracker, run_context_tags
 from pipeline.validation import ValidationReport, compute_image_facts
@@ -38,7 +42,14 @@ def _facts_cache_key(context, parameters) -> str:
     return f"facts{FACTS_FORMAT}-{content_key(parameters['manifest'], 0)}"
 
 
-@task(cache_key_fn=_facts_cache_key, cache_expiration=timedelta(days=30), persist_result=True)
+# Serializable: a run that computes an entry holds its lock until the result file is complete, and a
+# concurrent run with the same images waits for it instead of reading a half-written file.
+_FACTS_CACHE = CacheKeyFnPolicy(cache_key_fn=_facts_cache_key).configure(
+    isolation_level="SERIALIZABLE", lock_manager=FileSystemLockManager(PREFECT_HOME.value() / "locks")
+)
+
+
+@task(cache_policy=_FACTS_CACHE, cache_expiration=timedelta(days=30), persist_result=True)
 def image_facts(manifest: pd.DataFrame) -> pd.DataFrame:
     return compute_image_facts(manifest)
 
@@ -93,6 +104,14 @@ def _validation_gate(reports: dict[str, ValidationReport], tracker: MlflowTracke
         raise DataValidationError(f"data validation failed; training did not start.\n{summary}")
 
 
+def _new_run_folder(runs_dir: Path) -> Path:
+    """A folder no other run uses: concurrent runs (a schedule overlapping a manual run) cannot mix files."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    run_dir = runs_dir / f"{stamp}-{(_flow_run_id() or uuid.uuid4().hex)[:8]}"
+    run_dir.mkdir(parents=True, exist_ok=False)
+    return run_dir
+
+
 def _flow_run_id() -> str | None:
     try:
         return str(get_run_context().flow_run.id)
@@ -104,12 +123,20 @@ def _flow_run_id() -> str | None:
 def retrain(config_path: str | None = None, overrides: list[str] | None = None) -> dict:
     """Retrain on the configured source dataset and evaluate on it and every external site."""
     cfg = load_config(Path(config_path) if config_path else None, overrides or [])
+    if cfg.train.resume:
+        raise ConfigError(
+            "train.resume: a flow run trains in a new run folder, so there is nothing to resume; "
+            "resume an interrupted training with `crosssim train --resume`"
+        )
+    run_dir = _new_run_folder(cfg.runs.dir)
+    cfg = cfg.in_run_folder(run_dir)
     logger = get_run_logger()
+    logger.info("run folder: %s", run_dir)
     manifests = {site: read_site(cfg, site) for site in data_steps.sites(cfg)}
     with MlflowTracker(cfg.tracking, run_name="retrain") as tracker:
         versions = data_steps.data_versions(cfg)
         tags = {f"data_version.{site}": v for site, v in versions.items()}
-        tracker.set_tags(tags | {"prefect_flow_run_id": _flow_run_id() or ""})
+        tracker.set_tags(tags | {"prefect_flow_run_id": _flow_run_id() or "", "run_folder": str(run_dir)})
         tracker.log_params(cfg.model_dump(mode="json"))
         checked = {
             site: validate_site(cfg, site, manifest, image_facts(manifest), read)
@@ -132,7 +159,7 @@ def retrain(config_path: str | None = None, overrides: list[str] | None = None) 
             "model_uri": model_uri,
             "threshold": evaluation["threshold"],
             "sets": evaluation["sets"],
-            "outputs": str(cfg.evaluate.output_dir),
+            "outputs": str(run_dir),
         }
         if cfg.crosssim.enabled:
             summary["crosssim"] = _crosssim(cfg, trained.model_path, tracker)

@@ -266,7 +266,9 @@ class ScheduleConfig(_Section):
     timezone: str = Field(default="UTC", description="IANA zone the cron is read in; daylight-saving shifts are followed.")
     active: bool = Field(default=True, description="false: the schedule is registered but off; runs only on demand.")
     max_concurrent_runs: int = Field(
-        default=1, ge=1, description="Flow runs the serving process executes at once: runs share output folders."
+        default=1,
+        ge=1,
+        description="Flow runs the serving process executes at once (each in its own run folder; they share the cores).",
     )
 
     @field_validator("timezone")
@@ -277,6 +279,25 @@ class ScheduleConfig(_Section):
         except (ZoneInfoNotFoundError, ValueError) as exc:
             raise ValueError(f"unknown IANA time zone {value!r} (e.g. UTC, Europe/Berlin)") from exc
         return value
+
+
+class RunsConfig(_Section):
+    """Where each flow run (``crosssim run``, a deployment) keeps its own outputs."""
+
+    dir: Path = Field(
+        default=Path("outputs/runs"),
+        description="One sub-folder per flow run: concurrent runs never read or overwrite each other's files.",
+    )
+
+
+# A flow run's outputs inside its run folder (the CLI stages and dvc.yaml keep the configured paths).
+RUN_FOLDER_LAYOUT = (
+    ("data", "prepared_dir", "prepared"),
+    ("validation", "report_dir", "validation"),
+    ("train", "output_dir", "train"),
+    ("evaluate", "output_dir", "eval"),
+    ("crosssim", "output_dir", "adapt"),
+)
 
 
 class PipelineConfig(_Section):
@@ -291,6 +312,16 @@ class PipelineConfig(_Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    runs: RunsConfig = Field(default_factory=RunsConfig)
+
+    def in_run_folder(self, run_dir: Path) -> PipelineConfig:
+        """A copy whose per-run outputs (validation reports, prepared images, checkpoints, evaluation,
+        adaptation) live under ``run_dir``. Shared state stays shared: the prepared-image cache is
+        content-addressed and the tracking store is transactional."""
+        raw = self.model_dump()
+        for section, key, folder in RUN_FOLDER_LAYOUT:
+            raw[section][key] = Path(run_dir) / folder
+        return PipelineConfig.model_validate(raw)
 
     def anchored(self, base: Path) -> PipelineConfig:
         """A copy whose relative paths (outputs, caches, data root) are made absolute under ``base``."""
@@ -335,6 +366,7 @@ _PATH_FIELDS = (
     ("ingest", "quarantine_dir"),
     ("ingest", "report_dir"),
     ("ingest", "log_path"),
+    ("runs", "dir"),
 )
 
 

@@ -7,9 +7,11 @@ browses it.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 import platform
+import socket
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +22,8 @@ from urllib.parse import unquote, urlparse
 
 import mlflow
 import numpy as np
+import psutil
+from filelock import FileLock
 from mlflow.entities import RunInfo
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -68,6 +72,13 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_dir: Path | None) -
         if experiment is None:
             raise
         return experiment.experiment_id
+
+
+def _initialise_embedded_store(tracking_uri: str, local_dir: Path) -> None:
+    """Create or migrate the embedded SQLite store under a file lock: two runs starting together on a new
+    project would otherwise both run MLflow's schema migrations and one would fail half-way."""
+    with FileLock(local_dir / "mlflow.db.lock"):
+        MlflowClient(tracking_uri).search_experiments(max_results=1)
 
 
 def embedded_artifact_dir(cfg: TrackingConfig) -> Path | None:
@@ -124,6 +135,53 @@ def _git(repo: Path, *args: str) -> str | None:
     return done.stdout.strip()
 
 
+PROCESS_MACHINE_TAG = "crosssim.process.machine"
+PROCESS_PID_TAG = "crosssim.process.pid"
+PROCESS_STARTED_TAG = "crosssim.process.started"
+ENDED_BY_TAG = "crosssim.ended_by"
+
+
+def _machine_key() -> str:
+    # A hash, not the host name: run tags hold nothing that identifies a machine or a person.
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:16]
+
+
+def process_tags() -> dict[str, str]:
+    """Which process holds a run open: how a later run tells a live run from one whose process was killed."""
+    me = psutil.Process()
+    return {PROCESS_MACHINE_TAG: _machine_key(), PROCESS_PID_TAG: str(me.pid), PROCESS_STARTED_TAG: f"{me.create_time():.2f}"}
+
+
+def _process_alive(pid: int, started: float) -> bool:
+    try:  # same pid and same start time: a recycled pid is another process
+        return abs(psutil.Process(pid).create_time() - started) < 0.05
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def fail_orphaned_runs(tracking_uri: str, experiment_id: str) -> list[str]:
+    """Mark FAILED the RUNNING runs of this experiment whose process on this machine is gone (killed: a
+    SIGKILL leaves no chance to close the run). Runs held by other machines are left alone. Returns their ids."""
+    client = MlflowClient(tracking_uri)
+    running = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{PROCESS_MACHINE_TAG}` = '{_machine_key()}'",
+    )
+    reaped = []
+    for run in running:
+        tags = run.data.tags
+        try:
+            pid, started = int(tags[PROCESS_PID_TAG]), float(tags[PROCESS_STARTED_TAG])
+        except (KeyError, ValueError):
+            continue
+        if _process_alive(pid, started):
+            continue
+        client.set_tag(run.info.run_id, ENDED_BY_TAG, f"process {pid} ended without closing the run (killed)")
+        client.set_terminated(run.info.run_id, status="FAILED")
+        reaped.append(run.info.run_id)
+    return reaped
+
+
 class Tracker(Protocol):
     """What a stage may log. Use as a context manager around the stage."""
 
@@ -155,7 +213,10 @@ class Tracker(Protocol):
 
 
 class MlflowTracker:
-    """One MLflow run in ``cfg.experiment``; ends FINISHED, or FAILED when the block raises.
+    """One MLflow run in ``cfg.experiment``; ends FINISHED, FAILED when the block raises, KILLED when stopped.
+
+    A run whose process is killed outright stays RUNNING in MLflow; it carries its process's identity
+    (``process_tags``), and the next tracker of the experiment on this machine marks it FAILED.
 
     Uses MLflow's fluent API (``mlflow.pytorch.log_model`` needs it), so it sets the process-wide
     tracking URI and there can be one open tracker at a time.
@@ -175,8 +236,13 @@ class MlflowTracker:
     def __enter__(self) -> Self:
         if self._artifact_dir is not None:
             self._artifact_dir.mkdir(parents=True, exist_ok=True)  # also creates the SQLite file's folder
+            _initialise_embedded_store(self.tracking_uri, self._artifact_dir.parent)
         mlflow.set_tracking_uri(self.tracking_uri)
-        run = mlflow.start_run(experiment_id=self._experiment_id(), run_name=self._run_name, tags=self._tags)
+        experiment_id = self._experiment_id()
+        fail_orphaned_runs(self.tracking_uri, experiment_id)
+        run = mlflow.start_run(
+            experiment_id=experiment_id, run_name=self._run_name, tags={**self._tags, **process_tags()}
+        )
         self._info, self._open = run.info, True
         return self
 
@@ -185,8 +251,8 @@ class MlflowTracker:
     ) -> None:
         if exc_type is None:
             status = "FINISHED"
-        else:
-            status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+        else:  # Ctrl-C, SIGTERM (Prefect's TerminationSignal) and exit are stops, not failures of the run
+            status = "FAILED" if issubclass(exc_type, Exception) else "KILLED"
         self._open = False
         mlflow.end_run(status=status)
 

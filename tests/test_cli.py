@@ -101,13 +101,13 @@ def test_run_says_what_to_do_when_prefects_temporary_server_does_not_start(tmp_p
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
     env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "0"}
     command = [str(Path(sys.executable).parent / "crosssim"), "run", "--config", str(REPO / "params.yaml")]
-    for key in ("train.output_dir", "tracking.local_dir", "data.prepared_dir", "validation.report_dir"):
+    for key in ("runs.dir", "tracking.local_dir"):
         command += ["--set", f"{key}={tmp_path / key}"]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 7, output
     assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in output and "Traceback" not in output
-    assert not any((tmp_path / key).exists() for key in ("train.output_dir", "tracking.local_dir"))
+    assert not any((tmp_path / key).exists() for key in ("runs.dir", "tracking.local_dir"))
 
 
 @pytest.mark.parametrize(

@@ -34,12 +34,8 @@ def _overrides(work: Path, data_root: Path, *extra: str) -> list[str]:
     return [
         f"data.root={data_root}",
         f"data.cache_dir={work / 'cache'}",
-        f"data.prepared_dir={work / 'prepared'}",
-        f"validation.report_dir={work / 'validation'}",
-        f"train.output_dir={work / 'train'}",
-        f"evaluate.output_dir={work / 'eval'}",
+        f"runs.dir={work / 'runs'}",
         f"tracking.local_dir={work / 'mlflow'}",
-        f"crosssim.output_dir={work / 'adapt'}",
         "evaluate.bootstrap_samples=200",
         "crosssim.steps=20",
         "crosssim.eval_every=10",
@@ -97,7 +93,9 @@ def test_retrain_end_to_end_on_real_images(data_dir, tmp_path, monkeypatch):
     assert run.info.run_id in artifact.data and "nih-cxr8" in artifact.data
 
     model = mlflow.pytorch.load_model(summary["model_uri"])
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    run_dir = Path(summary["outputs"])
+    assert run_dir.parent == tmp_path / "runs" and run.data.tags["run_folder"] == str(run_dir)
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     assert set(metrics) >= {"kermany-pediatric/test", "nih-cxr8"}
     probabilities = model(torch.rand(3, 1, 64, 64))
     assert probabilities.shape == (3,) and ((probabilities >= 0) & (probabilities <= 1)).all()
@@ -155,12 +153,12 @@ def test_crosssim_adapt_runs_inside_the_flow_and_lands_in_mlflow(data_dir, tmp_p
 
     # the gate on the same frozen sets with real models: once v1 is champion, v1 again passes (equal scores)
     # and a challenger that inverts the source model's probabilities is blocked (it fails on the source test set)
-    cfg = load_config(REPO / "params.yaml", overrides)
+    cfg = load_config(REPO / "params.yaml", overrides).in_run_folder(Path(summary["outputs"]))  # the run's sets
     passed = summary["registry"]["gate_passed"]  # a 20-step model may miss the floors: then approve is an override
     actions_for(cfg).approve(reviewer="dr. ada", reason="first champion", override_gate=not passed)
     same, _ = gate_challenger(cfg, "models:/crosssim-pneumonia/1")
     assert same.passed and same.compared_with == "champion v1"
-    source_model, example = model_steps.serving_model(cfg, tmp_path / "train" / "best.pt")
+    source_model, example = model_steps.serving_model(cfg, Path(summary["outputs"]) / "train" / "best.pt")
     with MlflowTracker(cfg.tracking, run_name="inverted") as tracker:
         inverted = tracker.log_model(Inverted(source_model), "inverted", example)
     worse, scores = gate_challenger(cfg, inverted)
@@ -189,7 +187,8 @@ def test_broken_dataset_stops_flow_before_training(data_dir, tmp_path, monkeypat
     with pytest.raises(DataValidationError) as error:
         retrain(config_path=str(REPO / "params.yaml"), overrides=_overrides(work, root, "data.external=[]", "crosssim.enabled=false"))
     assert victim.name in str(error.value)
-    assert not (work / "train").exists() and not (work / "prepared").exists()
+    (run_dir,) = (work / "runs").iterdir()
+    assert not (run_dir / "train").exists() and not (run_dir / "prepared").exists()
 
     client = _client(work)
     (run,) = client.search_runs([client.get_experiment_by_name("crosssim-retrain").experiment_id])

@@ -395,13 +395,13 @@ def test_the_ingest_flow_retrains_on_an_accepted_batch_and_registers_a_challenge
         f"data.external=[{SITE}]",
         "crosssim.enabled=false",  # CrossSim inside the flow is test_flow's subject
         "validation.min_images=5",
+        "data.val_fraction=0.3",  # the site has 4-5 patients per class left after its test split
         "data.image_size=32",
         "train.epochs=1",
         "train.batch_size=16",
         "evaluate.bootstrap_samples=50",
-        *(f"{key}={work / key.replace('.', '-')}" for key in ("data.cache_dir", "data.prepared_dir", "validation.report_dir")),
-        f"train.output_dir={work / 'train'}",
-        f"evaluate.output_dir={work / 'eval'}",
+        f"data.cache_dir={work / 'cache'}",
+        f"runs.dir={work / 'runs'}",
         f"tracking.local_dir={work / 'mlflow'}",
     ]
     with prefect_test_harness(server_startup_timeout=120):

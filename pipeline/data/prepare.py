@@ -3,7 +3,7 @@
 The cache entry is keyed by a hash of the file contents, the manifest rows and the
 image size, so an unchanged rerun opens the existing array and costs nothing. An
 entry is built in a temporary folder and renamed into place: a crash never leaves a
-half-written entry that a later run would trust.
+half-written entry that a later run would trust, and concurrent runs share entries safely.
 """
 
 from __future__ import annotations
@@ -88,11 +88,25 @@ def prepare_dataset(manifest: pd.DataFrame, image_size: int, cache_dir: Path, wo
         save_manifest(manifest, staging / "manifest.csv")
         meta = {"key": key, "image_size": image_size, "count": len(manifest), "format": PREPARE_FORMAT}
         (staging / "meta.json").write_text(json.dumps(meta, indent=2))
-        os.replace(staging, entry)  # atomic: the entry appears complete or not at all
+        _move_into_place(staging, entry)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return open_prepared(entry)
+
+
+def _move_into_place(staging: Path, entry: Path) -> None:
+    """Rename the finished entry into place: it appears complete or not at all.
+
+    Two runs preparing the same images at once both build it; the rename of the second fails on
+    the first's complete entry, whose content is the same (the key hashes it), so it is kept.
+    """
+    try:
+        os.replace(staging, entry)
+    except OSError:
+        if not (entry / "meta.json").is_file():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def open_prepared(entry: Path) -> PreparedDataset:

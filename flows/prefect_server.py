@@ -1,0 +1,123 @@
+"""A temporary Prefect API server for one ``crosssim run`` that never outlives the run.
+
+Prefect's own ephemeral server (``SubprocessASGIServer``) is stopped by an ``atexit`` hook, which
+does not run when the process is killed (SIGKILL) or ends on Prefect's re-raised SIGTERM: its
+uvicorn process was left behind, holding a port and the state database. This starts the same app
+with the same settings, but the child asks the kernel for a SIGTERM the moment its parent dies
+(``PR_SET_PDEATHSIG``, Linux), however the parent dies. Elsewhere only the orderly stop applies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+
+import httpx
+import prefect
+from prefect.settings import (
+    PREFECT_API_URL,
+    PREFECT_HOME,
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+    get_current_settings,
+    temporary_settings,
+)
+
+from pipeline.errors import PipelineError
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+class OrchestrationError(PipelineError):
+    """Prefect's temporary API server did not start; nothing was run."""
+
+    exit_code = 7
+
+
+def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def arm() -> None:  # runs in the child between fork and exec
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent_pid:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return arm
+
+
+def _free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start(port: int) -> subprocess.Popen:
+    # The command and settings of Prefect's SubprocessASGIServer: the API without the UI, its database in PREFECT_HOME.
+    env = {
+        **os.environ,
+        "PREFECT_UI_ENABLED": "0",
+        "PREFECT__SERVER_EPHEMERAL": "1",
+        "PREFECT__SERVER_FINAL": "1",
+        **get_current_settings().to_environment_variables(exclude_unset=True),
+    }
+    command = [
+        sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
+        "--factory", "prefect.server.api.server:create_app",
+        "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on",
+    ]  # fmt: skip
+    return subprocess.Popen(command, env=env, preexec_fn=_die_with_parent(os.getpid()))  # noqa: PLW1509
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _wait_until_healthy(process: subprocess.Popen, api_url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    with httpx.Client(timeout=2) as client:
+        while time.monotonic() < deadline:
+            status = process.poll()
+            if status is not None:
+                raise OrchestrationError(
+                    f"Prefect's temporary API server exited with status {status} (its error is printed above); "
+                    f"nothing was run. Its state database is in PREFECT_HOME={PREFECT_HOME.value()}."
+                )
+            try:
+                if client.get(f"{api_url}/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+    raise OrchestrationError(
+        f"Prefect's temporary API server did not answer within {timeout:g} s (a busy machine starts it slowly); "
+        "nothing was run. Set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS higher (make run uses 120), or "
+        "start a server (`prefect server start`) and set PREFECT_API_URL to it."
+    )
+
+
+@contextmanager
+def temporary_server() -> Iterator[str]:
+    """Run a Prefect API server on a free loopback port for the block; yields its API URL, set as PREFECT_API_URL."""
+    PREFECT_HOME.value().mkdir(parents=True, exist_ok=True)  # its SQLite database lives there
+    port = _free_port()
+    process = _start(port)
+    api_url = f"http://127.0.0.1:{port}/api"
+    try:
+        _wait_until_healthy(process, api_url, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            yield api_url
+    finally:
+        _stop(process)

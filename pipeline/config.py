@@ -281,6 +281,50 @@ class ScheduleConfig(_Section):
         return value
 
 
+class ExportConfig(_Section):
+    """Deployable artifacts built at registration (pipeline.serving): ONNX FP32 and static INT8."""
+
+    enabled: bool = True
+    parity_tolerance: float = Field(
+        default=1e-4, gt=0, description="Max |p_onnx − p_torch| on the golden images for the FP32 export to be kept."
+    )
+    golden_images: int = Field(default=64, ge=2, description="Real source-test images of the frozen golden set.")
+    int8: bool = Field(default=True, description="Also build the static INT8 (QDQ, per-channel) version.")
+    calibration_images: int = Field(
+        default=256, ge=8, description="Real source-val + target-train images that calibrate the INT8 ranges."
+    )
+    int8_auc_tolerance: float = Field(
+        default=0.005, ge=0, description="INT8 is kept only if its AUC is within this of the PyTorch model's on every gate set."
+    )
+
+
+class ServeConfig(_Section):
+    """``crosssim serve``: the registry's model behind a FastAPI app on ONNX Runtime (pipeline.serving)."""
+
+    model_name: str | None = Field(default=None, description="Registered model to serve; null: registry.model_name.")
+    alias: str = Field(default="champion", min_length=1, description="Alias to follow (moves are picked up live).")
+    version: str | None = Field(default=None, description="Pin a version instead of following the alias.")
+    precision: Literal["fp32", "int8"] = "fp32"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    max_batch: int = Field(default=16, ge=1, description="Requests ONNX Runtime scores in one call (micro-batching).")
+    max_wait_ms: float = Field(default=5.0, ge=0, description="How long a request may wait for others to join its batch.")
+    poll_seconds: float = Field(default=10.0, gt=0, description="How often the alias is checked for a move.")
+    max_upload_mb: float = Field(default=20.0, gt=0, description="Larger request bodies are refused (413).")
+    min_side: int = Field(default=64, ge=1, description="Smaller images are refused (422).")
+    max_side: int = Field(default=8192, ge=1, description="Larger images are refused before decoding (422).")
+    sites: list[str] = Field(
+        default_factory=list, description="Sites a request may name; empty: data.source and data.external."
+    )
+    ledger_url: str | None = Field(
+        default=None, description="SQLAlchemy URL of the prediction ledger; null: $CROSSSIM_LEDGER_URL, else SQLite under outputs/."
+    )
+    ledger_path: Path = Field(default=Path("outputs/serve/ledger.db"), description="The default SQLite ledger (WAL).")
+    image_store: Path = Field(default=Path("outputs/serve/images"), description="De-identified served images, by inference_id.")
+    image_retention_days: int = Field(default=90, ge=0, description="Served images older than this are deleted (0: keep none).")
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+
 class RunsConfig(_Section):
     """Where each flow run (``crosssim run``, a deployment) keeps its own outputs."""
 
@@ -313,6 +357,7 @@ class PipelineConfig(_Section):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     runs: RunsConfig = Field(default_factory=RunsConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     def in_run_folder(self, run_dir: Path) -> PipelineConfig:
         """A copy whose per-run outputs (validation reports, prepared images, checkpoints, evaluation,
@@ -367,6 +412,8 @@ _PATH_FIELDS = (
     ("ingest", "report_dir"),
     ("ingest", "log_path"),
     ("runs", "dir"),
+    ("serve", "ledger_path"),
+    ("serve", "image_store"),
 )
 
 

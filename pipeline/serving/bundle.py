@@ -1,0 +1,102 @@
+"""The serving bundle: what a registered version carries so that it can be served without ``params.yaml``.
+
+A bundle is a folder (logged to the registering MLflow run under ``serving/<registered name>/``, and named by
+the version's ``serving.artifact_uri`` tag)::
+
+    serving.json      this module's ServingBundle: preprocessing, decision threshold, artifacts and their hashes
+    model.onnx        FP32 ONNX graph, dynamic batch: (B, 1, S, S) float pixels in [0, 1] → (B,) P(pneumonia)
+    model.int8.onnx   static INT8 (QDQ) version, only when it passed its accuracy check
+
+Normalisation is inside both graphs (they are exported from ``PneumoniaProbability``), so a client's whole
+preprocessing is ``preprocess``: decode, grayscale, resize to ``image_size``, scale to [0, 1] — the
+functions the training images went through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data.images import resize_square, to_grayscale
+from pipeline.errors import PipelineError
+
+BUNDLE_FORMAT = "crosssim-serving/1"
+MANIFEST = "serving.json"
+FP32_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
+INPUT_NAME = "pixels"
+OUTPUT_NAME = "probability"
+PRECISIONS = ("fp32", "int8")
+
+
+class BundleError(PipelineError):
+    """A serving bundle is missing, incomplete or altered."""
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    """One ONNX file of the bundle and the checks it passed."""
+
+    file: str
+    sha256: str
+    checks: dict[str, float] = field(default_factory=dict)  # e.g. max_abs_diff, auc.<set>, auc_delta.<set>
+
+
+@dataclass(frozen=True)
+class ServingBundle:
+    backbone: str
+    image_size: int
+    threshold: float
+    threshold_chosen_on: str
+    artifacts: dict[str, ArtifactInfo]  # precision ("fp32" | "int8") → its file
+    notes: list[str] = field(default_factory=list)  # why an artifact is missing, in words a model card can show
+    format: str = BUNDLE_FORMAT
+
+    def path_of(self, directory: Path, precision: str) -> Path:
+        """The ONNX file for ``precision`` inside ``directory``, checked against its recorded hash."""
+        if precision not in self.artifacts:
+            reason = "; ".join(self.notes) or "not built"
+            raise BundleError(f"this version has no {precision} artifact ({reason})")
+        info = self.artifacts[precision]
+        path = Path(directory) / info.file
+        if not path.is_file():
+            raise BundleError(f"{path}: missing from the serving bundle")
+        if sha256_of(path) != info.sha256:
+            raise BundleError(f"{path}: its SHA-256 differs from the one recorded in {MANIFEST} (altered file)")
+        return path
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_bundle(directory: Path, bundle: ServingBundle) -> Path:
+    path = Path(directory) / MANIFEST
+    path.write_text(json.dumps(asdict(bundle), indent=2))
+    return path
+
+
+def read_bundle(directory: Path) -> ServingBundle:
+    path = Path(directory) / MANIFEST
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: not a readable serving bundle ({exc})") from exc
+    if raw.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{path}: format {raw.get('format')!r}, this version of CrossSim reads {BUNDLE_FORMAT!r}")
+    artifacts = {precision: ArtifactInfo(**info) for precision, info in raw.pop("artifacts").items()}
+    return ServingBundle(artifacts=artifacts, **raw)
+
+
+def preprocess(pixels: np.ndarray, image_size: int) -> np.ndarray:
+    """Decoded uint8 pixels (H, W) or (H, W, C) → (1, S, S) float32 in [0, 1], as the training images were made."""
+    gray = resize_square(to_grayscale(pixels), image_size)
+    return (gray.astype(np.float32) / 255.0)[None]

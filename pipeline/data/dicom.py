@@ -80,12 +80,20 @@ def dicom_pixels(path: str | Path) -> np.ndarray:
     path = Path(path)
     try:
         ds = pydicom.dcmread(path)
+    except Exception as exc:
+        raise ImageDecodeError(f"{path}: cannot decode DICOM pixels ({type(exc).__name__}: {exc})") from exc
+    return dataset_pixels(ds, path)
+
+
+def dataset_pixels(ds: Dataset, where: str | Path) -> np.ndarray:
+    """``dicom_pixels`` of a dataset already read (e.g. from an upload in memory); errors name ``where``."""
+    try:
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise ImageDecodeError(f"{path}: multi-frame DICOM is not supported (a radiograph has one frame)")
+            raise ImageDecodeError(f"{where}: multi-frame DICOM is not supported (a radiograph has one frame)")
         pixels = ds.pixel_array
         if int(ds.get("SamplesPerPixel", 1)) > 1:
             if pixels.dtype != np.uint8:
-                raise ImageDecodeError(f"{path}: colour DICOM with {ds.BitsAllocated}-bit samples is not supported")
+                raise ImageDecodeError(f"{where}: colour DICOM with {ds.BitsAllocated}-bit samples is not supported")
             return to_grayscale(pixels)  # pydicom already converted YBR to RGB
         values = apply_modality_lut(pixels, ds)
         if ds.get("VOILUTSequence") or "WindowCenter" in ds:
@@ -101,7 +109,7 @@ def dicom_pixels(path: str | Path) -> np.ndarray:
     except ImageDecodeError:
         raise
     except Exception as exc:  # pydicom and its decoder plugins raise many types on corrupt/unsupported files
-        raise ImageDecodeError(f"{path}: cannot decode DICOM pixels ({type(exc).__name__}: {exc})") from exc
+        raise ImageDecodeError(f"{where}: cannot decode DICOM pixels ({type(exc).__name__}: {exc})") from exc
 
 
 def _voi_output_range(ds: Dataset) -> tuple[float, float]:

@@ -52,7 +52,7 @@ def decode_image_and_mode(
             return dicom_pixels(path), DICOM_MODE
         with Image.open(path) as image:
             image.load()  # forces a full decode: truncated files fail here, not later
-            return _pil_to_uint8(image), image.mode
+            return pil_to_uint8(image), image.mode
     except ImageDecodeError:
         raise
     except (OSError, UnidentifiedImageError, KeyError, IndexError, ValueError, SyntaxError) as exc:
@@ -66,7 +66,9 @@ def _array_mode(pixels: np.ndarray) -> str:
     return {1: "L", 3: "RGB", 4: "RGBA"}.get(channels, f"{channels} channels")
 
 
-def _pil_to_uint8(image: Image.Image) -> np.ndarray:
+def pil_to_uint8(image: Image.Image) -> np.ndarray:
+    """A loaded PIL image as uint8 (H, W) or (H, W, 3): 16-bit/int/float stretched min→max, alpha and palette
+    to RGB, other modes to L. Also what ``crosssim serve`` does to an upload, so both match the training images."""
     if image.mode in ("I;16", "I;16B", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
         low, high = float(array.min()), float(array.max())

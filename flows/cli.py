@@ -13,6 +13,7 @@ from rich.table import Table
 
 from flows.cli_common import ConfigOption, SetOption, _config, _fail, console, err_console
 from flows.registry_cli import registry_app
+from pipeline.config import ServeConfig
 from pipeline.errors import ConfigError, DataValidationError, PipelineError
 
 app = typer.Typer(help="CrossSim: retrain and evaluate a chest X-ray pneumonia classifier.", no_args_is_help=True)
@@ -252,6 +253,53 @@ def serve_flows(config: ConfigOption = None, set_: SetOption = None) -> None:
         markup=False,
     )
     serve_deployments(cfg, deployments)
+
+
+def _yaml_value(value: object) -> str:
+    return "null" if value is None else str(value)
+
+
+def _serve_help() -> str:
+    keys = [
+        f"serve.{key} = {_yaml_value(field.get_default(call_default_factory=True))}"
+        + (f": {field.description}" if field.description else "")
+        for key, field in ServeConfig.model_fields.items()
+        if key != "export"  # built at registration, not read by the server
+    ]
+    return "Configuration: the serve: section of params.yaml (--set serve.KEY=VALUE):\n" + "\n".join(keys)
+
+
+@app.command(epilog=_serve_help())
+def serve(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    alias: Annotated[Optional[str], typer.Option("--alias", help="Follow this alias (serve.alias; default champion).")] = None,
+    version: Annotated[Optional[str], typer.Option("--version", help="Pin a registered version (serve.version).")] = None,
+    precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 or int8 (serve.precision).")] = None,
+    host: Annotated[Optional[str], typer.Option("--host", help="Address to listen on (serve.host).")] = None,
+    port: Annotated[Optional[int], typer.Option("--port", help="Port (serve.port).")] = None,
+) -> None:
+    """Serve the registry's model over HTTP on ONNX Runtime: POST /v1/predict and /v1/explain (docs at /docs).
+
+    SIGTERM/Ctrl-C drains the requests in flight, then exits. Admin routes need $CROSSSIM_API_KEY.
+    """
+    import os
+
+    from flows.serve import build_app, run_server
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bundle downloads: no bars in the log
+    options = {"alias": alias, "version": version, "precision": precision, "host": host, "port": port}
+    overrides = [*(set_ or []), *(f"serve.{key}={value}" for key, value in options.items() if value is not None)]
+    if alias is not None and version is None:
+        overrides.append("serve.version=null")  # --alias follows the alias even if params.yaml pins a version
+    try:
+        cfg = _config(config, overrides)
+        server, notes = build_app(cfg, os.environ)
+    except PipelineError as error:
+        _fail(error)
+    for note in notes:
+        console.print(note, highlight=False, markup=False, soft_wrap=True)
+    run_server(server, cfg.serve.host, cfg.serve.port)
 
 
 if __name__ == "__main__":

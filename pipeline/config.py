@@ -324,6 +324,12 @@ class ServeConfig(_Section):
     image_retention_days: int = Field(default=90, ge=0, description="Served images older than this are deleted (0: keep none).")
     export: ExportConfig = Field(default_factory=ExportConfig)
 
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_number_as_text(cls, value: Any) -> Any:
+        """``--set serve.version=3`` parses as a number; registry versions are strings."""
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
 
 class RunsConfig(_Section):
     """Where each flow run (``crosssim run``, a deployment) keeps its own outputs."""

@@ -1,0 +1,87 @@
+"""``crosssim serve``: the registry's model behind the FastAPI app (pipeline.serving.app), run by uvicorn.
+
+Everything is resolved and loaded before the server starts, so a missing model, artifact or weak secret is a
+clear message and exit 2, never a half-started server.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import sqlalchemy as sa
+import uvicorn
+from fastapi import FastAPI
+
+from pipeline.config import PipelineConfig
+from pipeline.data.salt import resolve_salt, salt_variables
+from pipeline.errors import ConfigError
+from pipeline.registry.store import ModelRegistry, RegistryError
+from pipeline.serving.app import API_KEY_HEADER, ServeDependencies, create_app
+from pipeline.serving.image_store import ImageStore
+from pipeline.serving.ledger import PredictionLedger, resolve_ledger_url
+from pipeline.serving.model_source import LiveModel, ModelRef, ModelSource
+from pipeline.tracking import resolve_tracking_uri
+
+API_KEY_ENV = "CROSSSIM_API_KEY"
+MIN_API_KEY_CHARS = 16
+DRAIN_SECONDS = 20  # SIGTERM: requests in flight get this long to finish (under Kubernetes' default 30 s grace)
+
+
+def build_app(cfg: PipelineConfig, environ: Mapping[str, str]) -> tuple[FastAPI, list[str]]:
+    """The app serving ``cfg.serve``'s model, and what to tell the operator at start."""
+    settings = cfg.serve
+    api_key = environ.get(API_KEY_ENV) or None
+    if api_key is not None and len(api_key) < MIN_API_KEY_CHARS:
+        raise ConfigError(f"${API_KEY_ENV} is too short to be a secret: use at least {MIN_API_KEY_CHARS} random characters")
+    ref = ModelRef(
+        settings.model_name or cfg.registry.model_name,
+        alias=None if settings.version else settings.alias,
+        version=settings.version,
+    )
+    source = ModelSource(ModelRegistry(resolve_tracking_uri(cfg.tracking)), ref, settings.precision)
+    try:
+        version = source.target_version()
+    except RegistryError as exc:
+        raise RegistryError(
+            f"{exc}. `crosssim registry list` shows what is registered; `make run` registers a first version as "
+            "challenger (serve it with --alias challenger, or approve it)"
+        ) from exc
+    initial = source.load(version)
+    sites = tuple(settings.sites or [cfg.data.source, *cfg.data.external])
+    ledger_url = resolve_ledger_url(settings, environ)
+    ledger = PredictionLedger(ledger_url)
+    images = ImageStore(settings.image_store, settings.image_retention_days)
+    deps = ServeDependencies(LiveModel(source, initial), ledger, images, sites, cfg.ingest, environ, api_key)
+    try:
+        app = create_app(settings, deps)
+    except BaseException:
+        ledger.close()
+        raise
+    following = f"following @{ref.alias}, checked every {settings.poll_seconds:g} s" if ref.alias else "pinned"
+    notes = [
+        f"serving {ref.name} v{initial.version} ({settings.precision}; {following}), "
+        f"artifact sha256 {initial.artifact_sha256[:12]}…, threshold {initial.threshold:.4f}",
+        f"http://{settings.host}:{settings.port}  (API docs: /docs; POST /v1/predict, /v1/explain)",
+        f"ledger: {sa.make_url(ledger_url).render_as_string(hide_password=True)}; "
+        f"images: {settings.image_store} (kept {settings.image_retention_days} days)",
+    ]
+    unsalted = [site for site in sites if resolve_salt(site, cfg.ingest, environ) is None]
+    if unsalted:
+        notes.append(
+            f"no DICOM salt for {', '.join(unsalted)}: their DICOM uploads and patient/study ids are refused "
+            f"(set ${salt_variables(unsalted[0], cfg.ingest)[0]} or ${cfg.ingest.salt_env})"
+        )
+    if api_key is None:
+        notes.append(f"admin routes off: ${API_KEY_ENV} is not set (POST /v1/admin/reload is not mounted)")
+    else:
+        notes.append(f"admin routes on: POST /v1/admin/reload with header {API_KEY_HEADER}")
+    return app, notes
+
+
+def run_server(app: FastAPI, host: str, port: int) -> None:
+    """uvicorn until SIGINT/SIGTERM: it stops accepting, lets requests in flight finish (up to DRAIN_SECONDS),
+    then the app's shutdown commits the ledger's last rows."""
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    log_config["loggers"]["crosssim"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=DRAIN_SECONDS, log_config=log_config)

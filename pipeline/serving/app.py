@@ -1,0 +1,466 @@
+"""The FastAPI app of ``crosssim serve`` (``create_app``); ``flows/serve.py`` builds its dependencies and runs it.
+
+A prediction: the upload is decoded and checked in a worker thread (``uploads``), queued for the micro-batcher,
+scored by the version being served, its de-identified image stored, its ledger row committed; only then does
+the 200 leave. A refused request gets a 4xx JSON body ``{"error": <rule>, "detail": ...}``; no response ever
+carries a stack trace. The app owns its background work (batching, alias polling, image expiry) and closes the
+ledger when it shuts down, after uvicorn has drained the requests in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib.metadata import version as package_version
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pipeline.config import IngestConfig, ServeConfig
+from pipeline.data.salt import resolve_salt
+from pipeline.errors import PipelineError
+from pipeline.serving.batcher import MicroBatcher
+from pipeline.serving.bundle import preprocess
+from pipeline.serving.image_store import ImageStore
+from pipeline.serving.ledger import (
+    LedgerUnavailable,
+    NoSiteSalt,
+    PredictionLedger,
+    PredictionRow,
+    Pseudonyms,
+    new_inference_id,
+    pseudonymise_ids,
+)
+from pipeline.serving.metrics import MetricsMiddleware, ServeMetrics
+from pipeline.serving.model_source import LiveModel, Refresh
+from pipeline.serving.schemas import (
+    ErrorBody,
+    Explanation,
+    Health,
+    ModelIdentity,
+    Prediction,
+    Readiness,
+    Reload,
+    ServedModelInfo,
+)
+from pipeline.serving.uploads import DecodedUpload, UploadError, UploadLimits, decode_upload, deidentified_png, sniff_format
+
+if TYPE_CHECKING:  # torch and captum load on the first explanation, not at start
+    from pipeline.serving.explain import GradCam
+
+API_KEY_HEADER = "X-API-Key"
+UNSPECIFIED_SITE = "unspecified"  # the ledger's site when a request names none
+IMAGE_EXPIRY_SECONDS = 3600.0  # how often images past their retention are deleted
+_RULE_OF_STATUS = {400: "bad_request", 401: "api_key", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in (
+        (413, "Body over serve.max_upload_mb"),
+        (415, "Not a PNG, JPEG or DICOM"),
+        (422, "An upload rule broken (the error names it)"),
+        (503, "The ledger (or the image store, or for /v1/explain the PyTorch model) is unavailable"),
+    )
+}
+
+log = logging.getLogger("crosssim.serve")
+
+
+@dataclass(frozen=True)
+class ServeDependencies:
+    """What the app serves with. The app closes ``ledger`` at shutdown."""
+
+    live: LiveModel
+    ledger: PredictionLedger
+    images: ImageStore
+    sites: tuple[str, ...]  # what a request's ``site`` may be
+    ingest: IngestConfig  # names the environment variables holding each site's secret salt
+    environ: Mapping[str, str]  # where those salts are read
+    api_key: str | None  # None: the admin routes are not mounted
+
+
+@dataclass(frozen=True)
+class _Received:
+    site: str
+    ids: Pseudonyms
+    decoded: DecodedUpload
+    inputs: np.ndarray  # (1, S, S) for the model served when the upload arrived
+    png: bytes | None  # the de-identified image to keep (predictions only)
+
+
+class BodyLimit:
+    """413 for a body over ``max_bytes``: at once when Content-Length says so, else as soon as the stream passes it
+    (nothing larger is ever buffered)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, metrics: ServeMetrics) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            self.metrics.rejected.labels("body_too_large").inc()
+            await _error(413, "body_too_large", self._detail(f"{int(declared)} bytes declared"))(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise HTTPException(413, self._detail(f"over {self.max_bytes} bytes received"))
+            return message
+
+        await self.app(scope, counted, send)
+
+    def _detail(self, seen: str) -> str:
+        return f"request body {seen}; the limit is serve.max_upload_mb = {self.max_bytes / 2**20:g} MB"
+
+
+def create_app(settings: ServeConfig, deps: ServeDependencies) -> FastAPI:
+    """The app serving ``deps.live``; ``settings`` gives batching, polling and upload limits."""
+    for site in (*deps.sites, UNSPECIFIED_SITE):
+        resolve_salt(site, deps.ingest, deps.environ)  # a guessable salt stops the start (ConfigError)
+    metrics = ServeMetrics(settings.max_batch)
+    metrics.serving(deps.live.current)
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")  # ORT parallelises inside
+    batcher = MicroBatcher(
+        deps.live, settings.max_batch, settings.max_wait_ms / 1000, executor, metrics.batch_size.observe
+    )
+    limits = UploadLimits(settings.min_side, settings.max_side)
+    explaining = threading.Lock()  # Grad-CAM hooks the twin's layer: one explanation at a time
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        tasks = [asyncio.create_task(batcher.run(), name="micro-batcher")]
+        if deps.live.follows_alias:
+            tasks.append(asyncio.create_task(_follow_alias(deps.live, settings.poll_seconds, metrics), name="alias"))
+        tasks.append(asyncio.create_task(_expire_images(deps.images), name="image-expiry"))
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            executor.shutdown(wait=True)
+            await asyncio.to_thread(deps.ledger.close)  # commits every row already submitted
+            log.info("stopped: ledger closed")
+
+    app = FastAPI(
+        title="CrossSim serve",
+        version=package_version("crosssim"),
+        description="P(pneumonia) from a chest X-ray (PNG, JPEG or DICOM), by the registry's model on ONNX Runtime. "
+        'Errors are JSON `{"error": <rule>, "detail": ...}`.',
+        lifespan=lifespan,
+    )
+
+    async def received(
+        request: Request,
+        file: UploadFile | None,
+        site: str | None,
+        ids: tuple[str | None, str | None],
+        image_size: int,
+        keep: bool,
+    ) -> _Received:
+        """The checked upload; ``keep``: a prediction, whose ids are pseudonymised and image kept."""
+        data = await _upload_bytes(request, file)
+        site_name = _site(site, deps.sites)
+        patient_id, study_id = ids
+        try:
+            form_ids = pseudonymise_ids(site_name, patient_id, study_id, deps.ingest, deps.environ)
+        except NoSiteSalt as exc:
+            raise UploadError("site_without_salt", str(exc)) from exc
+        salt = resolve_salt(site_name, deps.ingest, deps.environ)
+        if keep and salt is None and sniff_format(data) == "dicom":
+            raise UploadError(
+                "site_without_salt",
+                f"site {site_name!r}: a DICOM is de-identified with the site's secret salt and none is configured "
+                "on the server; send a PNG/JPEG export or ask the operator to set it",
+            )
+        decoded, inputs, png = await run_in_threadpool(_decode, data, limits, salt, image_size, keep)
+        return _Received(site_name, _merged(form_ids, decoded.dicom_ids), decoded, inputs, png)
+
+    @app.post("/v1/predict", response_model=Prediction, responses=_ERRORS, tags=["predict"])
+    async def predict(
+        request: Request,
+        file: Annotated[UploadFile | None, File(description="The X-ray: PNG, JPEG or DICOM (Part 10).")] = None,
+        site: Annotated[str | None, Form(description="The sending site (one of serve.sites).")] = None,
+        study_id: Annotated[str | None, Form(description="Stored only as a keyed pseudonym.")] = None,
+        patient_id: Annotated[str | None, Form(description="Stored only as a keyed pseudonym.")] = None,
+    ) -> Prediction | JSONResponse:
+        """Score one image; the answer is in the prediction ledger before it is sent."""
+        started = time.perf_counter()
+        size = deps.live.current.image_size  # the batcher re-preprocesses if a swap changes it meanwhile
+        upload = await received(request, file, site, (patient_id, study_id), size, keep=True)
+        scored = await batcher.score(upload.decoded.pixels, upload.inputs)
+        model = scored.model
+        latency_ms = (time.perf_counter() - started) * 1000
+        row = PredictionRow(
+            inference_id=new_inference_id(),
+            created_at=datetime.now(timezone.utc),
+            site=upload.site,
+            patient_pseudonym=upload.ids.patient,
+            study_pseudonym=upload.ids.study,
+            model_name=model.name,
+            model_version=model.version,
+            model_alias=model.alias,
+            artifact_sha256=model.artifact_sha256,
+            precision=model.precision,
+            probability=scored.probability,
+            decision=int(scored.probability >= model.threshold),
+            threshold=model.threshold,
+            latency_ms=latency_ms,
+            converted_from=upload.decoded.converted_from,
+            arm=None,
+        )
+        try:
+            stored = await run_in_threadpool(deps.images.put, row.inference_id, upload.png, row.created_at)
+        except OSError as exc:
+            return _error(503, "image_store_unavailable", f"the served image could not be kept ({exc.strerror})")
+        try:
+            await deps.ledger.record(row)
+        except LedgerUnavailable:  # the ledger has logged why (without the request's content)
+            if stored is not None:
+                stored.unlink(missing_ok=True)  # no row, no image: the store holds only answered predictions
+            metrics.ledger_failures.inc()
+            return _error(503, "ledger_unavailable", "the prediction ledger cannot commit (database unavailable), so "
+                          "the prediction is not answered; retry later")
+        return Prediction(
+            inference_id=row.inference_id,
+            probability=row.probability,
+            decision="pneumonia" if row.decision else "normal",
+            threshold=row.threshold,
+            model=ModelIdentity.of(model),
+            latency_ms=latency_ms,
+            converted_from=row.converted_from,
+            site=row.site,
+        )
+
+    @app.post(
+        "/v1/explain",
+        response_model=Explanation,
+        responses={**_ERRORS, 200: {"content": {"image/png": {}}, "description": "JSON, or the overlay with ?format=png"}},
+        tags=["predict"],
+    )
+    async def explain(
+        request: Request,
+        file: Annotated[UploadFile | None, File(description="The X-ray: PNG, JPEG or DICOM (Part 10).")] = None,
+        output: Annotated[
+            Literal["json", "png"], Query(alias="format", description="png: only the overlay, as image/png.")
+        ] = "json",
+    ) -> Explanation | Response:
+        """Grad-CAM of the served version's FP32 PyTorch twin (not recorded in the ledger; nothing is stored)."""
+        from pipeline.serving.explain import grad_cam, overlay_png  # torch and captum: loaded on first use
+
+        model = deps.live.current  # the version explained, whatever the alias does meanwhile
+        upload = await received(request, file, None, (None, None), model.image_size, keep=False)
+
+        def explained() -> tuple[GradCam, bytes]:
+            twin = model.twin()
+            with explaining:
+                cam = grad_cam(twin, upload.inputs)
+            return cam, overlay_png(upload.decoded.pixels, cam.cam)
+
+        try:
+            cam, png = await run_in_threadpool(explained)
+        except PipelineError as exc:  # the version's PyTorch model cannot be loaded or explained
+            return _error(503, "explanation_unavailable", str(exc))
+        explained_artifact = f"models:/{model.name}/{model.version}"
+        if output == "png":
+            headers = {"X-Model-Version": model.version, "X-Explained-Artifact": explained_artifact}
+            return Response(png, media_type="image/png", headers=headers)
+        return Explanation(
+            model=ModelIdentity.of(model),
+            explained_artifact=explained_artifact,
+            layer=cam.layer,
+            probability=cam.probability,
+            map_size=list(cam.cam.shape),
+            map=cam.cam.round(6).tolist(),
+            overlay_png=base64.b64encode(png).decode(),
+            converted_from=upload.decoded.converted_from,
+        )
+
+    @app.get("/v1/models", response_model=ServedModelInfo, tags=["models"])
+    async def models() -> ServedModelInfo:
+        """The version being served and what it carries."""
+        model = deps.live.current
+        return ServedModelInfo(
+            model=ModelIdentity.of(model),
+            backbone=model.bundle.backbone,
+            image_size=model.image_size,
+            threshold=model.threshold,
+            threshold_chosen_on=model.bundle.threshold_chosen_on,
+            precisions=sorted(model.bundle.artifacts),
+            notes=model.bundle.notes,
+            follows_alias=deps.live.follows_alias,
+            poll_seconds=settings.poll_seconds,
+        )
+
+    @app.get("/healthz", response_model=Health, tags=["operations"])
+    async def healthz() -> Health:
+        """The process answers."""
+        return Health()
+
+    @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}}, tags=["operations"])
+    async def readyz() -> JSONResponse:
+        """Ready: a model is loaded and the ledger database answers."""
+        ledger_ok = await asyncio.to_thread(deps.ledger.healthy)
+        model = deps.live.current
+        body = Readiness(ready=ledger_ok, model=f"{model.name} v{model.version}", ledger="ok" if ledger_ok else "unavailable")
+        return JSONResponse(body.model_dump(), status_code=200 if ledger_ok else 503)
+
+    @app.get("/metrics", response_class=Response, tags=["operations"])
+    async def prometheus_metrics() -> Response:
+        """Prometheus text format: requests by route and status, latency histograms, the served version."""
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    if deps.api_key:
+        app.include_router(_admin_routes(deps.live, deps.api_key, metrics))
+    _install_error_handlers(app, metrics)
+    app.add_middleware(BodyLimit, max_bytes=int(settings.max_upload_mb * 2**20), metrics=metrics)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=[getattr(r, "path", "") for r in app.routes])
+    return app
+
+
+def _admin_routes(live: LiveModel, api_key: str, metrics: ServeMetrics) -> APIRouter:
+    def require_key(key: Annotated[str | None, Header(alias=API_KEY_HEADER)] = None) -> None:
+        if key is None or not hmac.compare_digest(key.encode(), api_key.encode()):
+            raise HTTPException(401, f"missing or wrong {API_KEY_HEADER} header")
+
+    router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_key)])
+
+    @router.post("/reload", response_model=Reload, responses={401: {"model": ErrorBody}, 409: {"model": ErrorBody}})
+    async def reload() -> Reload | JSONResponse:
+        """Check the alias now; a new version is loaded fully, then swapped in (requests never fail meanwhile)."""
+        try:
+            result = await _refresh(live, metrics)
+        except Exception as exc:  # registry down, bundle missing: the current version keeps serving
+            return _error(409, "reload_failed", f"{exc}; still serving v{live.current.version}")
+        return Reload(previous=result.previous, current=result.current, changed=result.changed)
+
+    return router
+
+
+def _install_error_handlers(app: FastAPI, metrics: ServeMetrics) -> None:
+    @app.exception_handler(UploadError)
+    async def refused(request: Request, exc: UploadError) -> JSONResponse:
+        metrics.rejected.labels(exc.rule).inc()
+        log.info("refused %s %s: %s", request.method, request.url.path, exc.rule)  # the rule only: no content
+        return _error(exc.status, exc.rule, exc.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Locations and messages only: pydantic's "input" would echo what was sent (it may be a patient id).
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc'][1:]) or 'body'}: {error['msg']}" for error in exc.errors()
+        )
+        metrics.rejected.labels("invalid_field").inc()
+        return _error(422, "invalid_field", problems)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        rule = _RULE_OF_STATUS.get(exc.status_code, f"http_{exc.status_code}")
+        if exc.status_code in (401, 413):
+            metrics.rejected.labels(rule).inc()
+        return _error(exc.status_code, rule, str(exc.detail), exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error on %s %s: %s", request.method, request.url.path, type(exc).__name__, exc_info=exc)
+        return _error(500, "internal_error", "the server failed on this request; the server log has the details")
+
+
+def _error(status: int, rule: str, detail: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": rule, "detail": detail}, status_code=status, headers=headers)
+
+
+async def _upload_bytes(request: Request, file: UploadFile | None) -> bytes:
+    if file is None:
+        if request.headers.get("content-length", "") == "0":
+            raise UploadError("empty_body", "the request has no body; send the image as multipart field 'file'", 400)
+        raise UploadError(
+            "missing_field", "no 'file' field: send the image as multipart/form-data field 'file' (curl -F file=@x.png)"
+        )
+    data = await file.read()
+    if not data:
+        raise UploadError("empty_file", "field 'file' is empty (0 bytes)")
+    return data
+
+
+def _site(site: str | None, allowed: tuple[str, ...]) -> str:
+    name = (site or "").strip()
+    if not name:
+        return UNSPECIFIED_SITE
+    if name not in allowed:
+        raise UploadError("unknown_site", f"site {name!r} is not served here; one of: {', '.join(allowed)} (serve.sites)")
+    return name
+
+
+def _decode(
+    data: bytes, limits: UploadLimits, salt: str | None, image_size: int, keep: bool
+) -> tuple[DecodedUpload, np.ndarray, bytes | None]:
+    decoded = decode_upload(data, limits, salt)
+    return decoded, preprocess(decoded.pixels, image_size), deidentified_png(decoded.pixels) if keep else None
+
+
+def _merged(form: Pseudonyms, dicom: Pseudonyms | None) -> Pseudonyms:
+    """The request's ids: the form's, else the DICOM header's; a patient they disagree on is refused."""
+    if dicom is None:
+        return form
+    if form.patient and dicom.patient and form.patient != dicom.patient:
+        raise UploadError("patient_mismatch", "field 'patient_id' names another patient than the DICOM's PatientID")
+    return Pseudonyms(patient=form.patient or dicom.patient, study=form.study or dicom.study)
+
+
+async def _refresh(live: LiveModel, metrics: ServeMetrics) -> Refresh:
+    try:
+        result = await live.refresh()
+    except Exception as exc:
+        metrics.refresh_failures.inc()
+        log.warning("alias check failed, still serving v%s: %s", live.current.version, exc)
+        raise
+    if result.changed:
+        metrics.swaps.inc()
+        metrics.serving(live.current)
+        log.info("now serving %s v%s (was v%s)", live.current.name, result.current, result.previous)
+    return result
+
+
+async def _follow_alias(live: LiveModel, seconds: float, metrics: ServeMetrics) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await _refresh(live, metrics)
+        except Exception:  # already logged and counted; the next poll tries again
+            continue
+
+
+async def _expire_images(images: ImageStore) -> None:
+    while True:
+        try:
+            removed = await asyncio.to_thread(images.purge, datetime.now(timezone.utc))
+        except OSError as exc:
+            log.warning("image expiry failed: %s", exc)
+        else:
+            if removed:
+                log.info("deleted %d served images past their retention", removed)
+        await asyncio.sleep(IMAGE_EXPIRY_SECONDS)

@@ -1,0 +1,96 @@
+"""Micro-batching: concurrent requests share one ONNX Runtime call.
+
+A request queues its preprocessed image and awaits a future. The batching loop takes the first waiting request,
+lets up to ``max_wait_s`` pass for others to join (never more than ``max_batch``), captures the served model
+once, scores the batch in a worker thread and resolves every future with its probability and that model. A model
+swap during the call does not touch the batch: it holds its own reference to the model that scores it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.serving.bundle import preprocess
+from pipeline.serving.model_source import LiveModel, ServedModel
+
+
+@dataclass(frozen=True)
+class Scored:
+    probability: float
+    model: ServedModel  # the version that computed it
+
+
+@dataclass(frozen=True)
+class _Waiting:
+    pixels: np.ndarray  # decoded uint8, kept to re-preprocess if the next model takes another image size
+    inputs: np.ndarray  # (1, S, S) float32, preprocessed for the model served when the request arrived
+    future: asyncio.Future[Scored]
+
+
+class MicroBatcher:
+    def __init__(
+        self,
+        live: LiveModel,
+        max_batch: int,
+        max_wait_s: float,
+        executor: Executor,
+        on_batch: Callable[[int], None] = lambda size: None,
+    ) -> None:
+        self.live = live
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.executor = executor
+        self.on_batch = on_batch
+        self._waiting: collections.deque[_Waiting] = collections.deque()
+        self._arrived = asyncio.Event()
+
+    async def score(self, pixels: np.ndarray, inputs: np.ndarray) -> Scored:
+        future: asyncio.Future[Scored] = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Waiting(pixels, inputs, future))
+        self._arrived.set()
+        return await future
+
+    async def run(self) -> None:
+        """The batching loop; runs until cancelled."""
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._waiting:
+                self._arrived.clear()
+                await self._arrived.wait()
+            deadline = loop.time() + self.max_wait_s
+            while len(self._waiting) < self.max_batch and (remaining := deadline - loop.time()) > 0:
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                except TimeoutError:
+                    break
+            batch = [self._waiting.popleft() for _ in range(min(self.max_batch, len(self._waiting)))]
+            batch = [waiting for waiting in batch if not waiting.future.done()]  # callers gone (disconnected)
+            if not batch:
+                continue
+            model = self.live.current  # once per batch: every request in it is answered by this version
+            self.on_batch(len(batch))
+            try:
+                probabilities = await loop.run_in_executor(self.executor, _score, model, batch)
+            except Exception as exc:  # an inference failure fails this batch's requests, not the loop
+                for waiting in batch:
+                    if not waiting.future.done():
+                        waiting.future.set_exception(exc)
+                continue
+            for waiting, probability in zip(batch, probabilities, strict=True):
+                if not waiting.future.done():
+                    waiting.future.set_result(Scored(float(probability), model))
+
+
+def _score(model: ServedModel, batch: list[_Waiting]) -> np.ndarray:
+    size = model.image_size
+    inputs = [
+        waiting.inputs if waiting.inputs.shape[-1] == size else preprocess(waiting.pixels, size) for waiting in batch
+    ]
+    return model.predict(np.stack(inputs))

@@ -1,0 +1,196 @@
+"""The served model: a registered version's serving bundle on ONNX Runtime, and its FP32 PyTorch twin.
+
+``ModelSource`` finds the version an alias (or a pinned number) names and loads it fully: the bundle the version's
+``serving.artifact_uri`` tag points to, its ONNX file checked against the recorded SHA-256, an ONNX Runtime
+session. ``LiveModel`` holds the version being served and replaces it by a single assignment once the next one
+is loaded, so a request (or a micro-batch) that took the old one finishes on it, and every answer names the
+version that computed it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnxruntime as ort
+from mlflow.artifacts import download_artifacts
+from mlflow.exceptions import MlflowException
+
+from pipeline.registry.store import ModelRegistry
+from pipeline.serving.bundle import (
+    ARTIFACT_URI_TAG,
+    FP32_FILE,
+    FP32_SHA256_TAG,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    BundleError,
+    ServingBundle,
+    read_bundle,
+)
+from pipeline.serving.runtime import onnx_session
+
+if TYPE_CHECKING:  # torch is imported only when an explanation first needs the twin
+    import torch
+
+TORCH_EXPORT_FILE = "model.pt2"  # in the pytorch flavour's data folder, as MLflow 3 logs models
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What to serve: ``version`` when pinned, else whatever ``alias`` points at."""
+
+    name: str
+    alias: str | None
+    version: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.name} v{self.version}" if self.version else f"{self.name}@{self.alias}"
+
+
+@dataclass(eq=False)
+class ServedModel:
+    """One loaded registered version; never changes once built (the twin is loaded on first use)."""
+
+    name: str
+    version: str
+    alias: str | None  # None: a pinned version
+    precision: str
+    bundle: ServingBundle
+    session: ort.InferenceSession
+    twin_uri: str  # where the registry keeps the version's PyTorch model
+    tracking_uri: str
+    _twin: torch.nn.Module | None = field(default=None, init=False, repr=False)
+    _twin_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    @property
+    def artifact_sha256(self) -> str:
+        return self.bundle.artifacts[self.precision].sha256
+
+    @property
+    def image_size(self) -> int:
+        return self.bundle.image_size
+
+    @property
+    def threshold(self) -> float:
+        return self.bundle.threshold
+
+    def predict(self, inputs: np.ndarray) -> np.ndarray:
+        """(B, 1, S, S) float32 pixels in [0, 1] → (B,) P(pneumonia)."""
+        return np.asarray(self.session.run([OUTPUT_NAME], {INPUT_NAME: inputs})[0], dtype=np.float64)
+
+    def twin(self) -> torch.nn.Module:
+        """The FP32 PyTorch model of this version (what explanations run on), with its module hierarchy.
+
+        MLflow 3 logs PyTorch models as torch.export archives and ``mlflow.pytorch.load_model`` gives them back
+        flattened into one graph, whose submodules are never called: no layer could be hooked. Unflattening the
+        archive keeps ``classifier.features.layer4`` etc. as modules that run. It is in eval mode as exported.
+        """
+        with self._twin_lock:
+            if self._twin is None:
+                self._twin = self._load_twin()
+            return self._twin
+
+    def _load_twin(self) -> torch.nn.Module:
+        import torch
+        from mlflow.models import Model
+
+        with tempfile.TemporaryDirectory(prefix="crosssim-twin-") as folder:
+            try:
+                local = Path(download_artifacts(self.twin_uri, dst_path=folder, tracking_uri=self.tracking_uri))
+                archive = local / Model.load(local).flavors["pytorch"]["model_data"] / TORCH_EXPORT_FILE
+                if not archive.is_file():
+                    raise BundleError(f"{self.twin_uri}: no {TORCH_EXPORT_FILE} (not logged as a torch.export archive)")
+                return torch.export.unflatten(torch.export.load(archive))
+            except (MlflowException, OSError, KeyError) as exc:
+                raise BundleError(f"{self.name} v{self.version}: cannot load its PyTorch model ({exc})") from exc
+
+
+class ModelSource:
+    """Registered versions of one model, loaded for serving at one precision."""
+
+    def __init__(self, registry: ModelRegistry, ref: ModelRef, precision: str) -> None:
+        self.registry = registry
+        self.ref = ref
+        self.precision = precision
+
+    def target_version(self) -> str:
+        """The version to serve now: the pinned one, else the alias's (a RegistryError when it names none)."""
+        return str(self.registry.version(self.ref.name, self.ref.version or str(self.ref.alias)).version)
+
+    def load(self, version: str) -> ServedModel:
+        """Download, check and open ``version``'s bundle; a BundleError says what is missing or altered."""
+        registered = self.registry.version(self.ref.name, version)
+        label = f"{self.ref.name} v{version}"
+        artifact_uri = registered.tags.get(ARTIFACT_URI_TAG)
+        if not artifact_uri:
+            raise BundleError(
+                f"{label} has no serving bundle (no {ARTIFACT_URI_TAG} tag): it was registered before ONNX export "
+                "existed or its export failed (its model card says why); register a new version to serve it"
+            )
+        with tempfile.TemporaryDirectory(prefix="crosssim-bundle-") as folder:
+            try:
+                local = download_artifacts(artifact_uri, dst_path=folder, tracking_uri=self.registry.tracking_uri)
+            except (MlflowException, OSError) as exc:
+                raise BundleError(f"{label}: cannot download its serving bundle {artifact_uri} ({exc})") from exc
+            bundle = read_bundle(local)
+            try:
+                path = bundle.path_of(local, self.precision)
+            except BundleError as exc:
+                raise BundleError(f"{label}: {exc}") from exc
+            recorded = registered.tags.get(FP32_SHA256_TAG)
+            if recorded and bundle.artifacts.get("fp32") and bundle.artifacts["fp32"].sha256 != recorded:
+                raise BundleError(f"{label}: {FP32_FILE} differs from the hash the registry recorded ({FP32_SHA256_TAG})")
+            try:
+                session = onnx_session(path)
+            except Exception as exc:  # onnxruntime raises its own exception types for an unusable graph
+                raise BundleError(f"{label}: ONNX Runtime cannot load {path.name} ({exc})") from exc
+        return ServedModel(
+            name=self.ref.name,
+            version=str(registered.version),
+            alias=None if self.ref.version else self.ref.alias,
+            precision=self.precision,
+            bundle=bundle,
+            session=session,
+            twin_uri=self.registry.client.get_model_version_download_uri(self.ref.name, str(registered.version)),
+            tracking_uri=self.registry.tracking_uri,
+        )
+
+
+@dataclass(frozen=True)
+class Refresh:
+    previous: str
+    current: str
+
+    @property
+    def changed(self) -> bool:
+        return self.previous != self.current
+
+
+class LiveModel:
+    """The version being served; ``refresh`` follows the alias (load first, then swap)."""
+
+    def __init__(self, source: ModelSource, initial: ServedModel) -> None:
+        self.source = source
+        self._current = initial
+        self._lock = asyncio.Lock()  # one refresh at a time: the poller and the admin endpoint may race
+
+    @property
+    def current(self) -> ServedModel:
+        return self._current
+
+    @property
+    def follows_alias(self) -> bool:
+        return self.source.ref.version is None
+
+    async def refresh(self) -> Refresh:
+        """Serve the alias's version if it moved; the old one keeps answering until the new one is loaded."""
+        async with self._lock:
+            previous = self._current
+            target = await asyncio.to_thread(self.source.target_version)
+            if target != previous.version:
+                self._current = await asyncio.to_thread(self.source.load, target)
+            return Refresh(previous.version, self._current.version)

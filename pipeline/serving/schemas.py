@@ -1,0 +1,88 @@
+"""The JSON bodies of ``crosssim serve`` (FastAPI response models: they make the OpenAPI document)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from pipeline.serving.model_source import ServedModel
+
+
+class ModelIdentity(BaseModel):
+    """Which registered version answered, and which of its artifacts."""
+
+    name: str
+    version: str
+    alias: str | None = Field(description="The alias followed; null when the version is pinned.")
+    precision: Literal["fp32", "int8"]
+    artifact_sha256: str = Field(description="SHA-256 of the ONNX file that computed the answer.")
+
+    @classmethod
+    def of(cls, model: ServedModel) -> ModelIdentity:
+        return cls(
+            name=model.name,
+            version=model.version,
+            alias=model.alias,
+            precision=model.precision,
+            artifact_sha256=model.artifact_sha256,
+        )
+
+
+class Prediction(BaseModel):
+    inference_id: str = Field(description="The ledger row's key (and the stored image's name).")
+    probability: float = Field(ge=0, le=1, description="P(pneumonia).")
+    decision: Literal["pneumonia", "normal"] = Field(description="pneumonia when probability >= threshold.")
+    threshold: float = Field(description="The version's operating point (chosen on its source validation split).")
+    model: ModelIdentity
+    latency_ms: float = Field(description="Server time from the received upload to the answer (decode, batch, inference).")
+    converted_from: str | None = Field(
+        description="The stored format when it was converted to 8-bit grayscale as training images were "
+        "(RGB, RGBA, I;16, P, DICOM, ...); null for 8-bit grayscale."
+    )
+    site: str
+
+
+class Explanation(BaseModel):
+    model: ModelIdentity = Field(description="The served version; the map comes from its FP32 PyTorch twin.")
+    explained_artifact: str = Field(description="The PyTorch model the map was computed on (models:/<name>/<version>).")
+    method: Literal["grad-cam"] = "grad-cam"
+    layer: str = Field(description="Module the map was taken at (the backbone's last convolutional block).")
+    probability: float = Field(description="The twin's P(pneumonia) (the served ONNX artifact's may differ slightly).")
+    map_size: list[int] = Field(description="[height, width] of `map`: the model's input size.")
+    map: list[list[float]] = Field(description="Grad-CAM (ReLU'd, not normalised) at the model's input size.")
+    overlay_png: str = Field(description="Base64 PNG: the map (jet, normalised) over the grayscale upload.")
+    converted_from: str | None
+
+
+class ServedModelInfo(BaseModel):
+    model: ModelIdentity
+    backbone: str
+    image_size: int
+    threshold: float
+    threshold_chosen_on: str
+    precisions: list[str] = Field(description="Artifacts the version carries (fp32, int8).")
+    notes: list[str] = Field(description="Why an artifact is missing, if one is.")
+    follows_alias: bool = Field(description="True: an alias move is picked up without a restart.")
+    poll_seconds: float
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    ready: bool
+    model: str | None
+    ledger: Literal["ok", "unavailable"]
+
+
+class Reload(BaseModel):
+    previous: str
+    current: str
+    changed: bool
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="The rule the request broke, e.g. image_too_small, unknown_site, body_too_large.")
+    detail: str

@@ -3,26 +3,31 @@
     challenger = the run's deployable model (CrossSim-adapted when adaptation ran, else the source model)
     scores     = challenger and champion on the same frozen evaluation sets, per site (gate_sets)
     decision   = pipeline.registry.gate.decide(...)        → logged to the run (gate/*.json, metrics)
+    bundles    = pipeline.serving.export.build_bundle(...) → ONNX FP32 + INT8 of challenger and student, checked
+                                                           on the same sets, logged to the run under serving/<name>/
     card       = pipeline.registry.card.model_card(...)    → run artifact + version description
     register   → alias challenger (+ paired student); record_gate → tags, audit, and under `auto` the decision
 """
 
 from __future__ import annotations
 
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow.pytorch
 import numpy as np
-import torch
 
 from flows import model_steps
 from pipeline.config import PipelineConfig
 from pipeline.data.prepare import open_prepared, prepare_dataset
 from pipeline.registry.card import CardFacts, model_card
 from pipeline.registry.gate import GateDecision, decide, score_set
-from pipeline.registry.review import Decision, actions_for
+from pipeline.registry.review import Decision, actions_for, student_name
 from pipeline.registry.store import CHAMPION, ModelRegistry
+from pipeline.serving.export import LoggedBundle, build_bundle, version_tags
+from pipeline.serving.runtime import torch_probabilities
 from pipeline.tracking import resolve_tracking_uri
 
 IMAGE_SIZE_TAG = "image_size"
@@ -47,26 +52,21 @@ def gate_sets(cfg: PipelineConfig, image_size: int) -> dict[str, tuple[np.ndarra
     return sets
 
 
-@torch.no_grad()
-def served_probabilities(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
-    """P(pneumonia) from a registered (serving-form) model: uint8 (N, S, S) → float pixels in [0, 1]."""
-    outputs = []
-    for start in range(0, len(images), 256):
-        batch = torch.from_numpy(np.asarray(images[start : start + 256], dtype=np.float32) / 255.0).unsqueeze(1)
-        outputs.append(model(batch).float().cpu().numpy())
-    return np.concatenate(outputs)
-
-
 def score_registered(model_uri: str, sets: dict[str, tuple[np.ndarray, np.ndarray]], specificity: float) -> dict[str, dict[str, float]]:
     """A registered model's gate scores on every frozen set."""
-    model = mlflow.pytorch.load_model(model_uri)
-    return {name: score_set(labels, served_probabilities(model, images), specificity) for name, (images, labels) in sets.items()}
+    model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    return {name: score_set(labels, torch_probabilities(model, images), specificity) for name, (images, labels) in sets.items()}
 
 
-def gate_challenger(cfg: PipelineConfig, challenger_uri: str) -> tuple[GateDecision, dict[str, Any]]:
-    """Score challenger and champion on the same sets and apply the gate; returns the decision and both scores."""
+def gate_challenger(
+    cfg: PipelineConfig, challenger_uri: str, sets: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+) -> tuple[GateDecision, dict[str, Any]]:
+    """Score challenger and champion on the same sets and apply the gate; returns the decision and both scores.
+
+    ``sets``: the frozen sets at ``data.image_size`` when the caller has them already (gate_sets).
+    """
     registry = ModelRegistry(resolve_tracking_uri(cfg.tracking))
-    sets = gate_sets(cfg, cfg.data.image_size)  # built once: loading and splitting every site is the slow part
+    sets = sets if sets is not None else gate_sets(cfg, cfg.data.image_size)  # loading every site is the slow part
     challenger = score_registered(challenger_uri, sets, cfg.registry.specificity)
     champion_version = registry.find(cfg.registry.model_name, CHAMPION)
     champion, label = None, None
@@ -77,6 +77,57 @@ def gate_challenger(cfg: PipelineConfig, challenger_uri: str) -> tuple[GateDecis
         label = f"champion v{champion_version.version}"
     decision = decide(challenger, champion, cfg.registry, label)
     return decision, {"challenger": challenger, "champion": champion}
+
+
+def export_images(cfg: PipelineConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The golden images (the first ``golden_images`` source-test images by image_id: frozen) and the INT8
+    calibration images (spread over source-val and, with CrossSim, its target-train: never a gate set)."""
+    settings = cfg.serve.export
+    source = open_prepared(cfg.data.prepared_site(cfg.data.source))
+    test = source.manifest[source.manifest["split"] == "test"].sort_values("image_id").head(settings.golden_images)
+    pools = [source.subset(source.manifest["split"] == "val")[0]]
+    if cfg.crosssim.enabled:
+        pools.append(model_steps.crosssim_data(cfg).target_train.images)
+    share = settings.calibration_images // len(pools)
+    calibration = [pool[np.linspace(0, len(pool) - 1, min(share, len(pool))).astype(int)] for pool in pools]
+    return model_steps.images_of(source, test), np.concatenate(calibration)
+
+
+@dataclass(frozen=True)
+class Deployable:
+    """A model about to be registered, as its serving bundle describes it."""
+
+    name: str  # the registered model it becomes a version of
+    model_uri: str
+    backbone: str
+    threshold: float
+    threshold_chosen_on: str
+
+
+def export_bundles(
+    cfg: PipelineConfig, tracker, models: list[Deployable], sets: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> list[LoggedBundle]:
+    """Each model's serving bundle, logged to the run under ``serving/<name>/``; INT8 is checked on the gate's
+    frozen ``sets``."""
+    golden, calibration = export_images(cfg)
+    logged = []
+    for model in models:
+        with tempfile.TemporaryDirectory(prefix="crosssim-serving-") as folder:
+            bundle = build_bundle(
+                mlflow.pytorch.load_model(model.model_uri, map_location="cpu"),
+                backbone=model.backbone,
+                image_size=cfg.data.image_size,
+                threshold=model.threshold,
+                threshold_chosen_on=model.threshold_chosen_on,
+                golden=golden,
+                calibration=calibration,
+                eval_sets=sets,
+                settings=cfg.serve.export,
+                directory=Path(folder),
+            )
+            tracker.log_artifacts(Path(folder), artifact_path=f"serving/{model.name}")
+        logged.append(LoggedBundle(model.name, f"runs:/{tracker.run_id}/serving/{model.name}", bundle))
+    return logged
 
 
 def register_run(
@@ -90,7 +141,8 @@ def register_run(
     crosssim = run.get("crosssim")
     challenger_uri = crosssim["models"]["adapted_model"] if crosssim else run["model_uri"]
     student_uri = crosssim["models"].get("student_model") if crosssim else None
-    decision, scores = gate_challenger(cfg, challenger_uri)
+    frozen = gate_sets(cfg, cfg.data.image_size)  # the gate's sets, and the sets the INT8 artifacts are checked on
+    decision, scores = gate_challenger(cfg, challenger_uri, frozen)
     tracker.log_dict(decision.to_dict() | {"scores": scores}, "registry/gate.json")
     tracker.log_metrics(
         {
@@ -103,6 +155,24 @@ def register_run(
     # the registered model's own numbers: the adapted model's when adaptation ran, not the source model's
     sets = crosssim["scores"]["adapted"]["sets"] if crosssim else run["sets"]
     threshold = crosssim["scores"]["adapted"] if crosssim else run
+    chosen_on = threshold.get("threshold_chosen_on", f"{cfg.data.source}/val")
+    bundles = None
+    if cfg.serve.export.enabled:
+        deployables = [
+            Deployable(cfg.registry.model_name, challenger_uri, cfg.train.backbone, threshold["threshold"], chosen_on)
+        ]
+        if student_uri is not None:  # the student answers at its own threshold, chosen by the same rule
+            student = crosssim["scores"]["student"]
+            deployables.append(
+                Deployable(
+                    student_name(cfg.registry.model_name),
+                    student_uri,
+                    cfg.crosssim.distill.student_backbone,
+                    student["threshold"],
+                    student["threshold_chosen_on"],
+                )
+            )
+        bundles = export_bundles(cfg, tracker, deployables, frozen)
     kind = f"CrossSim-adapted {cfg.train.backbone}" if crosssim else cfg.train.backbone
     tags = {
         **{f"data_version.{site}": info["version"] for site, info in data.items()},
@@ -122,10 +192,11 @@ def register_run(
                 lineage={key: value for key, value in tags.items() if value and key not in (IMAGE_SIZE_TAG, "backbone")},
                 data=data,
                 sets=sets,
-                threshold={"value": threshold["threshold"], "chosen_on": threshold.get("threshold_chosen_on", f"{cfg.data.source}/val")},
+                threshold={"value": threshold["threshold"], "chosen_on": chosen_on},
                 config=cfg.model_dump(mode="json", include={"data", "augment", "train", "crosssim"}),
                 crosssim=crosssim["gap"] if crosssim else None,
                 gate=decision.to_dict(),
+                serving=bundles,
             )
         )
         path = Path(cfg.evaluate.output_dir) / "model_card.md"
@@ -134,7 +205,8 @@ def register_run(
         return text
 
     actions = actions_for(cfg)
-    registered: Decision = actions.register_challenger(challenger_uri, tags, card, student_uri)
+    serving_tags = {logged.name: version_tags(logged) for logged in bundles or []}
+    registered: Decision = actions.register_challenger(challenger_uri, tags, card, student_uri, own_tags=serving_tags)
     decided = actions.record_gate(registered.version, decision, cfg.registry.policy)
     return {
         "name": cfg.registry.model_name,

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -18,6 +19,8 @@ from flows.promotion import actions_for, gate_challenger
 from flows.retrain import retrain
 from pipeline.config import load_config
 from pipeline.errors import DataValidationError
+from pipeline.serving.bundle import read_bundle
+from pipeline.serving.runtime import onnx_probabilities, onnx_session
 from pipeline.tracking import MlflowTracker
 from tests.conftest import copy_kermany_subset
 
@@ -138,6 +141,28 @@ def test_crosssim_adapt_runs_inside_the_flow_and_lands_in_mlflow(data_dir, tmp_p
     assert student.tags["parent_model"] == "models:/crosssim-pneumonia/1"
     assert {"registry/model_card.md", "registry/gate.json"} <= _artifact_paths(client, run.info.run_id)
     assert "## Registry" in Artifact.get("retrain-summary").data
+
+    # both versions carry their checked ONNX bundle, logged to the run, found through their tags
+    scores = summary["crosssim"]["scores"]
+    for registered_version, scored in ((version, scores["adapted"]), (student, scores["student"])):
+        tags = registered_version.tags
+        assert tags["serving.artifact_uri"] == f"runs:/{run.info.run_id}/serving/{registered_version.name}"
+        folder = str(tmp_path / registered_version.name)
+        local = mlflow.artifacts.download_artifacts(tags["serving.artifact_uri"], dst_path=folder, tracking_uri=client.tracking_uri)
+        bundle = read_bundle(local)
+        assert (bundle.image_size, bundle.threshold) == (32, scored["threshold"])
+        assert bundle.artifacts["fp32"].sha256 == tags["serving.fp32_sha256"]
+        assert bundle.artifacts["fp32"].checks["max_abs_diff"] <= 1e-4
+        session = onnx_session(bundle.path_of(local, "fp32"))  # path_of checks the file against its hash
+        assert onnx_probabilities(session, np.zeros((3, 32, 32), dtype=np.uint8)).shape == (3,)
+        if "int8" in bundle.artifacts:  # a 20-step model may lose more AUC than allowed: then the card says why
+            assert tags["serving.int8"] == "yes" and bundle.path_of(local, "int8").is_file()
+            checked = {"auc.nih-cxr8/target-test", "auc_delta.kermany-pediatric/test"}
+            assert checked <= set(bundle.artifacts["int8"].checks)
+        else:
+            assert tags["serving.int8"].startswith("rejected") and tags["serving.int8"] in version.description
+        assert tags["serving.fp32_sha256"] in version.description  # the card lists both bundles
+    assert "## Deployable artifacts" in version.description
     audit_experiment = client.get_experiment_by_name("crosssim-retrain-registry")
     assert audit_experiment.artifact_location == (tmp_path / "mlflow" / "artifacts").resolve().as_uri()
 

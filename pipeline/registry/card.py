@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the export needs torch and ONNX Runtime; reviewing and deciding do not
+    from pipeline.serving.export import LoggedBundle
 
 INTENDED_USE = (
     "Decision support for radiologists: the probability that a frontal chest X-ray shows pneumonia, "
@@ -38,6 +41,7 @@ class CardFacts:
     crosssim: dict[str, Any] | None = None  # domain gap before/after
     gate: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    serving: list[LoggedBundle] | None = None  # the deployable artifacts; None: export switched off
 
 
 def model_card(facts: CardFacts) -> str:
@@ -95,9 +99,45 @@ def model_card(facts: CardFacts) -> str:
         for row in facts.gate["rows"]:
             champion = "—" if row["champion"] is None else f"{row['champion']:.4f}"
             lines.append(f"| {row['set']} | {row['metric']} | {row['challenger']:.4f} | {champion} | ≥ {row['threshold']:.4f} |")
+    lines += _deployable_artifacts(facts.serving)
     lines += ["", "## Lineage", *(f"- {key}: `{value}`" for key, value in facts.lineage.items())]
     lines += ["", "## Training configuration", "```json", json.dumps(facts.config, indent=2, default=str), "```", ""]
     return "\n".join(lines)
+
+
+def _deployable_artifacts(bundles: list[LoggedBundle] | None) -> list[str]:
+    """The card section on the serving bundles: files, hashes, the checks they passed, and what is missing and why."""
+    lines = ["", "## Deployable artifacts"]
+    if bundles is None:
+        return [*lines, "None built: `serve.export.enabled` is false, so this version cannot be served by `crosssim serve`."]
+    lines.append(
+        "ONNX Runtime bundles (`serving.json` + ONNX files) that `crosssim serve` loads without `params.yaml`: input "
+        "(B, 1, S, S) grayscale pixels in [0, 1], normalisation inside the graph, output P(pneumonia)."
+    )
+    for logged in bundles:
+        bundle = logged.bundle
+        lines += [
+            "",
+            f"### {logged.name}: `{logged.artifact_uri}`",
+            f"{bundle.backbone}, input {bundle.image_size}×{bundle.image_size}, decision threshold "
+            f"{bundle.threshold:.4f} (chosen on {bundle.threshold_chosen_on})",
+            "",
+            "| precision | file | SHA-256 | checks |",
+            "|---|---|---|---|",
+        ]
+        for precision, info in bundle.artifacts.items():
+            checks = _checks(precision, info.checks)
+            lines.append(f"| {precision.upper()} | `{info.file}` | `{info.sha256}` | {checks} |")
+        lines += [f"- Missing: {note}" for note in bundle.notes]
+    return lines
+
+
+def _checks(precision: str, checks: dict[str, float]) -> str:
+    if precision == "fp32":
+        return f"max \\|Δp\\| vs PyTorch {checks['max_abs_diff']:.2g} on {checks['golden_images']:.0f} golden images"
+    sets = [key.removeprefix("auc.") for key in checks if key.startswith("auc.")]
+    deltas = [f"{name} {checks[f'auc.{name}']:.4f} (Δ {checks[f'auc_delta.{name}']:+.4f})" for name in sets]
+    return "AUC vs PyTorch: " + "; ".join(deltas)
 
 
 def gate_override_note(reviewer: str, reason: str, failures: list[str], audit_artifact: str) -> str:

@@ -67,14 +67,21 @@ class RegistryActions:
         card: Callable[[str], str],
         student_uri: str | None = None,
         actor: str = "retrain flow",
+        own_tags: Mapping[str, Mapping[str, str]] | None = None,
     ) -> Decision:
-        """New version(s) with tags and ``card(version)`` as description; alias ``challenger`` moves to them."""
-        version = str(self.registry.register(self.name, model_uri, tags).version)
+        """New version(s) with tags and ``card(version)`` as description; alias ``challenger`` moves to them.
+
+        ``own_tags``: registered name (this model's or its student's) → tags only that version gets (its serving
+        bundle), set when the version is created, so whoever follows the alias finds them there.
+        """
+        own_tags = own_tags or {}
+        version = str(self.registry.register(self.name, model_uri, {**tags, **own_tags.get(self.name, {})}).version)
         self.registry.describe(self.name, version, card(version))
         moves: dict[str, dict[str, str | None]] = {self.name: {CHALLENGER: version}}
         if student_uri is not None:
             parent = {"parent_model": f"models:/{self.name}/{version}"}
-            student = str(self.registry.register(self.student, student_uri, {**tags, **parent}).version)
+            student_tags = {**tags, **parent, **own_tags.get(self.student, {})}
+            student = str(self.registry.register(self.student, student_uri, student_tags).version)
             self.registry.describe(self.student, student, f"Distilled student of {self.name} v{version}.\n\n{card(version)}")
             self.registry.set_version_tags(self.name, version, {STUDENT_TAG: student})
             moves[self.student] = {CHALLENGER: student}

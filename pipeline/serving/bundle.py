@@ -31,6 +31,10 @@ INT8_FILE = "model.int8.onnx"
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "probability"
 PRECISIONS = ("fp32", "int8")
+# the registered version's tags (set at registration, pipeline.serving.export.version_tags)
+ARTIFACT_URI_TAG = "serving.artifact_uri"  # runs:/<run id>/serving/<registered name>: the bundle folder
+FP32_SHA256_TAG = "serving.fp32_sha256"  # the FP32 file's hash, as the registry vouches for it
+INT8_TAG = "serving.int8"  # "yes", or why the version has no INT8 artifact
 
 
 class BundleError(PipelineError):

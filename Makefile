@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 # The ephemeral server of `crosssim run` gets 20 s to start by default: too short on a busy 2-core machine.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: setup run test bench-source bench-crosssim bench-smoke data dvc-repro mlflow-ui prefect-ui clean
+.PHONY: setup run test bench-source bench-crosssim bench-serve bench-smoke data dvc-repro mlflow-ui prefect-ui clean
 
 # Bytecode compiled at install: with PYTHONDONTWRITEBYTECODE set, every command would otherwise recompile
 # MLflow, Prefect and torch's Python (a `crosssim registry list` took 7 s instead of 3).
@@ -37,6 +37,11 @@ bench-source: setup
 # CrossSim on Kermany → NIH: every variant of the table, 3 seeds for the headline rows (≈1 h on 2 CPU cores).
 bench-crosssim: setup
 	$(PY) benchmarks/crosssim_kermany_nih.py $(BENCH_ARGS)
+
+# crosssim serve (ONNX Runtime FP32/INT8) vs mlflow models serve vs PyTorch eager on the registry's champion
+# (else challenger): run `make run` first. ≤ 15 min on 2 CPU cores.
+bench-serve: setup
+	$(PY) benchmarks/serve.py $(BENCH_ARGS)
 
 # Every benchmark in seconds on a tiny real subset (what tests/test_benchmarks.py runs in CI); JSON to a temp folder.
 bench-smoke: setup

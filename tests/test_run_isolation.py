@@ -101,7 +101,7 @@ def _wait_for_running_run(process: subprocess.Popen, work: Path, timeout: float 
     database = work / "mlflow" / "mlflow.db"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert process.poll() is None, process.stdout.read()
+        assert process.poll() is None, f"the run ended before reaching MLflow (exit {process.returncode})"
         try:
             with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as connection:
                 running = connection.execute("SELECT run_uuid FROM runs WHERE status = 'RUNNING'").fetchall()
@@ -122,22 +122,26 @@ def _prefect_servers(process: subprocess.Popen) -> list[psutil.Process]:
 def test_a_stopped_or_killed_run_leaves_no_running_mlflow_run_and_no_server(data_dir, tmp_path):
     """One run stopped by SIGTERM, one killed by SIGKILL, side by side (one start-up cost)."""
     stops = (signal.SIGTERM, signal.SIGKILL)
-    processes = {
-        stop: subprocess.Popen(
-            _command(tmp_path / stop.name, data_dir, "train.epochs=50", "train.early_stopping_patience=null"),
-            cwd=REPO, env=_env(tmp_path / stop.name), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-        for stop in stops
-    }
+    # Output to files, not pipes: a pipe would also wait for whatever the killed process left holding it.
+    logs = {stop: tmp_path / f"{stop.name}.log" for stop in stops}
+    processes = {}
+    for stop in stops:
+        with open(logs[stop], "w") as log:
+            processes[stop] = subprocess.Popen(
+                _command(tmp_path / stop.name, data_dir, "train.epochs=50", "train.early_stopping_patience=null"),
+                cwd=REPO, env=_env(tmp_path / stop.name), stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
     try:
         run_ids = {stop: _wait_for_running_run(process, tmp_path / stop.name) for stop, process in processes.items()}
         servers = {stop: _prefect_servers(process) for stop, process in processes.items()}
         for stop, process in processes.items():
             process.send_signal(stop)
-        outputs = {stop: process.communicate(timeout=120)[0] for stop, process in processes.items()}
+        for process in processes.values():
+            process.wait(timeout=180)
     finally:
         for process in processes.values():
             process.kill()
+    outputs = {stop: log.read_text() for stop, log in logs.items()}
     for stop in stops:
         assert len(servers[stop]) == 1
         psutil.wait_procs(servers[stop], timeout=30)

@@ -41,7 +41,7 @@ class PreparedDataset:
         return self.images[mask], self.manifest[mask].reset_index(drop=True)
 
 
-def _file_digest(path: str) -> str:
+def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -52,7 +52,7 @@ def _file_digest(path: str) -> str:
 def content_key(manifest: pd.DataFrame, image_size: int) -> str:
     """Hash of what determines the prepared array: file bytes, row order/labels/splits, size."""
     digest = hashlib.sha256(f"{PREPARE_FORMAT}:{image_size}".encode())
-    digests = {path: _file_digest(path) for path in sorted(set(manifest["path"]))}
+    digests = {path: file_sha256(path) for path in sorted(set(manifest["path"]))}
     columns = ["image_id", "path", "frame", "array_key", "label", "patient_id", "site", "split"]
     for row in manifest[columns].itertuples(index=False):
         digest.update("|".join(map(str, row)).encode())

@@ -14,7 +14,6 @@ functions the training images went through.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.images import resize_square, to_grayscale
+from pipeline.data.prepare import file_sha256 as sha256_of  # one file hash for the cache and the bundles
 from pipeline.errors import PipelineError
 
 BUNDLE_FORMAT = "crosssim-serving/1"
@@ -72,14 +72,6 @@ class ServingBundle:
         if sha256_of(path) != info.sha256:
             raise BundleError(f"{path}: its SHA-256 differs from the one recorded in {MANIFEST} (altered file)")
         return path
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_bundle(directory: Path, bundle: ServingBundle) -> Path:

@@ -126,8 +126,11 @@ def _prefect_servers(process: subprocess.Popen) -> list[psutil.Process]:
 
 
 @pytest.mark.slow
-def test_a_stopped_or_killed_run_leaves_no_running_mlflow_run_and_no_server(data_dir, tmp_path):
+def test_a_stopped_or_killed_run_leaves_no_running_mlflow_run_and_no_server(data_dir, tmp_path, monkeypatch):
     """One run stopped by SIGTERM, one killed by SIGKILL, side by side (one start-up cost)."""
+    # mlflow.set_tracking_uri (called by earlier tests in this process) exports MLFLOW_TRACKING_URI, which would
+    # send the in-process "next run" below to another store than the killed run's.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     stops = (signal.SIGTERM, signal.SIGKILL)
     # Output to files, not pipes: a pipe would also wait for whatever the killed process left holding it.
     logs = {stop: tmp_path / f"{stop.name}.log" for stop in stops}

@@ -39,7 +39,8 @@ def build_app(cfg: PipelineConfig, environ: Mapping[str, str]) -> tuple[FastAPI,
         alias=None if settings.version else settings.alias,
         version=settings.version,
     )
-    source = ModelSource(ModelRegistry(resolve_tracking_uri(cfg.tracking)), ref, settings.precision)
+    registry = ModelRegistry(resolve_tracking_uri(cfg.tracking))
+    source = ModelSource(registry, ref, settings.precision, settings.inference_threads)
     try:
         version = source.target_version()
     except RegistryError as exc:

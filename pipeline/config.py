@@ -308,7 +308,16 @@ class ServeConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
     max_batch: int = Field(default=16, ge=1, description="Requests ONNX Runtime scores in one call (micro-batching).")
-    max_wait_ms: float = Field(default=5.0, ge=0, description="How long a request may wait for others to join its batch.")
+    max_wait_ms: float = Field(
+        default=0.0,
+        ge=0,
+        description="How long a batch waits for more requests; 0: it starts at once, and requests arriving "
+        "while one is scored form the next.",
+    )
+    decode_threads: int = Field(default=0, ge=0, description="Threads decoding uploads; 0: one per CPU core.")
+    inference_threads: int = Field(
+        default=1, ge=0, description="ONNX Runtime threads per batch; 0: every core (leaves none to decoding)."
+    )
     poll_seconds: float = Field(default=10.0, gt=0, description="How often the alias is checked for a move.")
     max_upload_mb: float = Field(default=20.0, gt=0, description="Larger request bodies are refused (413).")
     min_side: int = Field(default=64, ge=1, description="Smaller images are refused (422).")

@@ -26,7 +26,7 @@ import numpy as np
 import onnxruntime as ort
 import pydicom
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from typer.testing import CliRunner
@@ -45,6 +45,7 @@ from pipeline.serving.bundle import FP32_FILE, INPUT_NAME, INT8_FILE, preprocess
 from pipeline.serving.export import LoggedBundle, build_bundle, version_tags
 from pipeline.serving.ledger import PredictionLedger
 from pipeline.serving.model_source import ModelRef, ModelSource
+from pipeline.serving.raster_metadata import metadata_found
 from pipeline.training import load_trained_model, train_model
 from pipeline.tracking import MlflowTracker
 from tests.conftest import REPO, copy_kermany_subset
@@ -216,9 +217,10 @@ def test_every_endpoint_on_a_real_registered_model(registered, tmp_path):
             site, "1", CHAMPION, answer["probability"], answer["latency_ms"], converted
         )  # fmt: skip
         assert row.decision == (answer["decision"] == "pneumonia") and row.patient_pseudonym is None
-        stored = next((tmp_path / "images").rglob(f"{answer['inference_id']}.png"))
-        with Image.open(stored) as image:  # the decoded pixels, re-encoded without metadata
-            assert np.array_equal(np.asarray(image), decode_image(registered.images[key])) and not image.info
+        stored = next((tmp_path / "images").rglob(f"{answer['inference_id']}.*"))
+        assert stored.suffix == {"kermany": ".jpg", "nih": ".png"}[key]  # the upload's own encoding, kept lossless
+        assert np.array_equal(decode_image(stored), decode_image(registered.images[key]))
+        assert metadata_found(stored.read_bytes()) is None
     assert len(rows) == 2
 
     explanation = got["explained"].json()
@@ -382,7 +384,25 @@ def test_rgb_rgba_and_16_bit_uploads_are_converted_as_training_images_were(regis
     assert answers["RGB"].json()["probability"] != pytest.approx(answers["16-bit"].json()["probability"], abs=1e-9)
 
 
+def tagged_exports(registered) -> dict[str, bytes]:
+    """The real uploads as a PACS export may write them: the patient's name in PNG text chunks, in a JPEG's EXIF
+    and comment, and appended after the image's end."""
+    text = ", ".join(f"{key}={value}" for key, value in PHI.items())
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", text)
+    info.add_itxt("Description", text, zip=True)
+    png = io.BytesIO()
+    Image.open(registered.images["nih"]).save(png, "PNG", pnginfo=info)
+    jpeg = io.BytesIO()
+    with Image.open(registered.images["kermany"]) as image:
+        exif = image.getexif()
+        exif[0x010E] = text  # ImageDescription
+        image.save(jpeg, "JPEG", exif=exif, comment=text.encode(), quality=95)
+    return {"png": png.getvalue() + text.encode(), "jpeg": jpeg.getvalue()}
+
+
 def test_a_dicom_with_patient_data_leaves_only_pseudonyms(registered, tmp_path, caplog, capsys):
+    exports = tagged_exports(registered)  # before logs are captured: writing the EXIF logs it at DEBUG here
     caplog.set_level(logging.DEBUG)
     pixels = decode_image(registered.images["nih"])
     dicom = dicom_bytes(pixels)
@@ -397,6 +417,7 @@ def test_a_dicom_with_patient_data_leaves_only_pseudonyms(registered, tmp_path, 
             from_header = await client.post("/v1/predict", files=named, data={"site": "nih-cxr8"})
             mismatch = await client.post("/v1/predict", files=named, data={"site": "nih-cxr8", "patient_id": "MRN-1"})
             explained = await client.post("/v1/explain", files=named)
+            tagged = [await client.post("/v1/predict", files={"file": (f"x.{kind}", data)}) for kind, data in exports.items()]
             metrics = await client.get("/metrics")
             return locals()
 
@@ -408,8 +429,15 @@ def test_a_dicom_with_patient_data_leaves_only_pseudonyms(registered, tmp_path, 
     assert first.study_pseudonym == keyed_pseudonym("ACC-998877", SALT)  # the form's study id wins
     assert second.patient_pseudonym == first.patient_pseudonym and second.study_pseudonym == keyed_pseudonym(STUDY_UID, SALT)
     assert got["with_ids"].json()["converted_from"] == "DICOM"
-    stored = sorted((tmp_path / "images").rglob("*.png"))
-    assert len(stored) == 2 and np.array_equal(np.asarray(Image.open(stored[0])), dataset_pixels(pydicom.dcmread(io.BytesIO(dicom)), "x"))
+    kept = {inference_id: next((tmp_path / "images").rglob(f"{inference_id}.*")) for inference_id in rows}
+    from_dicom = kept[got["with_ids"].json()["inference_id"]]
+    assert np.array_equal(decode_image(from_dicom), dataset_pixels(pydicom.dcmread(io.BytesIO(dicom)), "x"))
+    for answer, (kind, data) in zip(got["tagged"], exports.items(), strict=True):
+        assert answer.status_code == 200, answer.text  # the pixels are the export's, its metadata gone
+        (export := tmp_path / f"export.{kind}").write_bytes(data)
+        assert np.array_equal(decode_image(kept[answer.json()["inference_id"]]), decode_image(export))
+    stored = list(kept.values())
+    assert len(stored) == 4
 
     captured = capsys.readouterr()
     places = {
@@ -417,7 +445,8 @@ def test_a_dicom_with_patient_data_leaves_only_pseudonyms(registered, tmp_path, 
         "image store": b"".join(p.read_bytes() for p in stored),
         "logs": (caplog.text + captured.out + captured.err).encode(),
         "metrics": got["metrics"].content,
-        "responses": b"".join(got[key].content for key in ("with_ids", "from_header", "mismatch", "explained")),
+        "responses": b"".join(got[key].content for key in ("with_ids", "from_header", "mismatch", "explained"))
+        + b"".join(answer.content for answer in got["tagged"]),
     }
     assert len(places["logs"]) > 0 and len(places["ledger database"]) > 0
     for value in [*PHI.values(), STUDY_UID, "7731942", "ACC-998877", "Doe_Jane"]:
@@ -530,7 +559,7 @@ def test_the_ledger_database_stopped_under_load_gives_503s_then_recovers_by_itse
     answered = {answer.json()["inference_id"]: answer.json() for answer in answers if answer.status_code == 200}
     assert set(stored) == set(answered)  # every 200 has its row; no refused request left one
     assert all(stored[key].probability == answer["probability"] for key, answer in answered.items())
-    kept = {path.stem for path in (tmp_path / "images").rglob("*.png")}
+    kept = {path.stem for path in (tmp_path / "images").rglob("*.*")}
     assert kept == set(answered)  # a refused prediction's image is removed with it
 
 

@@ -183,7 +183,7 @@ def test_image_store_refuses_metadata_and_keeps_nothing_at_zero_retention(tmp_pa
     store = ImageStore(tmp_path / "images", retention_days=1)
     with pytest.raises(ImageStoreError, match="tEXt"):
         store.put(new_inference_id(), png_bytes({"PatientName": "SMITH^JOHN"}))
-    with pytest.raises(ImageStoreError, match="not a PNG"):
+    with pytest.raises(ImageStoreError, match="PNG or JPEG"):
         store.put(new_inference_id(), b"DICM" + b"\0" * 200)
     with pytest.raises(ImageStoreError, match="truncated"):
         store.put(new_inference_id(), png_bytes()[:100])

@@ -1,8 +1,8 @@
 """The FastAPI app of ``crosssim serve`` (``create_app``); ``flows/serve.py`` builds its dependencies and runs it.
 
-A prediction: the upload is decoded and checked in a worker thread (``uploads``), queued for the micro-batcher,
-scored by the version being served, its de-identified image stored, its ledger row committed; only then does
-the 200 leave. A refused request gets a 4xx JSON body ``{"error": <rule>, "detail": ...}``; no response ever
+A prediction: in one decoding thread the upload is decoded and checked (``uploads``) and its de-identified image
+stored; it is queued for the micro-batcher, scored by the version being served, its ledger row committed; only
+then does the 200 leave (a request that fails after its image was stored removes it again). A refused request gets a 4xx JSON body ``{"error": <rule>, "detail": ...}``; no response ever
 carries a stack trace. The app owns its background work (batching, alias polling, image expiry) and closes the
 ledger when it shuts down, after uvicorn has drained the requests in flight.
 """
@@ -13,6 +13,7 @@ import asyncio
 import base64
 import hmac
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -21,6 +22,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import version as package_version
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
@@ -58,7 +60,14 @@ from pipeline.serving.schemas import (
     Reload,
     ServedModelInfo,
 )
-from pipeline.serving.uploads import DecodedUpload, UploadError, UploadLimits, decode_upload, deidentified_png, sniff_format
+from pipeline.serving.uploads import (
+    DecodedUpload,
+    UploadError,
+    UploadLimits,
+    decode_upload,
+    deidentified_image,
+    sniff_format,
+)
 
 if TYPE_CHECKING:  # torch and captum load on the first explanation, not at start
     from pipeline.serving.explain import GradCam
@@ -99,7 +108,7 @@ class _Received:
     ids: Pseudonyms
     decoded: DecodedUpload
     inputs: np.ndarray  # (1, S, S) for the model served when the upload arrived
-    png: bytes | None  # the de-identified image to keep (predictions only)
+    stored: Path | None  # where its de-identified image was kept (predictions, unless retention is 0)
 
 
 class BodyLimit:
@@ -143,6 +152,8 @@ def create_app(settings: ServeConfig, deps: ServeDependencies) -> FastAPI:
     metrics = ServeMetrics(settings.max_batch)
     metrics.serving(deps.live.current)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")  # ORT parallelises inside
+    # Bounded: with a thread per request (Starlette's pool has 40) decoders starve the event loop at high concurrency.
+    decoders = ThreadPoolExecutor(settings.decode_threads or os.cpu_count() or 1, thread_name_prefix="decode")
     batcher = MicroBatcher(
         deps.live, settings.max_batch, settings.max_wait_ms / 1000, executor, metrics.batch_size.observe
     )
@@ -162,6 +173,7 @@ def create_app(settings: ServeConfig, deps: ServeDependencies) -> FastAPI:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             executor.shutdown(wait=True)
+            decoders.shutdown(wait=True)
             await asyncio.to_thread(deps.ledger.close)  # commits every row already submitted
             log.info("stopped: ledger closed")
 
@@ -179,9 +191,9 @@ def create_app(settings: ServeConfig, deps: ServeDependencies) -> FastAPI:
         site: str | None,
         ids: tuple[str | None, str | None],
         image_size: int,
-        keep: bool,
+        keep: tuple[str, datetime] | None,
     ) -> _Received:
-        """The checked upload; ``keep``: a prediction, whose ids are pseudonymised and image kept."""
+        """The checked upload; ``keep``: a prediction's (inference_id, time), under which its image is kept."""
         data = await _upload_bytes(request, file)
         site_name = _site(site, deps.sites)
         patient_id, study_id = ids
@@ -190,14 +202,21 @@ def create_app(settings: ServeConfig, deps: ServeDependencies) -> FastAPI:
         except NoSiteSalt as exc:
             raise UploadError("site_without_salt", str(exc)) from exc
         salt = resolve_salt(site_name, deps.ingest, deps.environ)
-        if keep and salt is None and sniff_format(data) == "dicom":
+        if keep is not None and salt is None and sniff_format(data) == "dicom":
             raise UploadError(
                 "site_without_salt",
                 f"site {site_name!r}: a DICOM is de-identified with the site's secret salt and none is configured "
                 "on the server; send a PNG/JPEG export or ask the operator to set it",
             )
-        decoded, inputs, png = await run_in_threadpool(_decode, data, limits, salt, image_size, keep)
-        return _Received(site_name, _merged(form_ids, decoded.dicom_ids), decoded, inputs, png)
+        loop = asyncio.get_running_loop()
+        decoded, inputs, stored = await loop.run_in_executor(
+            decoders, _decode, data, limits, salt, image_size, deps.images, keep
+        )
+        try:
+            return _Received(site_name, _merged(form_ids, decoded.dicom_ids), decoded, inputs, stored)
+        except BaseException:
+            _discard(stored)
+            raise
 
     @app.post("/v1/predict", response_model=Prediction, responses=_ERRORS, tags=["predict"])
     async def predict(
@@ -206,17 +225,25 @@ def create_app(settings: ServeConfig, deps: ServeDependencies) -> FastAPI:
         site: Annotated[str | None, Form(description="The sending site (one of serve.sites).")] = None,
         study_id: Annotated[str | None, Form(description="Stored only as a keyed pseudonym.")] = None,
         patient_id: Annotated[str | None, Form(description="Stored only as a keyed pseudonym.")] = None,
-    ) -> Prediction | JSONResponse:
+    ) -> Prediction:
         """Score one image; the answer is in the prediction ledger before it is sent."""
         started = time.perf_counter()
+        inference_id, received_at = new_inference_id(), datetime.now(timezone.utc)
         size = deps.live.current.image_size  # the batcher re-preprocesses if a swap changes it meanwhile
-        upload = await received(request, file, site, (patient_id, study_id), size, keep=True)
+        upload = await received(request, file, site, (patient_id, study_id), size, keep=(inference_id, received_at))
+        try:
+            return await answer(inference_id, received_at, started, upload)
+        except BaseException:
+            _discard(upload.stored)  # no row, no image: the store holds only answered predictions
+            raise
+
+    async def answer(inference_id: str, received_at: datetime, started: float, upload: _Received) -> Prediction:
         scored = await batcher.score(upload.decoded.pixels, upload.inputs)
         model = scored.model
         latency_ms = (time.perf_counter() - started) * 1000
         row = PredictionRow(
-            inference_id=new_inference_id(),
-            created_at=datetime.now(timezone.utc),
+            inference_id=inference_id,
+            created_at=received_at,
             site=upload.site,
             patient_pseudonym=upload.ids.patient,
             study_pseudonym=upload.ids.study,
@@ -233,17 +260,11 @@ def create_app(settings: ServeConfig, deps: ServeDependencies) -> FastAPI:
             arm=None,
         )
         try:
-            stored = await run_in_threadpool(deps.images.put, row.inference_id, upload.png, row.created_at)
-        except OSError as exc:
-            return _error(503, "image_store_unavailable", f"the served image could not be kept ({exc.strerror})")
-        try:
             await deps.ledger.record(row)
-        except LedgerUnavailable:  # the ledger has logged why (without the request's content)
-            if stored is not None:
-                stored.unlink(missing_ok=True)  # no row, no image: the store holds only answered predictions
+        except LedgerUnavailable as exc:  # the ledger has logged why (without the request's content)
             metrics.ledger_failures.inc()
-            return _error(503, "ledger_unavailable", "the prediction ledger cannot commit (database unavailable), so "
-                          "the prediction is not answered; retry later")
+            raise UploadError("ledger_unavailable", "the prediction ledger cannot commit (database unavailable), so "
+                              "the prediction is not answered; retry later", 503) from exc
         return Prediction(
             inference_id=row.inference_id,
             probability=row.probability,
@@ -272,7 +293,7 @@ def create_app(settings: ServeConfig, deps: ServeDependencies) -> FastAPI:
         from pipeline.serving.explain import grad_cam, overlay_png  # torch and captum: loaded on first use
 
         model = deps.live.current  # the version explained, whatever the alias does meanwhile
-        upload = await received(request, file, None, (None, None), model.image_size, keep=False)
+        upload = await received(request, file, None, (None, None), model.image_size, keep=None)
 
         def explained() -> tuple[GradCam, bytes]:
             twin = model.twin()
@@ -416,10 +437,29 @@ def _site(site: str | None, allowed: tuple[str, ...]) -> str:
 
 
 def _decode(
-    data: bytes, limits: UploadLimits, salt: str | None, image_size: int, keep: bool
-) -> tuple[DecodedUpload, np.ndarray, bytes | None]:
+    data: bytes,
+    limits: UploadLimits,
+    salt: str | None,
+    image_size: int,
+    images: ImageStore,
+    keep: tuple[str, datetime] | None,
+) -> tuple[DecodedUpload, np.ndarray, Path | None]:
+    """Decoded, preprocessed and (``keep``) stored in one worker-thread call: each hop to a thread and back
+    costs the event loop more than the file write itself."""
     decoded = decode_upload(data, limits, salt)
-    return decoded, preprocess(decoded.pixels, image_size), deidentified_png(decoded.pixels) if keep else None
+    inputs = preprocess(decoded.pixels, image_size)
+    if keep is None:
+        return decoded, inputs, None
+    inference_id, received_at = keep
+    try:
+        return decoded, inputs, images.put(inference_id, deidentified_image(data, decoded), received_at)
+    except OSError as exc:
+        raise UploadError("image_store_unavailable", f"the served image could not be kept ({exc.strerror})", 503) from exc
+
+
+def _discard(stored: Path | None) -> None:
+    if stored is not None:
+        stored.unlink(missing_ok=True)
 
 
 def _merged(form: Pseudonyms, dicom: Pseudonyms | None) -> Pseudonyms:

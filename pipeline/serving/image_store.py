@@ -1,10 +1,11 @@
 """Served images kept by inference_id, so that a label arriving later can turn them into training data.
 
-Contract: the store keeps exactly the bytes it is given and checks only that they are a PNG without text,
-EXIF or time chunks. The caller hands it a de-identified image: a PNG re-encoded from the decoded pixels
-(never the upload itself, whose DICOM header or PNG/JPEG metadata may name the patient).
+Contract: the store keeps exactly the bytes it is given and checks only that they are a PNG or JPEG without
+any metadata chunk or segment (``raster_metadata.metadata_found``). The caller hands it a de-identified image
+(``uploads.deidentified_image``), never an upload as received, whose DICOM header or PNG/JPEG metadata may
+name the patient.
 
-Layout: ``<directory>/<YYYY-MM-DD>/<inference_id>.png`` by UTC day of the prediction, so that expiry
+Layout: ``<directory>/<YYYY-MM-DD>/<inference_id>.png|.jpg`` by UTC day of the prediction, so that expiry
 removes whole day folders and a lookup checks one file per retained day.
 """
 
@@ -13,22 +14,20 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import struct
 import tempfile
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.serving.raster_metadata import PNG_SIGNATURE, MetadataError, metadata_found
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# Chunks that carry free text, camera data or a timestamp: none is needed to read the pixels.
-METADATA_CHUNKS = frozenset({b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"tIME"})
+SUFFIXES = (".png", ".jpg")
 _INFERENCE_ID = re.compile(r"^[0-9a-f]{32}$")
 _DAY = "%Y-%m-%d"
 
 
 class ImageStoreError(PipelineError):
-    """An image was refused by the store (not a PNG, carries metadata, or a malformed inference_id)."""
+    """An image was refused by the store (not a PNG/JPEG, carries metadata, or a malformed inference_id)."""
 
 
 class ImageStore:
@@ -38,23 +37,23 @@ class ImageStore:
         self.directory = Path(directory)
         self.retention_days = retention_days
 
-    def put(self, inference_id: str, png: bytes, created_at: datetime | None = None) -> Path | None:
-        """Store ``png`` for ``inference_id`` (atomically: whole or absent); None when retention is 0.
+    def put(self, inference_id: str, image: bytes, created_at: datetime | None = None) -> Path | None:
+        """Store ``image`` for ``inference_id`` (atomically: whole or absent); None when retention is 0.
 
         ``created_at``: the prediction's time (its ledger row's), by default now; expiry counts from it.
         """
         _check_id(inference_id)
-        _check_png(png)
+        suffix = _checked_suffix(image)
         if self.retention_days == 0:
             return None
         created_at = created_at or datetime.now(timezone.utc)
         day_folder = self.directory / created_at.astimezone(timezone.utc).strftime(_DAY)
         day_folder.mkdir(parents=True, exist_ok=True)
-        target = day_folder / f"{inference_id}.png"
+        target = day_folder / f"{inference_id}{suffix}"
         handle, temporary = tempfile.mkstemp(dir=day_folder, prefix=f".{inference_id}.", suffix=".partial")
         try:
             with os.fdopen(handle, "wb") as file:
-                file.write(png)
+                file.write(image)
             # The file's time is the prediction's: purge() expires by it within a day folder.
             stamp = created_at.timestamp()
             os.utime(temporary, (stamp, stamp))
@@ -67,9 +66,10 @@ class ImageStore:
     def get(self, inference_id: str) -> Path | None:
         _check_id(inference_id)
         for _, folder in sorted(self._day_folders(), reverse=True):
-            path = folder / f"{inference_id}.png"
-            if path.is_file():
-                return path
+            for suffix in SUFFIXES:
+                path = folder / f"{inference_id}{suffix}"
+                if path.is_file():
+                    return path
         return None
 
     def purge(self, now: datetime) -> int:
@@ -79,7 +79,7 @@ class ImageStore:
         for day, folder in self._day_folders():
             day_start = datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
             if day_start + timedelta(days=1) <= cutoff:
-                removed += sum(1 for path in folder.iterdir() if path.suffix == ".png")
+                removed += sum(1 for path in folder.iterdir() if path.suffix in SUFFIXES)
                 shutil.rmtree(folder)
             elif day_start < cutoff:
                 for path in folder.iterdir():
@@ -88,7 +88,7 @@ class ImageStore:
                     except FileNotFoundError:  # a put() renaming its temporary file meanwhile
                         continue
                     if expired:
-                        removed += path.suffix == ".png"
+                        removed += path.suffix in SUFFIXES
                         path.unlink(missing_ok=True)
         return removed
 
@@ -112,17 +112,14 @@ def _check_id(inference_id: str) -> None:
         raise ImageStoreError(f"inference_id {inference_id!r}: expected uuid4().hex (32 lowercase hex)")
 
 
-def _check_png(png: bytes) -> None:
-    if not png.startswith(PNG_SIGNATURE):
-        raise ImageStoreError("the image store keeps PNG images re-encoded from pixels; these bytes are not a PNG")
-    offset = len(PNG_SIGNATURE)
-    while offset + 8 <= len(png):
-        length, kind = struct.unpack(">I4s", png[offset : offset + 8])
-        if kind in METADATA_CHUNKS:
-            raise ImageStoreError(
-                f"the PNG carries a {kind.decode()} metadata chunk: re-encode it from its pixels before storing"
-            )
-        if kind == b"IEND":
-            return
-        offset += 12 + length  # length, type, data, CRC
-    raise ImageStoreError("the PNG is truncated (no IEND chunk)")
+def _checked_suffix(image: bytes) -> str:
+    """The file suffix of a clean PNG or JPEG; anything else is refused."""
+    if not image.startswith((PNG_SIGNATURE, b"\xff\xd8")):
+        raise ImageStoreError("the image store keeps de-identified PNG or JPEG images; these bytes are neither")
+    try:
+        found = metadata_found(image)
+    except MetadataError as exc:
+        raise ImageStoreError(f"the image cannot be checked for metadata ({exc})") from exc
+    if found is not None:
+        raise ImageStoreError(f"the image carries metadata ({found}): strip it (uploads.deidentified_image) first")
+    return SUFFIXES[0] if image.startswith(PNG_SIGNATURE) else SUFFIXES[1]

@@ -112,10 +112,11 @@ class ServedModel:
 class ModelSource:
     """Registered versions of one model, loaded for serving at one precision."""
 
-    def __init__(self, registry: ModelRegistry, ref: ModelRef, precision: str) -> None:
+    def __init__(self, registry: ModelRegistry, ref: ModelRef, precision: str, threads: int = 0) -> None:
         self.registry = registry
         self.ref = ref
         self.precision = precision
+        self.threads = threads  # ONNX Runtime intra-op threads (0: every core)
 
     def target_version(self) -> str:
         """The version to serve now: the pinned one, else the alias's (a RegistryError when it names none)."""
@@ -145,7 +146,7 @@ class ModelSource:
             if recorded and bundle.artifacts.get("fp32") and bundle.artifacts["fp32"].sha256 != recorded:
                 raise BundleError(f"{label}: {FP32_FILE} differs from the hash the registry recorded ({FP32_SHA256_TAG})")
             try:
-                session = onnx_session(path)
+                session = onnx_session(path, self.threads)
             except Exception as exc:  # onnxruntime raises its own exception types for an unusable graph
                 raise BundleError(f"{label}: ONNX Runtime cannot load {path.name} ({exc})") from exc
         return ServedModel(

@@ -3,8 +3,10 @@
 The format is read from the bytes (PNG and JPEG signatures, the DICOM ``DICM`` marker), never from the file name.
 Sizes are checked on the header, before any pixel is decoded, so a huge image costs nothing but its upload.
 A DICOM is read in memory; its header gives only keyed pseudonyms of PatientID and StudyInstanceUID (with the
-site's secret salt, as ingest pseudonymises them) and is then dropped: what is kept of an upload is a PNG
-re-encoded from the decoded pixels (``deidentified_png``), which carries no metadata at all.
+site's secret salt, as ingest pseudonymises them) and is then dropped. What is kept of an upload
+(``deidentified_image``) carries no metadata: a PNG or JPEG is kept as its own bytes with every metadata chunk or
+segment removed (lossless, and no re-encoding on the request path; see pipeline.serving.raster_metadata), a
+DICOM as a PNG encoded from its decoded pixels.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from pipeline.data.dicom import dataset_pixels
 from pipeline.data.images import DICOM_MODE, ImageDecodeError, pil_to_uint8
 from pipeline.errors import PipelineError
 from pipeline.serving.ledger import Pseudonyms, pseudonym
+from pipeline.serving.raster_metadata import PNG_SIGNATURE, MetadataError, without_metadata
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
 DICOM_MARKER_AT = 128  # Part 10 files: a 128-byte preamble, then "DICM"
 _PIXEL_ELEMENTS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -72,6 +74,17 @@ def decode_upload(data: bytes, limits: UploadLimits, dicom_salt: str | None) -> 
     if image_format == "dicom":
         return _decode_dicom(data, limits, dicom_salt)
     return _decode_raster(data, image_format, limits)
+
+
+def deidentified_image(data: bytes, decoded: DecodedUpload) -> bytes:
+    """The upload as it is kept: the PNG/JPEG without its metadata, else (a DICOM, or a file whose chunks
+    cannot be walked although its pixels decoded) a PNG of the decoded pixels."""
+    if decoded.image_format in ("png", "jpeg"):
+        try:
+            return without_metadata(data, decoded.image_format)
+        except MetadataError:
+            pass  # re-encoding the pixels cannot carry metadata along
+    return deidentified_png(decoded.pixels)
 
 
 def deidentified_png(pixels: np.ndarray) -> bytes:

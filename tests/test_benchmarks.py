@@ -26,13 +26,13 @@ CROSSSIM_VARIANTS = {
 }
 
 
-def _run_smoke(script: str, data_dir: Path, tmp_path: Path) -> dict:
+def run_smoke(script: str, data_dir: Path, tmp_path: Path, *options: str) -> dict:
     """Runs the benchmark's smoke mode; returns its result JSON, checking what every benchmark reports."""
     committed = {path: path.read_bytes() for path in (REPO / "benchmarks" / "results").glob("*.json")}
     output = tmp_path / "result.json"
     # TMPDIR: the benchmark's work folders (checkpoints, prepared images) land in tmp_path too
     env = {**os.environ, "CROSSSIM_DATA_DIR": str(data_dir), "TMPDIR": str(tmp_path)}
-    command = [sys.executable, f"benchmarks/{script}", "--smoke", "--output", str(output)]
+    command = [sys.executable, f"benchmarks/{script}", "--smoke", "--output", str(output), *options]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{script} --smoke failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     assert {path: path.read_bytes() for path in committed} == committed, "a smoke run overwrote a committed result"
@@ -50,7 +50,7 @@ def _is_score(value: float) -> bool:
 
 
 def test_bench_source_smoke_writes_its_table(data_dir, tmp_path):
-    report = _run_smoke("source_pneumoniamnist.py", data_dir, tmp_path)
+    report = run_smoke("source_pneumoniamnist.py", data_dir, tmp_path)
     assert report["seed"] == 42 and report["epochs"] == 1
     assert all(_is_score(report[key]) for key in ("test_auc", "test_acc", "test_acc_at_0.5", "best_val_auc"))
     assert set(report["medmnist_v2_reference"]) == {"ResNet-18 (28)", "ResNet-50 (28)", "Google AutoML Vision"}
@@ -59,7 +59,7 @@ def test_bench_source_smoke_writes_its_table(data_dir, tmp_path):
 
 
 def test_bench_crosssim_smoke_writes_every_variant(data_dir, tmp_path):
-    report = _run_smoke("crosssim_kermany_nih.py", data_dir, tmp_path)
+    report = run_smoke("crosssim_kermany_nih.py", data_dir, tmp_path)
     assert report["seeds"] == [42] and [run["seed"] for run in report["per_seed"]] == [42]
     assert set(report["summary"]) == CROSSSIM_VARIANTS
     rows = report["per_seed"][0]["variants"]

@@ -23,6 +23,7 @@ from pipeline.serving.bundle import read_bundle
 from pipeline.serving.runtime import onnx_probabilities, onnx_session
 from pipeline.tracking import MlflowTracker
 from tests.conftest import copy_kermany_subset
+from tests.test_benchmarks import run_smoke
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -189,6 +190,14 @@ def test_crosssim_adapt_runs_inside_the_flow_and_lands_in_mlflow(data_dir, tmp_p
     worse, scores = gate_challenger(cfg, inverted)
     assert not worse.passed and set(scores["challenger"]) == {"kermany-pediatric/test", "nih-cxr8/target-test"}
     assert scores["challenger"]["kermany-pediatric/test"]["auc"] < 0.5 < scores["champion"]["kermany-pediatric/test"]["auc"]
+
+    # make bench-serve --smoke on the champion this flow registered: every server answers real images over HTTP
+    report = run_smoke("serve.py", data_dir, tmp_path, *(arg for override in overrides for arg in ("--set", override)))
+    int8 = {"crosssim-int8"} if "int8" in report["model"]["artifacts"] else set()  # a 1-epoch model's may be rejected
+    assert report["model"]["version"] == "1" and set(report["servers"]) == {"crosssim-fp32", "mlflow", "eager"} | int8
+    for server, levels in report["servers"].items():
+        assert set(levels) == {"1", "4"} and all(level["failed"] == 0 and level["rps"] > 0 for level in levels.values()), server
+    assert report["auc"]["onnx-fp32"] == pytest.approx(report["auc"]["pytorch"], abs=1e-6)
 
 
 class Inverted(torch.nn.Module):

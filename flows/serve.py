@@ -53,7 +53,8 @@ def build_app(cfg: PipelineConfig, environ: Mapping[str, str]) -> tuple[FastAPI,
     ledger_url = resolve_ledger_url(settings, environ)
     ledger = PredictionLedger(ledger_url)
     images = ImageStore(settings.image_store, settings.image_retention_days)
-    deps = ServeDependencies(LiveModel(source, initial), ledger, images, sites, cfg.ingest, environ, api_key)
+    live = LiveModel(source, initial)
+    deps = ServeDependencies(live, ledger, images, sites, cfg.ingest, environ, api_key, tuple(cfg.rollout.outcome_sources))
     try:
         app = create_app(settings, deps)
     except BaseException:
@@ -74,9 +75,9 @@ def build_app(cfg: PipelineConfig, environ: Mapping[str, str]) -> tuple[FastAPI,
             f"(set ${salt_variables(unsalted[0], cfg.ingest)[0]} or ${cfg.ingest.salt_env})"
         )
     if api_key is None:
-        notes.append(f"admin routes off: ${API_KEY_ENV} is not set (POST /v1/admin/reload is not mounted)")
+        notes.append(f"admin routes off: ${API_KEY_ENV} is not set (POST /v1/admin/reload and /v1/feedback are not mounted)")
     else:
-        notes.append(f"admin routes on: POST /v1/admin/reload with header {API_KEY_HEADER}")
+        notes.append(f"admin routes on: POST /v1/admin/reload and POST /v1/feedback with header {API_KEY_HEADER}")
     return app, notes
 
 

@@ -340,6 +340,41 @@ class ServeConfig(_Section):
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
+class RolloutConfig(_Section):
+    """Continuous-learning A/B rollouts of the challenger against the champion (pipeline.rollout)."""
+
+    policy: Literal["auto", "review"] = Field(
+        default="review", description="auto: the analysis promotes / rolls back; review: it recommends, a reviewer decides."
+    )
+    canary_schedule: list[float] = Field(
+        default_factory=lambda: [0.05, 0.25, 0.5],
+        min_length=1,
+        description="The challenger's share of patients at each canary stage, in the order the rollout ramps.",
+    )
+    outcome_sources: list[str] = Field(
+        default_factory=lambda: ["radiologist_read", "follow_up"],
+        min_length=1,
+        description="Who may label a served case, highest precedence first: it settles labels that disagree.",
+    )
+    maturity_hours: float = Field(
+        default=72.0, ge=0, description="A label counts once it is this old (later corrections may still arrive)."
+    )
+
+    @field_validator("canary_schedule")
+    @classmethod
+    def _ramping_shares(cls, value: list[float]) -> list[float]:
+        if any(not 0 < share <= 1 for share in value) or value != sorted(set(value)):
+            raise ValueError("canary_schedule: increasing shares in (0, 1], e.g. [0.05, 0.25, 0.5]")
+        return value
+
+    @field_validator("outcome_sources")
+    @classmethod
+    def _distinct_sources(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value) or not all(source.strip() for source in value):
+            raise ValueError("outcome_sources: distinct, non-empty names, highest precedence first")
+        return value
+
+
 class RunsConfig(_Section):
     """Where each flow run (``crosssim run``, a deployment) keeps its own outputs."""
 
@@ -373,6 +408,7 @@ class PipelineConfig(_Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     runs: RunsConfig = Field(default_factory=RunsConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
 
     def in_run_folder(self, run_dir: Path) -> PipelineConfig:
         """A copy whose per-run outputs (validation reports, prepared images, checkpoints, evaluation,

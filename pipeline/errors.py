@@ -36,3 +36,13 @@ class VersioningError(PipelineError):
     """DVC could not record or upload a data version; the change was rolled back."""
 
     exit_code = 5
+
+
+class RequestRefused(PipelineError):
+    """A request refused by a rule; ``rule`` names it (an HTTP error's ``error``), ``status`` is its HTTP status."""
+
+    def __init__(self, rule: str, detail: str, status: int = 422) -> None:
+        super().__init__(f"{rule}: {detail}")
+        self.rule = rule
+        self.detail = detail
+        self.status = status

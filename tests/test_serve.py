@@ -454,6 +454,40 @@ def test_a_dicom_with_patient_data_leaves_only_pseudonyms(registered, tmp_path, 
             assert value.encode() not in content, (value, place)
 
 
+def test_feedback_attaches_outcomes_to_served_predictions(registered, tmp_path):
+    cfg = serve_config(registered, tmp_path)
+    environ = {API_KEY_ENV: API_KEY, "CROSSSIM_DICOM_SALT_NIH_CXR8": SALT}
+    key = {"X-API-Key": API_KEY}
+
+    async def scenario() -> dict:
+        async with served(cfg, environ) as client:
+            answer = (await client.post("/v1/predict", **upload(registered.images["nih"], site="nih-cxr8", study_id="ACC-55"))).json()
+            read = {"inference_id": answer["inference_id"], "label": "pneumonia", "source": "radiologist_read"}
+            return {
+                "no_key": await client.post("/v1/feedback", json=read),
+                "recorded": await client.post("/v1/feedback", json=read, headers=key),
+                "duplicate": await client.post("/v1/feedback", json=read, headers=key),
+                "conflict": await client.post(
+                    "/v1/feedback", headers=key,
+                    json={"study_id": "ACC-55", "site": "nih-cxr8", "label": "normal", "source": "follow_up"},
+                ),  # fmt: skip
+                "unknown": await client.post("/v1/feedback", json=read | {"inference_id": "0" * 32}, headers=key),
+                "bad_label": await client.post("/v1/feedback", json=read | {"label": "maybe"}, headers=key),
+                "unknown_study": await client.post(
+                    "/v1/feedback", headers=key, json={"study_id": "ACC-99", "site": "nih-cxr8", "label": "normal", "source": "follow_up"}
+                ),
+                "answer": answer,
+            }
+
+    got = asyncio.run(scenario())
+    assert got["no_key"].status_code == 401
+    for name, status in (("recorded", "recorded"), ("duplicate", "duplicate"), ("conflict", "conflict")):
+        assert got[name].status_code == 200 and got[name].json() == {"status": status, "inference_ids": [got["answer"]["inference_id"]]}
+    assert (got["unknown"].status_code, got["unknown"].json()["error"]) == (404, "unknown_inference")
+    assert (got["unknown_study"].status_code, got["unknown_study"].json()["error"]) == (404, "unknown_inference")
+    assert (got["bad_label"].status_code, got["bad_label"].json()["error"]) == (422, "unknown_label")
+
+
 def test_int8_a_pinned_version_and_versions_that_cannot_be_served(registered, tmp_path):
     nih = registered.images["nih"]
 

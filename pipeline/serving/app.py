@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -35,7 +35,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline.config import IngestConfig, ServeConfig
 from pipeline.data.salt import resolve_salt
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, RequestRefused
+from pipeline.rollout.outcomes import OutcomeError, OutcomeReport, record_outcomes
 from pipeline.serving.batcher import MicroBatcher
 from pipeline.serving.bundle import preprocess
 from pipeline.serving.image_store import ImageStore
@@ -55,6 +56,8 @@ from pipeline.serving.schemas import (
     Explanation,
     Health,
     ModelIdentity,
+    OutcomeIn,
+    OutcomeRecorded,
     Prediction,
     Readiness,
     Reload,
@@ -100,6 +103,7 @@ class ServeDependencies:
     ingest: IngestConfig  # names the environment variables holding each site's secret salt
     environ: Mapping[str, str]  # where those salts are read
     api_key: str | None  # None: the admin routes are not mounted
+    outcome_sources: tuple[str, ...] = ()  # who may report labels (rollout.outcome_sources), precedence first
 
 
 @dataclass(frozen=True)
@@ -356,18 +360,51 @@ def create_app(settings: ServeConfig, deps: ServeDependencies) -> FastAPI:
 
     if deps.api_key:
         app.include_router(_admin_routes(deps.live, deps.api_key, metrics))
+        app.include_router(_outcome_routes(deps, deps.api_key))
     _install_error_handlers(app, metrics)
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_upload_mb * 2**20), metrics=metrics)
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=[getattr(r, "path", "") for r in app.routes])
     return app
 
 
-def _admin_routes(live: LiveModel, api_key: str, metrics: ServeMetrics) -> APIRouter:
+def _key_check(api_key: str) -> Callable[..., None]:
     def require_key(key: Annotated[str | None, Header(alias=API_KEY_HEADER)] = None) -> None:
         if key is None or not hmac.compare_digest(key.encode(), api_key.encode()):
             raise HTTPException(401, f"missing or wrong {API_KEY_HEADER} header")
 
-    router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_key)])
+    return require_key
+
+
+def _outcome_routes(deps: ServeDependencies, api_key: str) -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["outcomes"], dependencies=[Depends(_key_check(api_key))])
+
+    @router.post(
+        "/feedback",
+        response_model=OutcomeRecorded,
+        responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 422: {"model": ErrorBody}},
+    )
+    async def feedback(body: OutcomeIn) -> OutcomeRecorded:
+        """Attach a label to an answered prediction (header X-API-Key). Idempotent: the same label from the same
+        source again is a ``duplicate``; a disagreeing label is kept as a ``conflict``."""
+        study = None
+        if body.study_id is not None:
+            site = _site(body.site, deps.sites)
+            try:
+                study = pseudonymise_ids(site, None, body.study_id, deps.ingest, deps.environ).study
+            except NoSiteSalt as exc:
+                raise OutcomeError("site_without_salt", str(exc)) from exc
+        report = OutcomeReport(body.label, body.source, body.inference_id, study, body.observed_at, "request body")
+        try:
+            recorded = await asyncio.to_thread(record_outcomes, deps.ledger, [report], deps.outcome_sources)
+        except LedgerUnavailable as exc:
+            raise OutcomeError("ledger_unavailable", "the ledger database cannot commit; retry later", 503) from exc
+        return OutcomeRecorded(status=recorded[0].status, inference_ids=list(recorded[0].inference_ids))
+
+    return router
+
+
+def _admin_routes(live: LiveModel, api_key: str, metrics: ServeMetrics) -> APIRouter:
+    router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(_key_check(api_key))])
 
     @router.post("/reload", response_model=Reload, responses={401: {"model": ErrorBody}, 409: {"model": ErrorBody}})
     async def reload() -> Reload | JSONResponse:
@@ -382,8 +419,8 @@ def _admin_routes(live: LiveModel, api_key: str, metrics: ServeMetrics) -> APIRo
 
 
 def _install_error_handlers(app: FastAPI, metrics: ServeMetrics) -> None:
-    @app.exception_handler(UploadError)
-    async def refused(request: Request, exc: UploadError) -> JSONResponse:
+    @app.exception_handler(RequestRefused)
+    async def refused(request: Request, exc: RequestRefused) -> JSONResponse:
         metrics.rejected.labels(exc.rule).inc()
         log.info("refused %s %s: %s", request.method, request.url.path, exc.rule)  # the rule only: no content
         return _error(exc.status, exc.rule, exc.detail)

@@ -19,8 +19,9 @@ import queue
 import re
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -160,6 +161,19 @@ predictions = sa.Table(
     sa.Column("converted_from", sa.String),
     sa.Column("arm", sa.String),
 )
+# Labels that arrive later for answered predictions (pipeline.rollout.outcomes). Every report is kept: the same
+# (source, label) twice is one row; a disagreeing label is another row, settled by source precedence when read.
+outcomes = sa.Table(
+    "outcomes",
+    _metadata,
+    sa.Column("outcome_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("inference_id", sa.String(32), sa.ForeignKey("predictions.inference_id"), nullable=False, index=True),
+    sa.Column("label", sa.SmallInteger, nullable=False),
+    sa.Column("source", sa.String, nullable=False),
+    sa.Column("observed_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.UniqueConstraint("inference_id", "source", "label", name="one_report_per_source_and_label"),
+)
 _ROW_FIELDS = tuple(field.name for field in fields(PredictionRow))
 
 
@@ -199,6 +213,16 @@ class PredictionLedger:
         except SQLAlchemyError:
             return False
         return True
+
+    @contextmanager
+    def transaction(self) -> Iterator[sa.Connection]:
+        """One transaction on the ledger database (feedback, reports); ``LedgerUnavailable`` if it cannot commit."""
+        try:
+            self._ensure_schema()
+            with self.engine.begin() as connection:
+                yield connection
+        except SQLAlchemyError as exc:
+            raise LedgerUnavailable(f"prediction ledger {self._shown_url} could not commit: {_reason(exc)}") from exc
 
     def get(self, inference_id: str) -> PredictionRow | None:
         found = self.rows(inference_id=inference_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -86,3 +87,21 @@ class Reload(BaseModel):
 class ErrorBody(BaseModel):
     error: str = Field(description="The rule the request broke, e.g. image_too_small, unknown_site, body_too_large.")
     detail: str
+
+
+class OutcomeIn(BaseModel):
+    """A label for an answered prediction, named by its ``inference_id`` or by the study (``site`` + ``study_id``)."""
+
+    inference_id: str | None = Field(default=None, description="As returned by /v1/predict.")
+    study_id: str | None = Field(default=None, description="The study id sent to /v1/predict (matched by pseudonym).")
+    site: str | None = Field(default=None, description="The site that sent the study (its salt makes the pseudonym).")
+    label: str = Field(description="normal | pneumonia")
+    source: str = Field(description="Who established it: one of rollout.outcome_sources (e.g. radiologist_read).")
+    observed_at: datetime | None = Field(default=None, description="When it was established (ISO 8601 with zone).")
+
+
+class OutcomeRecorded(BaseModel):
+    status: Literal["recorded", "duplicate", "conflict"] = Field(
+        description="duplicate: already known, nothing stored; conflict: stored, but another label disagrees."
+    )
+    inference_ids: list[str]

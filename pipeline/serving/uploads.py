@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.data.dicom import dataset_pixels
 from pipeline.data.images import DICOM_MODE, ImageDecodeError, pil_to_uint8
-from pipeline.errors import PipelineError
+from pipeline.errors import RequestRefused
 from pipeline.serving.ledger import Pseudonyms, pseudonym
 from pipeline.serving.raster_metadata import PNG_SIGNATURE, MetadataError, without_metadata
 
@@ -29,14 +29,8 @@ DICOM_MARKER_AT = 128  # Part 10 files: a 128-byte preamble, then "DICM"
 _PIXEL_ELEMENTS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
-class UploadError(PipelineError):
-    """A request the server refuses; ``rule`` names the rule it broke (the JSON error's ``error``)."""
-
-    def __init__(self, rule: str, detail: str, status: int = 422) -> None:
-        super().__init__(f"{rule}: {detail}")
-        self.rule = rule
-        self.detail = detail
-        self.status = status
+class UploadError(RequestRefused):
+    """An upload the server refuses (a 4xx naming the rule)."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,53 @@
+"""``crosssim feedback …``: outcomes reported by the hospital, attached to the predictions they judge."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from flows.cli_common import ConfigOption, SetOption, _config, _fail, console
+from pipeline.errors import PipelineError
+
+feedback_app = typer.Typer(help="Outcomes (labels) of served predictions.", no_args_is_help=True)
+
+
+@feedback_app.command("import")
+def import_outcomes(
+    file: Annotated[Path, typer.Argument(help="CSV: label, source, inference_id or study_id + site, observed_at.")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Attach every row's label to its prediction(s) in the serving ledger; all rows or none.
+
+    A row already imported is a duplicate (nothing stored); a label that disagrees with an earlier one is kept as a
+    conflict (rollout.outcome_sources decides which counts)."""
+    from pipeline.rollout.outcome_file import read_outcome_file
+    from pipeline.rollout.outcomes import record_outcomes
+    from pipeline.serving.ledger import PredictionLedger, resolve_ledger_url
+
+    try:
+        cfg = _config(config, set_)
+        sites = tuple(cfg.serve.sites or [cfg.data.source, *cfg.data.external])
+        reports = read_outcome_file(file, sites, cfg.ingest, os.environ)
+        ledger = PredictionLedger(resolve_ledger_url(cfg.serve, os.environ))
+        try:
+            results = record_outcomes(ledger, reports, cfg.rollout.outcome_sources)
+        finally:
+            ledger.close()
+    except PipelineError as exc:
+        _fail(exc)
+    counts = Counter(result.status for result in results)
+    table = Table(title=f"{file.name}: {len(results)} rows imported")
+    for column in ("recorded", "duplicate", "conflict", "predictions labelled"):
+        table.add_column(column)
+    labelled = len({inference_id for result in results for inference_id in result.inference_ids})
+    table.add_row(*(str(counts[status]) for status in ("recorded", "duplicate", "conflict")), str(labelled))
+    console.print(table)
+    for result in results:
+        if result.status == "conflict":
+            console.print(f"[yellow]conflict[/]: {result.where} disagrees with an earlier label of {', '.join(result.inference_ids)}")

@@ -1,0 +1,1 @@
+"""Continuous-learning A/B rollouts: outcomes, assignment, rollout state (see README "Rollouts")."""

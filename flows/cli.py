@@ -14,12 +14,14 @@ from rich.table import Table
 from flows.cli_common import ConfigOption, SetOption, _config, _fail, console, err_console
 from flows.feedback_cli import feedback_app
 from flows.registry_cli import registry_app
+from flows.rollout_cli import rollout_app
 from pipeline.config import ServeConfig
 from pipeline.errors import ConfigError, DataValidationError, PipelineError
 
 app = typer.Typer(help="CrossSim: retrain and evaluate a chest X-ray pneumonia classifier.", no_args_is_help=True)
 app.add_typer(registry_app, name="registry")
 app.add_typer(feedback_app, name="feedback")
+app.add_typer(rollout_app, name="rollout")
 
 
 def _print_results(sets: dict, title: str = "Evaluation (threshold chosen on the source val split; 95% CI)") -> None:

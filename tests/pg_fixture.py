@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.serving.ledger import PredictionLedger
+
 SERVER_USER = "postgres"
 START_TIMEOUT_S = 30
 
@@ -111,3 +113,15 @@ def postgres_server() -> Iterator[PostgresServer]:
         if (server.data_dir / "postmaster.pid").exists():  # running (a test may have left it stopped)
             server.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PredictionLedger]:
+    """The prediction ledger on SQLite (a file in tmp_path) and on its own real PostgreSQL server."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    else:
+        url = request.getfixturevalue("postgres_server").url
+    ledger = PredictionLedger(url)
+    yield ledger
+    ledger.close()

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from flows import cli
 from pipeline.rollout.outcomes import OutcomeError, OutcomeReport, matured_labels, record_outcomes
 from pipeline.serving.ledger import PredictionLedger, outcomes, pseudonym
-from tests.pg_fixture import PostgresServer, postgres_server  # noqa: F401
+from tests.pg_fixture import ledger_db, postgres_server  # noqa: F401
 from tests.test_serving_ledger import T0, make_row
 
 SOURCES = ("radiologist_read", "follow_up")
@@ -22,23 +22,13 @@ SALT = "0123456789abcdef-test-salt"
 MATURITY = timedelta(hours=72)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def ledger(request, tmp_path: Path):
-    url = f"sqlite:///{tmp_path / 'ledger.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_server").url
-    opened = PredictionLedger(url)
-    yield opened
-    if request.param == "postgresql":
-        with opened.transaction() as connection:  # the server outlives the test: leave it empty for the next one
-            connection.execute(sa.text("DROP TABLE outcomes, predictions"))
-    opened.close()
-
-
 def _stored(ledger: PredictionLedger) -> int:
     with ledger.transaction() as connection:
         return connection.execute(sa.select(sa.func.count()).select_from(outcomes)).scalar_one()
 
 
-def test_outcomes_join_dedupe_conflict_and_mature(ledger: PredictionLedger) -> None:
+def test_outcomes_join_dedupe_conflict_and_mature(ledger_db: PredictionLedger) -> None:  # noqa: F811
+    ledger = ledger_db
     study = pseudonym("ACC-1001", SALT)
     first, second, repeat = make_row(1), make_row(2, study_pseudonym=study), make_row(3, study_pseudonym=study)
     for row in (first, second, repeat):

@@ -85,7 +85,7 @@ class RegistryActions:
             self.registry.describe(self.student, student, f"Distilled student of {self.name} v{version}.\n\n{card(version)}")
             self.registry.set_version_tags(self.name, version, {STUDENT_TAG: student})
             moves[self.student] = {CHALLENGER: student}
-        return self._apply("register", version, actor, "new model from a retraining run", moves, {"model_uri": model_uri})
+        return self.apply("register", version, actor, "new model from a retraining run", moves, {"model_uri": model_uri})
 
     def record_gate(self, version: str, decision: GateDecision, policy: str, actor: str = "promotion gate") -> Decision:
         """The gate's verdict on ``version``: tags, an audit entry, and under ``auto`` the promotion or rejection."""
@@ -100,14 +100,25 @@ class RegistryActions:
             },
         )
         summary = "gate passed" if decision.passed else "gate failed: " + "; ".join(decision.failures())
-        recorded = self._apply("gate", version, actor, summary, {}, {"gate": decision.to_dict()})
+        recorded = self.apply("gate", version, actor, summary, {}, {"gate": decision.to_dict()})
         if policy != "auto":
             return recorded
         action = self.approve if decision.passed else self.reject
         return action(reviewer=f"{actor} (policy auto)", reason=summary, version=version)
 
-    def approve(self, reviewer: str, reason: str, version: str | None = None, override_gate: bool = False) -> Decision:
+    def approve(
+        self,
+        reviewer: str,
+        reason: str,
+        version: str | None = None,
+        override_gate: bool = False,
+        also: Mapping[str, str | None] | None = None,
+        evidence: Mapping[str, object] | None = None,
+    ) -> Decision:
         """The pending challenger becomes champion; the old champion stays in the history for rollback.
+
+        ``also``: model tags changed in the same transaction (a rollout ending with it); ``evidence``: added to
+        the audit entry's.
 
         A challenger the promotion gate rejected is promoted only with ``override_gate`` (and, as every
         decision, a reason); the audit entry, the version's ``review.override_gate`` tag and a section of its
@@ -115,7 +126,7 @@ class RegistryActions:
         """
         target = self._pending(version)
         number = _number(target)
-        evidence = self._evidence(number)
+        evidence = {**self._evidence(number), **(evidence or {})}
         failures = _gate_failures(evidence["gate"])
         if failures and not override_gate:
             raise RegistryError(
@@ -131,19 +142,27 @@ class RegistryActions:
         history = [*self.registry.champion_history(self.name), number]
         moves = {self.name: {CHAMPION: number, CHALLENGER: None}}
         moves |= self._student_moves(target, {CHAMPION: True, CHALLENGER: False})
-        tags = {HISTORY_TAG: json.dumps(history)}
-        decided = self._apply("approve", number, reviewer, reason, moves, evidence, tags, override_gate)
+        tags = {HISTORY_TAG: json.dumps(history), **(also or {})}
+        decided = self.apply("approve", number, reviewer, reason, moves, evidence, tags, override_gate)
         self._mark(number, "approved", reviewer, reason, {"review.override_gate": "true"} if override_gate else {})
         if override_gate:
             note = gate_override_note(reviewer, reason, failures, decided.audit_artifact)
             self.registry.describe(self.name, number, f"{(target.description or '').rstrip()}\n\n{note}")
         return decided
 
-    def reject(self, reviewer: str, reason: str, version: str | None = None) -> Decision:
-        """The pending challenger loses its alias; the champion is untouched."""
+    def reject(
+        self,
+        reviewer: str,
+        reason: str,
+        version: str | None = None,
+        also: Mapping[str, str | None] | None = None,
+        evidence: Mapping[str, object] | None = None,
+    ) -> Decision:
+        """The pending challenger loses its alias; the champion is untouched (``also``, ``evidence``: as approve)."""
         target = self._pending(version)
         moves = {self.name: {CHALLENGER: None}} | self._student_moves(target, {CHALLENGER: False})
-        decided = self._apply("reject", _number(target), reviewer, reason, moves, self._evidence(_number(target)))
+        evidence = {**self._evidence(_number(target)), **(evidence or {})}
+        decided = self.apply("reject", _number(target), reviewer, reason, moves, evidence, also)
         self._mark(_number(target), "rejected", reviewer, reason)
         return decided
 
@@ -158,7 +177,7 @@ class RegistryActions:
         moves = {self.name: {CHAMPION: _number(previous)}} | self._student_moves(previous, {CHAMPION: True})
         tags = {HISTORY_TAG: json.dumps(history[:-1])}
         evidence = {"rolled_back_version": _number(current)}
-        decided = self._apply("rollback", _number(previous), reviewer, reason, moves, evidence, tags)
+        decided = self.apply("rollback", _number(previous), reviewer, reason, moves, evidence, tags)
         self._mark(_number(current), "rolled back", reviewer, reason)
         return decided
 
@@ -208,17 +227,22 @@ class RegistryActions:
             self.name, version, {"review.status": status, "review.by": reviewer, "review.reason": reason, **(extra or {})}
         )
 
-    def _apply(
+    def gate_failures(self, version: str) -> list[str]:
+        """What the promotion gate rejected ``version`` for; empty when it passed or never ran."""
+        return _gate_failures(self.gate_evidence(version))
+
+    def apply(
         self,
         action: str,
         version: str,
         actor: str,
         reason: str,
         moves: dict[str, dict[str, str | None]],
-        evidence: dict,
-        tags: dict[str, str] | None = None,
+        evidence: Mapping[str, object],
+        tags: Mapping[str, str | None] | None = None,
         override_gate: bool = False,
     ) -> Decision:
+        """Alias ``moves``, model ``tags`` (None: removed) and the audit entry of ``action``, all or nothing."""
         _require(actor, reason)
         before = self.registry.aliases(self.name)
         with self.registry.transaction([self.name, *(name for name in moves if name != self.name)]):
@@ -228,7 +252,7 @@ class RegistryActions:
             for key, value in (tags or {}).items():
                 self.registry.set_model_tag(self.name, key, value)
             after = self.registry.aliases(self.name)
-            entry = AuditEntry(action, self.name, version, actor, reason, before, after, evidence, override_gate=override_gate)
+            entry = AuditEntry(action, self.name, version, actor, reason, before, after, dict(evidence), override_gate=override_gate)
             artifact = self.audit.append(entry)
         return Decision(action, version, after, artifact)
 

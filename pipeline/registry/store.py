@@ -121,8 +121,12 @@ class ModelRegistry:
         else:
             self.client.set_registered_model_alias(name, alias, version)
 
-    def set_model_tag(self, name: str, key: str, value: str) -> None:
-        self.client.set_registered_model_tag(name, key, value)
+    def set_model_tag(self, name: str, key: str, value: str | None) -> None:
+        """Set ``key`` (None: remove it)."""
+        if value is not None:
+            self.client.set_registered_model_tag(name, key, value)
+        elif key in self.model_tags(name):
+            self.client.delete_registered_model_tag(name, key)
 
     def _restore(self, snapshot: _Snapshot) -> None:
         for name, saved in snapshot.aliases.items():

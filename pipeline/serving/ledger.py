@@ -174,6 +174,18 @@ outcomes = sa.Table(
     sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False, index=True),
     sa.UniqueConstraint("inference_id", "source", "label", name="one_report_per_source_and_label"),
 )
+# Each rollout's arm per patient (pipeline.rollout.assignment): the first draw is kept, so a patient never switches
+# arm within a rollout, whatever the canary share becomes and however often the server restarts.
+rollout_assignments = sa.Table(
+    "rollout_assignments",
+    _metadata,
+    sa.Column("rollout_id", sa.String(32), primary_key=True),
+    sa.Column("unit", sa.String(64), primary_key=True),  # the patient's pseudonym (else the study's, else the request's)
+    sa.Column("site", sa.String, nullable=False),
+    sa.Column("arm", sa.String(16), nullable=False),
+    sa.Column("challenger_share", sa.Double, nullable=False),  # when assigned: the SRM check's expectation
+    sa.Column("assigned_at", sa.DateTime(timezone=True), nullable=False),
+)
 _ROW_FIELDS = tuple(field.name for field in fields(PredictionRow))
 
 

@@ -1,0 +1,125 @@
+"""``crosssim rollout …``: the challenger against the champion on live traffic — start, status, ramp, decide."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+
+from flows.cli_common import ConfigOption, SetOption, _config, _fail, console
+from flows.registry_cli import NameOption, ReasonOption, ReviewerOption
+from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    from pipeline.rollout.actions import RolloutActions
+
+rollout_app = typer.Typer(help="A/B rollouts: shadow, canary, promote or roll back on outcomes.", no_args_is_help=True)
+
+
+def _rollouts(config, set_, name: str | None) -> RolloutActions:
+    from pipeline.rollout.actions import rollout_actions
+
+    return rollout_actions(_config(config, set_), name)
+
+
+@rollout_app.command()
+def start(
+    reviewer: ReviewerOption,
+    reason: ReasonOption,
+    mode: Annotated[str, typer.Option("--mode", help="shadow (challenger scores, champion answers) or canary.")] = "shadow",
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    name: NameOption = None,
+) -> None:
+    """Start a rollout of the pending challenger against the champion (shadow by default)."""
+    try:
+        rollout = _rollouts(config, set_, name).start(mode, reviewer, reason)  # type: ignore[arg-type]
+    except PipelineError as exc:
+        _fail(exc)
+    console.print(f"started {rollout.describe()} (policy {rollout.policy})")
+
+
+@rollout_app.command()
+def status(config: ConfigOption = None, set_: SetOption = None, name: NameOption = None) -> None:
+    """The running rollout and, per site, its patients per arm with the sample-ratio check."""
+    from pipeline.rollout.assignment import sample_ratio_check
+    from pipeline.serving.ledger import PredictionLedger, resolve_ledger_url
+
+    try:
+        cfg = _config(config, set_)
+        rollouts = _rollouts(config, set_, name)
+        rollout = rollouts.active()
+        if rollout is None:
+            console.print(f"{rollouts.name}: no rollout is running")
+            return
+        ledger = PredictionLedger(resolve_ledger_url(cfg.serve, os.environ))
+        try:
+            checks = sample_ratio_check(ledger, rollout.rollout_id)
+        finally:
+            ledger.close()
+    except PipelineError as exc:
+        _fail(exc)
+    console.print(f"{rollout.describe()}; policy {rollout.policy}; started {rollout.started_at} by {rollout.started_by}")
+    if rollout.recommendation:
+        console.print(f"latest analysis ({rollout.recommended_at}): {rollout.recommendation}")
+    table = Table(title="patients per arm (sample-ratio check: chi-square against the shares they were assigned under)")
+    for column in ("site", "patients", "challenger", "expected", "p-value", "split"):
+        table.add_column(column)
+    for check in checks:
+        p_value = "—" if check.p_value is None else f"{check.p_value:.3g}"
+        split = "[red]MISMATCH[/]" if check.mismatch else "ok"
+        table.add_row(check.site, str(check.patients), str(check.challenger), f"{check.expected_challenger:.1f}", p_value, split)
+    console.print(table)
+
+
+def _act(action: str, reviewer: str, reason: str, config, set_, name: str | None, **options: bool) -> None:
+    try:
+        rollouts = _rollouts(config, set_, name)
+        result = getattr(rollouts, action)(reviewer, reason, **options)
+    except PipelineError as exc:
+        _fail(exc)
+    if hasattr(result, "describe"):
+        console.print(f"{action}: {result.describe()}")
+    else:
+        aliases = ", ".join(f"{alias} → v{version}" for alias, version in sorted(result.aliases.items()))
+        console.print(f"{action}: {rollouts.name} v{result.version}; rollout ended; aliases now {aliases or 'none'}")
+        console.print(f"audit entry: {result.audit_artifact}")
+
+
+@rollout_app.command()
+def advance(reviewer: ReviewerOption, reason: ReasonOption, config: ConfigOption = None, set_: SetOption = None, name: NameOption = None) -> None:
+    """Shadow → canary at the schedule's first share, or the canary to its next share."""
+    _act("advance", reviewer, reason, config, set_, name)
+
+
+@rollout_app.command()
+def pause(reviewer: ReviewerOption, reason: ReasonOption, config: ConfigOption = None, set_: SetOption = None, name: NameOption = None) -> None:
+    """Canary → shadow: the challenger answers no patient any more."""
+    _act("pause", reviewer, reason, config, set_, name)
+
+
+@rollout_app.command()
+def promote(
+    reviewer: ReviewerOption,
+    reason: ReasonOption,
+    force: Annotated[bool, typer.Option("--force", help="Promote although no analysis recommends it (recorded).")] = False,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    name: NameOption = None,
+) -> None:
+    """The challenger becomes champion and the rollout ends."""
+    _act("promote", reviewer, reason, config, set_, name, force=force)
+
+
+@rollout_app.command()
+def rollback(reviewer: ReviewerOption, reason: ReasonOption, config: ConfigOption = None, set_: SetOption = None, name: NameOption = None) -> None:
+    """The challenger is rejected and the rollout ends."""
+    _act("rollback", reviewer, reason, config, set_, name)
+
+
+@rollout_app.command()
+def stop(reviewer: ReviewerOption, reason: ReasonOption, config: ConfigOption = None, set_: SetOption = None, name: NameOption = None) -> None:
+    """End the rollout without a decision (the challenger stays pending)."""
+    _act("stop", reviewer, reason, config, set_, name)

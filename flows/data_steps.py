@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from pipeline.config import DATA_DIR_ENV, PipelineConfig
+from pipeline.data.exclusions import ReadReport
 from pipeline.data.manifest import load_manifest, save_manifest
 from pipeline.data.prepare import PreparedDataset, prepare_dataset
-from pipeline.data.exclusions import ReadReport
 from pipeline.data.readers import read_dataset_with_report
 from pipeline.data.salt import resolve_salt
 from pipeline.data.splits import assign_splits, subsample

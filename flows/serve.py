@@ -53,7 +53,7 @@ def build_app(cfg: PipelineConfig, environ: Mapping[str, str]) -> tuple[FastAPI,
     ledger_url = resolve_ledger_url(settings, environ)
     ledger = PredictionLedger(ledger_url)
     images = ImageStore(settings.image_store, settings.image_retention_days)
-    live = LiveModel(source, initial)
+    live = LiveModel(source, initial, source.rollout_serving(initial, None))
     deps = ServeDependencies(live, ledger, images, sites, cfg.ingest, environ, api_key, tuple(cfg.rollout.outcome_sources))
     try:
         app = create_app(settings, deps)
@@ -68,6 +68,8 @@ def build_app(cfg: PipelineConfig, environ: Mapping[str, str]) -> tuple[FastAPI,
         f"ledger: {sa.make_url(ledger_url).render_as_string(hide_password=True)}; "
         f"images: {settings.image_store} (kept {settings.image_retention_days} days)",
     ]
+    if live.rollout is not None:
+        notes.append(f"following {live.rollout.rollout.describe()}")
     unsalted = [site for site in sites if resolve_salt(site, cfg.ingest, environ) is None]
     if unsalted:
         notes.append(

@@ -40,14 +40,15 @@ from pipeline.data.images import decode_image
 from pipeline.data.prepare import prepare_dataset
 from pipeline.data.readers import read_dataset
 from pipeline.data.splits import assign_splits
-from pipeline.registry.store import CHAMPION, ModelRegistry
+from pipeline.registry.store import CHALLENGER, CHAMPION, ModelRegistry
+from pipeline.rollout.actions import rollout_actions
 from pipeline.serving.bundle import FP32_FILE, INPUT_NAME, INT8_FILE, preprocess, read_bundle
 from pipeline.serving.export import LoggedBundle, build_bundle, version_tags
 from pipeline.serving.ledger import PredictionLedger
 from pipeline.serving.model_source import ModelRef, ModelSource
 from pipeline.serving.raster_metadata import metadata_found
-from pipeline.training import load_trained_model, train_model
 from pipeline.tracking import MlflowTracker
+from pipeline.training import load_trained_model, train_model
 from tests.conftest import REPO, copy_kermany_subset
 from tests.pg_fixture import PostgresServer, postgres_server  # noqa: F401  (the fixture, found by name)
 
@@ -486,6 +487,54 @@ def test_feedback_attaches_outcomes_to_served_predictions(registered, tmp_path):
     assert (got["unknown"].status_code, got["unknown"].json()["error"]) == (404, "unknown_inference")
     assert (got["unknown_study"].status_code, got["unknown_study"].json()["error"]) == (404, "unknown_inference")
     assert (got["bad_label"].status_code, got["bad_label"].json()["error"]) == (422, "unknown_label")
+
+
+def test_serve_follows_a_rollout_in_shadow_then_canary_with_sticky_patients(registered, tmp_path):
+    cfg = serve_config(registered, tmp_path, "rollout.canary_schedule=[0.5]")
+    environ = {API_KEY_ENV: API_KEY, "CROSSSIM_DICOM_SALT_NIH_CXR8": SALT}
+    nih, key = registered.images["nih"], {"X-API-Key": API_KEY}
+    expected = {version: registered.expected(version, nih) for version in ("1", "2")}
+    rollouts = rollout_actions(cfg)
+    rollouts.actions.registry.move_alias(NAME, CHALLENGER, "2")
+    patients = [f"MRN-{n}" for n in range(40)]
+
+    async def predict_all(client: httpx.AsyncClient) -> dict[str, dict]:
+        return {p: (await client.post("/v1/predict", **upload(nih, site="nih-cxr8", patient_id=p))).json() for p in patients}
+
+    async def scenario() -> dict:
+        async with served(cfg, environ) as client:
+            shadowed = (await client.post("/v1/predict", **upload(nih, site="nih-cxr8", patient_id="MRN-0"))).json()
+            rollouts.advance("dr. ada", "shadow looked sound")
+            await client.post("/v1/admin/reload", headers=key)
+            canary = await predict_all(client)
+            again = await predict_all(client)
+        async with served(cfg, environ) as restarted:  # a new process: the arms come back from the ledger
+            after_restart = await predict_all(restarted)
+        return locals()
+
+    try:
+        started = rollouts.start("shadow", "dr. ada", "v2 on live traffic")
+        got = asyncio.run(scenario())
+    finally:
+        rollouts.stop("dr. ada", "test over")
+        rollouts.actions.registry.move_alias(NAME, CHALLENGER, None)
+    rows = ledger_rows(cfg)
+
+    shadowed = got["shadowed"]  # the champion answers; the challenger's score of the same image is in the ledger
+    assert shadowed["arm"] == "champion" and shadowed["model"]["version"] == "1"
+    assert shadowed["probability"] == pytest.approx(expected["1"], abs=1e-6)
+    row = rows[shadowed["inference_id"]]
+    assert (row.arm, row.rollout_id, row.shadow_version) == ("champion", started.rollout_id, "2")
+    assert row.shadow_probability == pytest.approx(expected["2"], abs=1e-6)
+
+    arms = {p: answer["arm"] for p, answer in got["canary"].items()}
+    assert set(arms.values()) == {"champion", "challenger"}  # 50%: both arms answer some of the 40 patients
+    for answers in (got["canary"], got["again"], got["after_restart"]):
+        for p, answer in answers.items():
+            version = "2" if arms[p] == "challenger" else "1"
+            assert answer["arm"] == arms[p] and answer["model"]["version"] == version, p  # sticky, even after restart
+            assert answer["probability"] == pytest.approx(expected[version], abs=1e-6)
+            assert rows[answer["inference_id"]].arm == arms[p] and rows[answer["inference_id"]].shadow_version is None
 
 
 def test_int8_a_pinned_version_and_versions_that_cannot_be_served(registered, tmp_path):

@@ -36,8 +36,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pipeline.config import IngestConfig, ServeConfig
 from pipeline.data.salt import resolve_salt
 from pipeline.errors import PipelineError, RequestRefused
+from pipeline.rollout.assignment import CHALLENGER_ARM, CHAMPION_ARM, Assignments
 from pipeline.rollout.outcomes import OutcomeError, OutcomeReport, record_outcomes
-from pipeline.serving.batcher import MicroBatcher
+from pipeline.serving.batcher import MicroBatcher, Scored
 from pipeline.serving.bundle import preprocess
 from pipeline.serving.image_store import ImageStore
 from pipeline.serving.ledger import (
@@ -50,7 +51,7 @@ from pipeline.serving.ledger import (
     pseudonymise_ids,
 )
 from pipeline.serving.metrics import MetricsMiddleware, ServeMetrics
-from pipeline.serving.model_source import LiveModel, Refresh
+from pipeline.serving.model_source import LiveModel, Refresh, RolloutServing
 from pipeline.serving.schemas import (
     ErrorBody,
     Explanation,
@@ -162,6 +163,7 @@ def create_app(settings: ServeConfig, deps: ServeDependencies) -> FastAPI:
         deps.live, settings.max_batch, settings.max_wait_ms / 1000, executor, metrics.batch_size.observe
     )
     limits = UploadLimits(settings.min_side, settings.max_side)
+    assignments = Assignments(deps.ledger)
     explaining = threading.Lock()  # Grad-CAM hooks the twin's layer: one explanation at a time
 
     @asynccontextmanager
@@ -242,7 +244,24 @@ def create_app(settings: ServeConfig, deps: ServeDependencies) -> FastAPI:
             raise
 
     async def answer(inference_id: str, received_at: datetime, started: float, upload: _Received) -> Prediction:
-        scored = await batcher.score(upload.decoded.pixels, upload.inputs)
+        following = deps.live.rollout
+        arm = await assigned_arm(following, upload, inference_id)
+        pixels, inputs = upload.decoded.pixels, upload.inputs
+        shadow: Scored | None = None
+        if following is not None and following.rollout.mode == "shadow":
+            # Both models score the same image in the same batching round; only the champion's answer leaves.
+            scored, shadowed = await asyncio.gather(
+                batcher.score(pixels, inputs), batcher.score(pixels, inputs, following.challenger), return_exceptions=True
+            )
+            if isinstance(scored, BaseException):
+                raise scored
+            if isinstance(shadowed, BaseException):
+                log.warning("shadow scoring by v%s failed: %s", following.challenger.version, type(shadowed).__name__)
+            else:
+                shadow = shadowed
+        else:
+            challenger = following.challenger if following is not None and arm == CHALLENGER_ARM else None
+            scored = await batcher.score(pixels, inputs, challenger)
         model = scored.model
         latency_ms = (time.perf_counter() - started) * 1000
         row = PredictionRow(
@@ -261,7 +280,10 @@ def create_app(settings: ServeConfig, deps: ServeDependencies) -> FastAPI:
             threshold=model.threshold,
             latency_ms=latency_ms,
             converted_from=upload.decoded.converted_from,
-            arm=None,
+            arm=arm,
+            rollout_id=following.rollout.rollout_id if following is not None else None,
+            shadow_version=shadow.model.version if shadow is not None else None,
+            shadow_probability=shadow.probability if shadow is not None else None,
         )
         try:
             await deps.ledger.record(row)
@@ -278,7 +300,22 @@ def create_app(settings: ServeConfig, deps: ServeDependencies) -> FastAPI:
             latency_ms=latency_ms,
             converted_from=row.converted_from,
             site=row.site,
+            arm=arm,
         )
+
+    async def assigned_arm(following: RolloutServing | None, upload: _Received, inference_id: str) -> str | None:
+        """The rollout arm answering this request (None without a rollout; the champion's in shadow mode)."""
+        if following is None:
+            return None
+        if following.rollout.mode == "shadow":
+            return CHAMPION_ARM
+        unit = upload.ids.patient or upload.ids.study or inference_id  # sticky per patient when an id is sent
+        try:
+            return await asyncio.to_thread(assignments.arm, following.rollout, upload.site, unit)
+        except LedgerUnavailable as exc:
+            metrics.ledger_failures.inc()
+            raise UploadError("ledger_unavailable", "the rollout's assignments cannot be read (database unavailable); "
+                              "retry later", 503) from exc
 
     @app.post(
         "/v1/explain",

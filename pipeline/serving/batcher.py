@@ -3,7 +3,8 @@
 A request queues its preprocessed image and awaits a future. The batching loop takes the first waiting request,
 lets up to ``max_wait_s`` pass for others to join (never more than ``max_batch``), captures the served model
 once, scores the batch in a worker thread and resolves every future with its probability and that model. A model
-swap during the call does not touch the batch: it holds its own reference to the model that scores it.
+swap during the call does not touch the batch: it holds its own reference to the model that scores it. A request
+may name its model (a rollout's challenger): the batch is then scored in one call per model.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Scored:
 class _Waiting:
     pixels: np.ndarray  # decoded uint8, kept to re-preprocess if the next model takes another image size
     inputs: np.ndarray  # (1, S, S) float32, preprocessed for the model served when the request arrived
+    model: ServedModel | None  # None: whatever is served when its batch runs
     future: asyncio.Future[Scored]
 
 
@@ -50,9 +52,9 @@ class MicroBatcher:
         self._waiting: collections.deque[_Waiting] = collections.deque()
         self._arrived = asyncio.Event()
 
-    async def score(self, pixels: np.ndarray, inputs: np.ndarray) -> Scored:
+    async def score(self, pixels: np.ndarray, inputs: np.ndarray, model: ServedModel | None = None) -> Scored:
         future: asyncio.Future[Scored] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Waiting(pixels, inputs, future))
+        self._waiting.append(_Waiting(pixels, inputs, model, future))
         self._arrived.set()
         return await future
 
@@ -74,18 +76,26 @@ class MicroBatcher:
             batch = [waiting for waiting in batch if not waiting.future.done()]  # callers gone (disconnected)
             if not batch:
                 continue
-            model = self.live.current  # once per batch: every request in it is answered by this version
-            self.on_batch(len(batch))
-            try:
-                probabilities = await loop.run_in_executor(self.executor, _score, model, batch)
-            except Exception as exc:  # an inference failure fails this batch's requests, not the loop
-                for waiting in batch:
-                    if not waiting.future.done():
-                        waiting.future.set_exception(exc)
-                continue
-            for waiting, probability in zip(batch, probabilities, strict=True):
+            served = self.live.current  # once per batch: every request in it is answered by this version
+            by_model: dict[int, tuple[ServedModel, list[_Waiting]]] = {}
+            for waiting in batch:
+                model = waiting.model or served
+                by_model.setdefault(id(model), (model, []))[1].append(waiting)
+            for model, members in by_model.values():
+                await self._run(loop, model, members)
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, model: ServedModel, batch: list[_Waiting]) -> None:
+        self.on_batch(len(batch))
+        try:
+            probabilities = await loop.run_in_executor(self.executor, _score, model, batch)
+        except Exception as exc:  # an inference failure fails this batch's requests, not the loop
+            for waiting in batch:
                 if not waiting.future.done():
-                    waiting.future.set_result(Scored(float(probability), model))
+                    waiting.future.set_exception(exc)
+            return
+        for waiting, probability in zip(batch, probabilities, strict=True):
+            if not waiting.future.done():
+                waiting.future.set_result(Scored(float(probability), model))
 
 
 def _score(model: ServedModel, batch: list[_Waiting]) -> np.ndarray:

@@ -75,13 +75,18 @@ class PredictionRow:
     threshold: float
     latency_ms: float
     converted_from: str | None  # the upload's image mode when it was converted (e.g. "RGBA", "I;16")
-    arm: str | None  # the rollout arm that answered (A/B rollouts)
+    arm: str | None  # the rollout arm that answered (A/B rollouts): "champion" | "challenger"; None: no rollout
+    rollout_id: str | None = None
+    shadow_version: str | None = None  # shadow mode: the challenger that scored the same image, unanswered
+    shadow_probability: float | None = None
 
     def __post_init__(self) -> None:
         # Numpy scalars (what ONNX Runtime returns) are not bindable by the database drivers.
         for name in ("probability", "threshold", "latency_ms"):
             object.__setattr__(self, name, float(getattr(self, name)))
         object.__setattr__(self, "decision", int(self.decision))
+        if self.shadow_probability is not None:
+            object.__setattr__(self, "shadow_probability", float(self.shadow_probability))
         # A malformed row would fail the whole batch it is committed with, so it is refused here, alone.
         if not _INFERENCE_ID.match(self.inference_id):
             raise ValueError(f"inference_id {self.inference_id!r}: expected uuid4().hex (32 lowercase hex)")
@@ -160,7 +165,12 @@ predictions = sa.Table(
     sa.Column("latency_ms", sa.Double, nullable=False),
     sa.Column("converted_from", sa.String),
     sa.Column("arm", sa.String),
+    sa.Column("rollout_id", sa.String(32), index=True),
+    sa.Column("shadow_version", sa.String),
+    sa.Column("shadow_probability", sa.Double),
 )
+# Columns added after the first release: a ledger created before gets them (nullable) when it is opened.
+_ADDED_COLUMNS = ("rollout_id", "shadow_version", "shadow_probability")
 # Labels that arrive later for answered predictions (pipeline.rollout.outcomes). Every report is kept: the same
 # (source, label) twice is one row; a disagreeing label is another row, settled by source precedence when read.
 outcomes = sa.Table(
@@ -320,7 +330,18 @@ class PredictionLedger:
         with self._schema_lock:
             if not self._schema_ready:
                 _metadata.create_all(self.engine, checkfirst=True)
+                _add_missing_columns(self.engine)
                 self._schema_ready = True
+
+
+def _add_missing_columns(engine: sa.Engine) -> None:
+    present = {column["name"] for column in sa.inspect(engine).get_columns("predictions")}
+    with engine.begin() as connection:
+        for name in _ADDED_COLUMNS:
+            if name not in present:
+                column = predictions.c[name]
+                kind = column.type.compile(dialect=engine.dialect)
+                connection.execute(sa.text(f"ALTER TABLE predictions ADD COLUMN {name} {kind}"))
 
 
 def _create_engine(url: sa.URL) -> sa.Engine:

@@ -4,12 +4,14 @@
 ``serving.artifact_uri`` tag points to, its ONNX file checked against the recorded SHA-256, an ONNX Runtime
 session. ``LiveModel`` holds the version being served and replaces it by a single assignment once the next one
 is loaded, so a request (or a micro-batch) that took the old one finishes on it, and every answer names the
-version that computed it.
+version that computed it. A server following ``champion`` also follows the model's rollout (``rollout.active``):
+the rollout's challenger is loaded beside the champion, and dropped when the rollout ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -21,7 +23,8 @@ import onnxruntime as ort
 from mlflow.artifacts import download_artifacts
 from mlflow.exceptions import MlflowException
 
-from pipeline.registry.store import ModelRegistry
+from pipeline.registry.store import CHAMPION, ModelRegistry, RegistryError
+from pipeline.rollout.state import ROLLOUT_TAG, Rollout
 from pipeline.serving.bundle import (
     ARTIFACT_URI_TAG,
     FP32_FILE,
@@ -36,6 +39,8 @@ from pipeline.serving.runtime import onnx_session
 
 if TYPE_CHECKING:  # torch is imported only when an explanation first needs the twin
     import torch
+
+log = logging.getLogger("crosssim.serve")
 
 TORCH_EXPORT_FILE = "model.pt2"  # in the pytorch flavour's data folder, as MLflow 3 logs models
 
@@ -160,6 +165,40 @@ class ModelSource:
             tracking_uri=self.registry.tracking_uri,
         )
 
+    def rollout_serving(self, champion: ServedModel, running: RolloutServing | None) -> RolloutServing | None:
+        """The rollout to follow with ``champion``, its challenger loaded (``running``'s when it is the same).
+
+        None when this server does not follow ``champion``, when no rollout runs, when it pairs another champion
+        (a promotion still propagating), or when its challenger cannot be served (logged: the champion answers all).
+        """
+        if self.ref.version is not None or self.ref.alias != CHAMPION:
+            return None
+        tag = self.registry.model_tags(self.ref.name).get(ROLLOUT_TAG)
+        if not tag:
+            return None
+        try:
+            rollout = Rollout.from_tag(tag)
+        except RegistryError as exc:
+            log.warning("not following the rollout: %s", exc)
+            return None
+        if rollout.champion != champion.version:
+            return None
+        if running is not None and running.challenger.version == rollout.challenger:
+            return RolloutServing(rollout, running.challenger)
+        try:
+            return RolloutServing(rollout, self.load(rollout.challenger))
+        except BundleError as exc:
+            log.warning("not following %s: its challenger cannot be served (%s)", rollout.describe(), exc)
+            return None
+
+
+@dataclass(frozen=True)
+class RolloutServing:
+    """The running rollout and its challenger, loaded beside the champion."""
+
+    rollout: Rollout
+    challenger: ServedModel
+
 
 @dataclass(frozen=True)
 class Refresh:
@@ -172,11 +211,12 @@ class Refresh:
 
 
 class LiveModel:
-    """The version being served; ``refresh`` follows the alias (load first, then swap)."""
+    """The version being served, and the rollout it follows; ``refresh`` follows both (load first, then swap)."""
 
-    def __init__(self, source: ModelSource, initial: ServedModel) -> None:
+    def __init__(self, source: ModelSource, initial: ServedModel, rollout: RolloutServing | None = None) -> None:
         self.source = source
         self._current = initial
+        self._rollout = rollout
         self._lock = asyncio.Lock()  # one refresh at a time: the poller and the admin endpoint may race
 
     @property
@@ -184,14 +224,23 @@ class LiveModel:
         return self._current
 
     @property
+    def rollout(self) -> RolloutServing | None:
+        return self._rollout
+
+    @property
     def follows_alias(self) -> bool:
         return self.source.ref.version is None
 
     async def refresh(self) -> Refresh:
-        """Serve the alias's version if it moved; the old one keeps answering until the new one is loaded."""
+        """Serve the alias's version if it moved, and the rollout's state; what serves keeps answering until
+        what replaces it is loaded."""
         async with self._lock:
             previous = self._current
             target = await asyncio.to_thread(self.source.target_version)
             if target != previous.version:
                 self._current = await asyncio.to_thread(self.source.load, target)
+            before = self._rollout
+            self._rollout = await asyncio.to_thread(self.source.rollout_serving, self._current, before)
+            if (before and before.rollout) != (self._rollout and self._rollout.rollout):
+                log.info("rollout: %s", self._rollout.rollout.describe() if self._rollout else "none running")
             return Refresh(previous.version, self._current.version)

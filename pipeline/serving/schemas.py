@@ -42,6 +42,9 @@ class Prediction(BaseModel):
         "(RGB, RGBA, I;16, P, DICOM, ...); null for 8-bit grayscale."
     )
     site: str
+    arm: Literal["champion", "challenger"] | None = Field(
+        default=None, description="During a rollout: the arm that answered (shadow mode: always the champion)."
+    )
 
 
 class Explanation(BaseModel):

@@ -534,7 +534,10 @@ def test_serve_follows_a_rollout_in_shadow_then_canary_with_sticky_patients(regi
             version = "2" if arms[p] == "challenger" else "1"
             assert answer["arm"] == arms[p] and answer["model"]["version"] == version, p  # sticky, even after restart
             assert answer["probability"] == pytest.approx(expected[version], abs=1e-6)
-            assert rows[answer["inference_id"]].arm == arms[p] and rows[answer["inference_id"]].shadow_version is None
+            row = rows[answer["inference_id"]]  # the other model scored the same image, unanswered (paired)
+            other = "1" if version == "2" else "2"
+            assert (row.arm, row.shadow_version) == (arms[p], other)
+            assert row.shadow_probability == pytest.approx(expected[other], abs=1e-6)
 
 
 def test_int8_a_pinned_version_and_versions_that_cannot_be_served(registered, tmp_path):

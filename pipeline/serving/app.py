@@ -36,7 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pipeline.config import IngestConfig, ServeConfig
 from pipeline.data.salt import resolve_salt
 from pipeline.errors import PipelineError, RequestRefused
-from pipeline.rollout.assignment import CHALLENGER_ARM, CHAMPION_ARM, Assignments
+from pipeline.rollout.assignment import CHAMPION_ARM, Assignments
 from pipeline.rollout.outcomes import OutcomeError, OutcomeReport, record_outcomes
 from pipeline.serving.batcher import MicroBatcher, Scored
 from pipeline.serving.bundle import preprocess
@@ -248,20 +248,21 @@ def create_app(settings: ServeConfig, deps: ServeDependencies) -> FastAPI:
         arm = await assigned_arm(following, upload, inference_id)
         pixels, inputs = upload.decoded.pixels, upload.inputs
         shadow: Scored | None = None
-        if following is not None and following.rollout.mode == "shadow":
-            # Both models score the same image in the same batching round; only the champion's answer leaves.
+        if following is None:
+            scored = await batcher.score(pixels, inputs)
+        else:
+            # Both models of the rollout score the image in the same batching round, so that every labelled case
+            # compares them on the same patient (paired); the arm's model answers, the other's score is kept.
+            answering, other = (None, following.challenger) if arm == CHAMPION_ARM else (following.challenger, None)
             scored, shadowed = await asyncio.gather(
-                batcher.score(pixels, inputs), batcher.score(pixels, inputs, following.challenger), return_exceptions=True
+                batcher.score(pixels, inputs, answering), batcher.score(pixels, inputs, other), return_exceptions=True
             )
             if isinstance(scored, BaseException):
                 raise scored
             if isinstance(shadowed, BaseException):
-                log.warning("shadow scoring by v%s failed: %s", following.challenger.version, type(shadowed).__name__)
+                log.warning("the rollout's unanswered model failed to score: %s", type(shadowed).__name__)
             else:
                 shadow = shadowed
-        else:
-            challenger = following.challenger if following is not None and arm == CHALLENGER_ARM else None
-            scored = await batcher.score(pixels, inputs, challenger)
         model = scored.model
         latency_ms = (time.perf_counter() - started) * 1000
         row = PredictionRow(

@@ -77,7 +77,7 @@ class PredictionRow:
     converted_from: str | None  # the upload's image mode when it was converted (e.g. "RGBA", "I;16")
     arm: str | None  # the rollout arm that answered (A/B rollouts): "champion" | "challenger"; None: no rollout
     rollout_id: str | None = None
-    shadow_version: str | None = None  # shadow mode: the challenger that scored the same image, unanswered
+    shadow_version: str | None = None  # during a rollout: the other model, which scored the same image unanswered
     shadow_probability: float | None = None
 
     def __post_init__(self) -> None:

@@ -123,3 +123,39 @@ def rollback(reviewer: ReviewerOption, reason: ReasonOption, config: ConfigOptio
 def stop(reviewer: ReviewerOption, reason: ReasonOption, config: ConfigOption = None, set_: SetOption = None, name: NameOption = None) -> None:
     """End the rollout without a decision (the challenger stays pending)."""
     _act("stop", reviewer, reason, config, set_, name)
+
+
+@rollout_app.command()
+def analyse(config: ConfigOption = None, set_: SetOption = None, name: NameOption = None) -> None:
+    """Join the rollout's predictions with their matured outcomes and apply the decision rule; under
+    rollout.policy auto a promote or roll back is carried out, under review it is recommended."""
+    from pipeline.rollout.analysis import analyse_rollout
+    from pipeline.serving.ledger import PredictionLedger, resolve_ledger_url
+
+    try:
+        cfg = _config(config, set_)
+        rollouts = _rollouts(config, set_, name)
+        rollout = rollouts.running()
+        ledger = PredictionLedger(resolve_ledger_url(cfg.serve, os.environ))
+        try:
+            analysis = analyse_rollout(ledger, rollout, cfg.rollout)
+        finally:
+            ledger.close()
+        outcome = rollouts.act_on(analysis.decision, analysis.reasons, "rollout analysis")
+    except PipelineError as exc:
+        _fail(exc)
+    console.print(
+        f"{rollout.describe()}: {analysis.predictions} predictions, {analysis.labelled} labelled (paired), "
+        f"{analysis.pending} pending, {analysis.conflicts} with conflicting labels"
+    )
+    table = Table(title="per model and site, on the same labelled cases (95% bootstrap intervals)")
+    for column in ("model", "site", "n (pneumonia)", "AUC", "sensitivity", "specificity", "ECE"):
+        table.add_column(column)
+    for m in analysis.metrics:
+        shown = {key: f"{getattr(m, key):.3f}" + (" [{:.3f}, {:.3f}]".format(*m.ci[key]) if key in m.ci else "")
+                 for key in ("auc", "sensitivity", "specificity")}  # fmt: skip
+        table.add_row(m.model, m.site, f"{m.n} ({m.n_pos})", shown["auc"], shown["sensitivity"], shown["specificity"], f"{m.ece:.3f}")
+    console.print(table)
+    console.print(f"decision: [bold]{analysis.decision}[/] — " + "; ".join(analysis.reasons))
+    if not hasattr(outcome, "describe"):
+        console.print(f"carried out under policy auto: {outcome.action} of v{outcome.version}; audit entry {outcome.audit_artifact}")

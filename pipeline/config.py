@@ -359,6 +359,14 @@ class RolloutConfig(_Section):
     maturity_hours: float = Field(
         default=72.0, ge=0, description="A label counts once it is this old (later corrections may still arrive)."
     )
+    alpha: float = Field(default=0.05, gt=0, lt=0.5, description="Error rate of the sequential decision rule, checked any time.")
+    min_labelled: int = Field(default=30, ge=1, description="No decision before this many labelled cases.")
+    sensitivity_margin: float = Field(
+        default=0.05, ge=0, lt=1, description="Promotion needs the challenger's sensitivity at most this far below, per site."
+    )
+    min_site_positives: int = Field(
+        default=20, ge=1, description="A site's sensitivity is judged once it has this many labelled pneumonia cases."
+    )
 
     @field_validator("canary_schedule")
     @classmethod

@@ -3,9 +3,11 @@ patients' arms (sticky across ramps and restarts, balanced per site, a broken sp
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
+import numpy as np
 import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
@@ -13,11 +15,15 @@ from typer.testing import CliRunner
 from flows import cli
 from pipeline.registry.store import CHALLENGER, CHAMPION, RegistryError
 from pipeline.rollout.actions import rollout_actions
+from pipeline.rollout.analysis import analyse_rollout
 from pipeline.rollout.assignment import CHALLENGER_ARM, Assignments, arm_of, sample_ratio_check
+from pipeline.rollout.outcomes import OutcomeReport, record_outcomes
+from pipeline.rollout.sequential import difference_sequence, empirical_bernstein
 from pipeline.rollout.state import ROLLOUT_TAG, Rollout
 from pipeline.serving.ledger import PredictionLedger, pseudonym, rollout_assignments
 from tests.pg_fixture import ledger_db, postgres_server  # noqa: F401
 from tests.test_registry import _logged_models, cfg  # noqa: F401
+from tests.test_serving_ledger import T0, make_row
 
 CARD = lambda version: f"card of v{version}"  # noqa: E731
 
@@ -131,3 +137,67 @@ def test_the_sample_ratio_check_flags_a_skewed_split(ledger_db: PredictionLedger
         connection.execute(sa.insert(rollout_assignments), rows)
     (check,) = sample_ratio_check(ledger, skewed.rollout_id)
     assert check.challenger == 160 and check.expected_challenger == pytest.approx(100) and check.mismatch
+
+
+def test_the_confidence_sequence_holds_alpha_when_checked_after_every_case() -> None:
+    rng = np.random.default_rng(7)
+    streams, alpha = 400, 0.05
+    wrong = 0
+    for _ in range(streams):  # null: the two models are equally good (differences centred on 0)
+        cs = difference_sequence(rng.normal(0.0, 0.15, 500).clip(-1, 1), alpha)
+        wrong += bool(((cs.low > 0) | (cs.high < 0)).any())  # any look at any time would have decided
+    assert wrong / streams <= alpha
+    better = difference_sequence(rng.normal(0.08, 0.15, 500).clip(-1, 1), alpha)
+    assert better.last()[0] > 0 and int(np.argmax(better.low > 0)) < 300  # a real gain is found, and early
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        empirical_bernstein(np.array([0.2, 1.5]), alpha)
+
+
+def _rollout_rows(rollout: Rollout, n: int, challenger_better: bool, seed: int) -> tuple[list, list]:
+    """n answered predictions of both models on the same cases (one informative model, one guessing) and labels."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    informative = np.clip(0.2 + 0.6 * labels + rng.normal(0, 0.15, n), 0.01, 0.99)
+    guessing = rng.uniform(0.01, 0.99, n)
+    champion, challenger = (guessing, informative) if challenger_better else (informative, guessing)
+    rows = [
+        make_row(i, site=("kermany", "nih-cxr8")[i % 2], arm="champion", rollout_id=rollout.rollout_id, probability=champion[i],
+                 threshold=0.5, decision=int(champion[i] >= 0.5), shadow_version=rollout.challenger,
+                 shadow_probability=challenger[i], shadow_threshold=0.5)
+        for i in range(n)
+    ]  # fmt: skip
+    return rows, labels
+
+
+@pytest.mark.parametrize("challenger_better", [True, False])
+def test_the_analysis_promotes_a_better_challenger_and_rolls_back_a_worse_one(cfg, tmp_path, challenger_better):  # noqa: F811
+    uris = _logged_models(cfg, 2)
+    rollouts = rollout_actions(cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"policy": "auto"})}))
+    rollouts.actions.register_challenger(uris[0], {}, CARD)
+    rollouts.actions.approve(reviewer="dr. ada", reason="first champion")
+    rollouts.actions.register_challenger(uris[1], {}, CARD)
+    rollout = rollouts.start("shadow", "dr. ada", "v2 in shadow")
+    ledger = PredictionLedger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    rows, labels = _rollout_rows(rollout, 240, challenger_better, seed=3)
+    for row in rows:
+        asyncio.run(ledger.record(row))
+    reported = [OutcomeReport(("normal", "pneumonia")[label], "radiologist_read", inference_id=row.inference_id)
+                for row, label in zip(rows, labels, strict=True)]  # fmt: skip
+    recorded_at = T0 + timedelta(days=1)
+    record_outcomes(ledger, reported, cfg.rollout.outcome_sources, now=recorded_at)
+
+    pending = analyse_rollout(ledger, rollout, cfg.rollout, now=recorded_at + timedelta(hours=1))
+    assert (pending.labelled, pending.pending, pending.decision) == (0, 240, "continue")  # labels not mature yet
+    analysis = analyse_rollout(ledger, rollout, cfg.rollout, now=recorded_at + timedelta(days=4))
+    ledger.close()
+    assert analysis.labelled == 240 and analysis.pending == 0 and analysis.answered_by == {"champion": 240, "challenger": 0}
+    assert analysis.decision == ("promote" if challenger_better else "rollback"), analysis.reasons
+    assert (analysis.brier.last()[0] > 0) == challenger_better
+    by_model = {(m.model, m.site): m for m in analysis.metrics}
+    better_model = "challenger" if challenger_better else "champion"
+    assert by_model[(better_model, "nih-cxr8")].auc > 0.9 and by_model[(better_model, "nih-cxr8")].ci["auc"][0] > 0.8
+
+    outcome = rollouts.act_on(analysis.decision, analysis.reasons, "rollout analysis")  # policy auto: carried out
+    assert rollouts.active() is None
+    assert rollouts.actions.registry.aliases("cxr") == ({CHAMPION: "2"} if challenger_better else {CHAMPION: "1"})
+    assert outcome.action == ("approve" if challenger_better else "reject")

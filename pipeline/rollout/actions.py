@@ -68,7 +68,7 @@ class RolloutActions:
 
     def advance(self, actor: str, reason: str) -> Rollout:
         """Shadow → the first canary share; canary → the schedule's next share."""
-        rollout = self._running()
+        rollout = self.running()
         stage = rollout.stage + 1
         if stage >= len(self.cfg.canary_schedule):
             raise RegistryError(f"{rollout.describe()} is at the schedule's last share already; promote or roll back")
@@ -78,7 +78,7 @@ class RolloutActions:
 
     def pause(self, actor: str, reason: str) -> Rollout:
         """Canary → shadow: no patient is answered by the challenger any more (a drift alarm does this)."""
-        rollout = self._running()
+        rollout = self.running()
         if rollout.mode == "shadow":
             raise RegistryError(f"{rollout.describe()} is in shadow mode already")
         paused = rollout.in_shadow()
@@ -86,14 +86,27 @@ class RolloutActions:
         return paused
 
     def record_recommendation(self, recommendation: str, actor: str, reason: str) -> Rollout:
-        rollout = self._running()
+        rollout = self.running()
         updated = replace(rollout, recommendation=recommendation, recommended_at=datetime.now(UTC).isoformat(timespec="seconds"))
         self._change("rollout-analysis", updated, actor, reason)
         return updated
 
+    def act_on(self, recommendation: str, reasons: list[str], actor: str) -> Decision | Rollout:
+        """An analysis's verdict: recorded on the rollout when it changed; under ``policy: auto`` a promote or
+        roll back is also carried out (and ends the rollout)."""
+        rollout = self.running()
+        reason = "; ".join(reasons) or recommendation
+        if rollout.recommendation != recommendation:
+            rollout = self.record_recommendation(recommendation, actor, reason)
+        if rollout.policy == "auto" and recommendation == "promote":
+            return self.promote(f"{actor} (policy auto)", reason)
+        if rollout.policy == "auto" and recommendation == "rollback":
+            return self.rollback(f"{actor} (policy auto)", reason)
+        return rollout
+
     def promote(self, actor: str, reason: str, force: bool = False) -> Decision:
         """The challenger becomes champion and the rollout ends."""
-        rollout = self._running()
+        rollout = self.running()
         if rollout.recommendation != "promote" and not force:
             said = f"the latest analysis says {rollout.recommendation}" if rollout.recommendation else "no analysis has run"
             raise RegistryError(
@@ -107,15 +120,16 @@ class RolloutActions:
 
     def rollback(self, actor: str, reason: str) -> Decision:
         """The challenger is rejected and the rollout ends; the champion never stopped serving."""
-        rollout = self._running()
+        rollout = self.running()
         return self.actions.reject(actor, reason, rollout.challenger, also={ROLLOUT_TAG: None}, evidence=self._evidence(rollout))
 
     def stop(self, actor: str, reason: str) -> Decision:
         """The rollout ends without a decision: the challenger stays pending."""
-        rollout = self._running()
+        rollout = self.running()
         return self.actions.apply("rollout-stop", rollout.challenger, actor, reason, {}, self._evidence(rollout), {ROLLOUT_TAG: None})
 
-    def _running(self) -> Rollout:
+    def running(self) -> Rollout:
+        """The running rollout; a RegistryError when none is."""
         rollout = self.active()
         if rollout is None:
             raise RegistryError(f"{self.name}: no rollout is running (crosssim rollout start)")

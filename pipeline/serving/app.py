@@ -285,6 +285,7 @@ def create_app(settings: ServeConfig, deps: ServeDependencies) -> FastAPI:
             rollout_id=following.rollout.rollout_id if following is not None else None,
             shadow_version=shadow.model.version if shadow is not None else None,
             shadow_probability=shadow.probability if shadow is not None else None,
+            shadow_threshold=shadow.model.threshold if shadow is not None else None,
         )
         try:
             await deps.ledger.record(row)

@@ -79,14 +79,16 @@ class PredictionRow:
     rollout_id: str | None = None
     shadow_version: str | None = None  # during a rollout: the other model, which scored the same image unanswered
     shadow_probability: float | None = None
+    shadow_threshold: float | None = None  # that model's operating point
 
     def __post_init__(self) -> None:
         # Numpy scalars (what ONNX Runtime returns) are not bindable by the database drivers.
         for name in ("probability", "threshold", "latency_ms"):
             object.__setattr__(self, name, float(getattr(self, name)))
         object.__setattr__(self, "decision", int(self.decision))
-        if self.shadow_probability is not None:
-            object.__setattr__(self, "shadow_probability", float(self.shadow_probability))
+        for name in ("shadow_probability", "shadow_threshold"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, float(getattr(self, name)))
         # A malformed row would fail the whole batch it is committed with, so it is refused here, alone.
         if not _INFERENCE_ID.match(self.inference_id):
             raise ValueError(f"inference_id {self.inference_id!r}: expected uuid4().hex (32 lowercase hex)")
@@ -168,9 +170,10 @@ predictions = sa.Table(
     sa.Column("rollout_id", sa.String(32), index=True),
     sa.Column("shadow_version", sa.String),
     sa.Column("shadow_probability", sa.Double),
+    sa.Column("shadow_threshold", sa.Double),
 )
 # Columns added after the first release: a ledger created before gets them (nullable) when it is opened.
-_ADDED_COLUMNS = ("rollout_id", "shadow_version", "shadow_probability")
+_ADDED_COLUMNS = ("rollout_id", "shadow_version", "shadow_probability", "shadow_threshold")
 # Labels that arrive later for answered predictions (pipeline.rollout.outcomes). Every report is kept: the same
 # (source, label) twice is one row; a disagreeing label is another row, settled by source precedence when read.
 outcomes = sa.Table(
@@ -256,10 +259,13 @@ class PredictionLedger:
         inference_id: str | None = None,
         study_pseudonym: str | None = None,
         since: datetime | None = None,
+        rollout_id: str | None = None,
         limit: int | None = None,
     ) -> list[PredictionRow]:
         """Stored rows, oldest first, filtered by the arguments given."""
         query = sa.select(predictions).order_by(predictions.c.created_at, predictions.c.inference_id).limit(limit)
+        if rollout_id is not None:
+            query = query.where(predictions.c.rollout_id == rollout_id)
         if inference_id is not None:
             query = query.where(predictions.c.inference_id == inference_id)
         if study_pseudonym is not None:

@@ -234,7 +234,7 @@ def serve_flows(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Register the scheduled retrain and on-demand ingest deployments with $PREFECT_API_URL and run them until Ctrl-C."""
     from prefect.settings import PREFECT_API_URL
 
-    from flows.deployments import INGEST, RETRAIN, build_deployments, serve_deployments
+    from flows.deployments import ANALYSIS, INGEST, RETRAIN, build_deployments, serve_deployments
 
     try:
         # Served deployments need a lasting server: an ephemeral one would take the schedule down with this process.
@@ -251,7 +251,7 @@ def serve_flows(config: ConfigOption = None, set_: SetOption = None) -> None:
     state = "" if cfg.schedule.active else " (schedule off: schedule.active=false)"
     console.print(
         f"serving on {PREFECT_API_URL.value()}: {RETRAIN} at {cfg.schedule.retrain_cron!r} "
-        f"{cfg.schedule.timezone}{state}; {INGEST} on demand\n"
+        f"{cfg.schedule.timezone}{state}; {ANALYSIS} at {cfg.rollout.analysis_cron!r}; {INGEST} on demand\n"
         f"ingest a batch: prefect deployment run {INGEST} -p site=SITE -p folder=DROP_FOLDER",
         highlight=False,
         markup=False,

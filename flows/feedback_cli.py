@@ -51,3 +51,37 @@ def import_outcomes(
     for result in results:
         if result.status == "conflict":
             console.print(f"[yellow]conflict[/]: {result.where} disagrees with an earlier label of {', '.join(result.inference_ids)}")
+
+
+@feedback_app.command("export")
+def export_cases(
+    site: Annotated[str, typer.Argument(help="The site whose labelled served cases to export.")],
+    out: Annotated[Path, typer.Option("--out", help="The batch folder to write (must not exist).")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Matured, labelled served cases of SITE (not exported before) → a batch in NIH's layout for `crosssim ingest`."""
+    from datetime import timedelta
+
+    from pipeline.rollout.export import dataset_patients, export_labelled_cases
+    from pipeline.serving.image_store import ImageStore
+    from pipeline.serving.ledger import PredictionLedger, resolve_ledger_url
+
+    try:
+        cfg = _config(config, set_)
+        ledger = PredictionLedger(resolve_ledger_url(cfg.serve, os.environ))
+        try:
+            batch = export_labelled_cases(
+                ledger, ImageStore(cfg.serve.image_store, cfg.serve.image_retention_days), site, out,
+                cfg.rollout.outcome_sources, timedelta(hours=cfg.rollout.maturity_hours),
+                dataset_patients(cfg.ingest.data_dir / site), cfg.ingest.allow_known_patients,
+            )  # fmt: skip
+        finally:
+            ledger.close()
+    except PipelineError as exc:
+        _fail(exc)
+    console.print(
+        f"{batch.cases} labelled served cases of {site} → {batch.folder} ({batch.exported_before} exported before, "
+        f"{batch.without_image} without a kept image, {batch.known_patients} held back: patient already in the dataset)"
+    )
+    console.print(f"next: crosssim ingest {site} {batch.folder}")

@@ -27,6 +27,7 @@ from pipeline.data.exclusions import ReadReport
 from pipeline.data.prepare import content_key
 from pipeline.errors import ConfigError, DataValidationError
 from pipeline.evaluation import format_with_interval, metrics_table_markdown
+from pipeline.rollout.actions import rollout_actions
 from pipeline.tracking import MlflowTracker, run_context_tags
 from pipeline.validation import ValidationReport, compute_image_facts
 from pipeline.validation.facts import FACTS_FORMAT
@@ -84,6 +85,13 @@ def adapt(cfg: PipelineConfig, model_path: Path, tracker: MlflowTracker):
 @task(cache_policy=NO_CACHE)
 def register(cfg: PipelineConfig, tracker: MlflowTracker, run: dict, data: dict, provenance: dict) -> dict:
     return promotion.register_run(cfg, tracker, run, data, provenance)
+
+
+@task(cache_policy=NO_CACHE)
+def start_rollout(cfg: PipelineConfig, version: str) -> str:
+    _, said = rollout_actions(cfg).auto_start(version, "retrain flow")
+    get_run_logger().info("rollout.auto_start: %s", said)
+    return said
 
 
 @task(cache_policy=NO_CACHE)
@@ -173,6 +181,9 @@ def retrain(config_path: str | None = None, overrides: list[str] | None = None) 
             }
             summary["registry"] = register(cfg, tracker, summary, data, provenance)
             markdown += "\n\n" + _registry_markdown(summary["registry"])
+            if cfg.rollout.auto_start:
+                summary["rollout"] = start_rollout(cfg, summary["registry"]["version"])
+                markdown += f"\n\nRollout (rollout.auto_start): {summary['rollout']}"
         create_markdown_artifact(key="retrain-summary", markdown=markdown, description="CrossSim retraining run")
         logger.info("MLflow run %s: %s", tracker.run_id, tracker.run_url)
         return summary

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -126,7 +127,12 @@ def stop(reviewer: ReviewerOption, reason: ReasonOption, config: ConfigOption = 
 
 
 @rollout_app.command()
-def analyse(config: ConfigOption = None, set_: SetOption = None, name: NameOption = None) -> None:
+def analyse(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    name: NameOption = None,
+    report: Annotated[Optional[Path], typer.Option("--report", help="Also write the HTML report here.")] = None,
+) -> None:
     """Join the rollout's predictions with their matured outcomes and apply the decision rule; under
     rollout.policy auto a promote or roll back is carried out, under review it is recommended."""
     from pipeline.rollout.analysis import analyse_rollout
@@ -141,6 +147,10 @@ def analyse(config: ConfigOption = None, set_: SetOption = None, name: NameOptio
             analysis = analyse_rollout(ledger, rollout, cfg.rollout)
         finally:
             ledger.close()
+        if report is not None:
+            from pipeline.rollout.report import render_report
+
+            render_report(analysis, report)
         outcome = rollouts.act_on(analysis.decision, analysis.reasons, "rollout analysis")
     except PipelineError as exc:
         _fail(exc)

@@ -367,6 +367,12 @@ class RolloutConfig(_Section):
     min_site_positives: int = Field(
         default=20, ge=1, description="A site's sensitivity is judged once it has this many labelled pneumonia cases."
     )
+    auto_start: bool = Field(
+        default=False, description="A challenger registered by retraining starts a shadow rollout against the champion."
+    )
+    analysis_cron: str = Field(
+        default="0 * * * *", description="When the rollout-analysis deployment runs (in schedule.timezone)."
+    )
 
     @field_validator("canary_schedule")
     @classmethod

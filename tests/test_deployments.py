@@ -25,7 +25,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.deployments import INGEST, RETRAIN
+from flows.deployments import ANALYSIS, INGEST, RETRAIN
 from tests.conftest import REPO
 from tests.test_flow import _overrides
 
@@ -100,7 +100,7 @@ def served(tmp_path_factory, data_dir) -> Iterator[Path]:
         serve_command += ["--set", f"schedule.retrain_cron={CRON}", "--set", f"schedule.timezone={ZONE}"]
         serving = _start(serve_command, env, REPO, home / "serve.log")  # cwd: the project, as a user runs it
         with temporary_settings({PREFECT_API_URL: url}):
-            _wait_for(lambda: all(map(_deployment, (RETRAIN, INGEST))), 120, "served deployments", home / "serve.log")
+            _wait_for(lambda: all(map(_deployment, (RETRAIN, INGEST, ANALYSIS))), 120, "served deployments", home / "serve.log")
             yield home
     finally:
         for process in (serving, server):
@@ -129,6 +129,9 @@ def test_serve_flows_registers_the_weekly_retrain_and_the_ingest(served):
     assert retrain.parameters["config_path"] == str(REPO / "params.yaml")
     assert retrain.entrypoint == "flows.retrain.retrain"
     assert ingest.schedules == [] and set(ingest.parameter_openapi_schema["required"]) == {"site", "folder"}
+    analysis = _deployment(ANALYSIS)
+    (hourly,) = analysis.schedules
+    assert (hourly.schedule.cron, analysis.entrypoint) == ("0 * * * *", "flows.rollout.rollout_analysis")
 
 
 def test_the_server_schedules_the_next_monday_in_the_configured_zone(served):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from datetime import timedelta
 from pathlib import Path
 
 import mlflow
@@ -17,13 +19,20 @@ from typer.testing import CliRunner
 from flows import cli, model_steps
 from flows.promotion import actions_for, gate_challenger
 from flows.retrain import retrain
+from flows.rollout import rollout_analysis
 from pipeline.config import load_config
 from pipeline.errors import DataValidationError
+from pipeline.rollout.actions import rollout_actions
+from pipeline.rollout.outcomes import OutcomeReport, record_outcomes
 from pipeline.serving.bundle import read_bundle
+from pipeline.serving.ledger import PredictionLedger
 from pipeline.serving.runtime import onnx_probabilities, onnx_session
 from pipeline.tracking import MlflowTracker
 from tests.conftest import copy_kermany_subset
 from tests.test_benchmarks import run_smoke
+from tests.test_registry import _logged_models
+from tests.test_rollout import _rollout_rows
+from tests.test_serving_ledger import T0
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -232,3 +241,34 @@ def test_broken_dataset_stops_flow_before_training(data_dir, tmp_path, monkeypat
     assert not any(p.startswith("model") for p in artifacts)
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow' / 'mlflow.db'}")
     assert mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list") == []
+
+
+def test_the_rollout_analysis_flow_reports_and_decides_under_policy_auto(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    overrides = [f"tracking.local_dir={tmp_path / 'mlflow'}", "registry.model_name=cxr", "rollout.policy=auto",
+                 f"serve.ledger_path={tmp_path / 'ledger.db'}", "serve.ledger_url=null", "rollout.maturity_hours=0"]  # fmt: skip
+    cfg = load_config(REPO / "params.yaml", overrides)
+    assert rollout_analysis(overrides=overrides)["decision"] is None  # nothing runs yet: nothing to do
+    uris = _logged_models(cfg, 2)
+    rollouts = rollout_actions(cfg)
+    rollouts.actions.register_challenger(uris[0], {}, lambda v: f"card of v{v}")
+    rollouts.actions.approve(reviewer="dr. ada", reason="first champion")
+    rollouts.actions.register_challenger(uris[1], {}, lambda v: f"card of v{v}")
+    rollout = rollouts.start("shadow", "dr. ada", "v2 in shadow")
+    ledger = PredictionLedger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    rows, labels = _rollout_rows(rollout, 200, challenger_better=True, seed=5)
+    for row in rows:
+        asyncio.run(ledger.record(row))
+    reports = [OutcomeReport(("normal", "pneumonia")[y], "follow_up", inference_id=r.inference_id) for r, y in zip(rows, labels, strict=True)]
+    record_outcomes(ledger, reports, cfg.rollout.outcome_sources, now=T0 + timedelta(days=1))
+    ledger.close()
+
+    summary = rollout_analysis(overrides=overrides)
+    assert summary["decision"] == "promote" and summary["carried_out"] == "approve of v2" and summary["labelled"] == 200
+    assert rollouts.active() is None and rollouts.actions.registry.aliases("cxr") == {"champion": "2"}
+    client = _client(tmp_path)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.tags["crosssim.rollout_decision"] == "promote" and run.data.metrics["rollout.brier_gain_low"] > 0
+    page = Path(client.download_artifacts(run.info.run_id, "rollout/rollout-report.html", str(tmp_path))).read_text()
+    assert "<svg" in page and "id='per-site'" in page and "id='roc'" in page and ">promote<" in page
+    assert "v2 vs champion v1" in Artifact.get("rollout-analysis").data

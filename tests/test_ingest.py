@@ -6,11 +6,13 @@ versioned) built once per module, so nothing touches the project's own data/ or 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import shutil
 import subprocess
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +26,16 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from pipeline.data.readers import read_dataset
+from pipeline.data.scrub import scrub_png
 from pipeline.errors import VersioningError
 from pipeline.ingest.commit import _Transaction
 from pipeline.ingest.dvc_repo import DvcRepo
+from pipeline.rollout.outcomes import OutcomeReport, record_outcomes
+from pipeline.serving.image_store import ImageStore
+from pipeline.serving.ledger import PredictionLedger, pseudonym
 from pipeline.versioning import dvc_tracked_version
 from tests.conftest import REPO, copy_nih_subset
+from tests.test_serving_ledger import make_row
 
 runner = CliRunner()
 SITE = "nih-site"
@@ -436,3 +443,41 @@ def test_an_unknown_site_is_refused_unless_asked_for_as_a_new_site(data_dir, roo
     assert len(read_dataset(repo / "data" / "raw" / "st-mary")) == 4
     [entry] = [json.loads(line) for line in (repo / "ingest_log.jsonl").read_text().splitlines()]
     assert entry["site"] == "st-mary" and entry["status"] == "accepted"
+
+
+def test_labelled_served_cases_export_as_a_batch_that_ingest_accepts(data_dir, root, tmp_path, monkeypatch):
+    """The loop's last step: cases served at the site, labelled later, become its next training batch."""
+    salt = "s3cret-salt-for-tests-0123456789"
+    monkeypatch.setenv(SALT_VAR, salt)
+    served = [f"serve.ledger_path={tmp_path / 'ledger.db'}", "serve.ledger_url=null", f"serve.image_store={tmp_path / 'images'}",
+              "rollout.maturity_hours=0"]  # fmt: skip
+    ledger, store = PredictionLedger(f"sqlite:///{tmp_path / 'ledger.db'}"), ImageStore(tmp_path / "images", 30)
+    rows = _fresh_rows(data_dir, root).iloc[:6]
+    reports = []
+    for index, record in enumerate(rows.to_dict("records")):
+        raw = (data_dir / "nih-cxr8" / "images" / record["Image Index"]).read_bytes()
+        patient = pseudonym(record["Patient ID"], salt)  # as /v1/predict stores a patient_id sent with the image
+        row = make_row(index, site=SITE, patient_pseudonym=patient, created_at=datetime.now(timezone.utc))
+        store.put(row.inference_id, scrub_png(raw)[0], row.created_at)
+        asyncio.run(ledger.record(row))
+        label = "pneumonia" if "Pneumonia" in record["Finding Labels"] else "normal"
+        reports.append(OutcomeReport(label, "radiologist_read", inference_id=row.inference_id))
+    unlabelled = make_row(9, site=SITE)  # a pending prediction is not exported
+    asyncio.run(ledger.record(unlabelled))
+    record_outcomes(ledger, reports, ("radiologist_read", "follow_up"))
+    ledger.close()
+    sets = [arg for item in served for arg in ("--set", item)]
+    export = ["feedback", "export", SITE, "--config", str(root / "repo" / "params.yaml"), *sets]
+
+    exported = runner.invoke(app, [*export, "--out", str(tmp_path / "week-served")])
+    assert exported.exit_code == 0 and "6 labelled served cases" in exported.output, exported.output
+    batch = pd.read_csv(tmp_path / "week-served" / "Data_Entry_2017.csv", dtype=str, keep_default_na=False)
+    assert len(batch) == 6 and set(batch["Finding Labels"]) == {"Pneumonia", "No Finding"}
+    assert (batch["Finding Labels"] == "Pneumonia").sum() == rows["Finding Labels"].str.contains("Pneumonia").sum()
+    result = _ingest(root, tmp_path / "week-served")
+    assert result.exit_code == 0 and "ACCEPTED" in result.output, result.output
+    assert set(batch["Image Index"]) <= set(_site_table(root)["Image Index"])
+
+    again = runner.invoke(app, [*export, "--out", str(tmp_path / "week-again")])
+    said = " ".join(again.output.split())  # the error console wraps long lines
+    assert again.exit_code == 2 and "6 exported before" in said and not (tmp_path / "week-again").exists()

@@ -1,4 +1,4 @@
-"""PNG/JPEG metadata removal at ingest (pipeline.ingest.scrub): PHI out, pixels byte for byte.
+"""PNG/JPEG metadata removal at ingest (pipeline.data.scrub): PHI out, pixels byte for byte.
 
 Small synthetic images: the edge cases (16-bit PNG, progressive JPEG, truncation) are about
 file structure, not content; the ingest tests run the same filter on real NIH images.
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from pipeline.ingest.scrub import ImageFormatError, scrub_image
+from pipeline.data.scrub import ImageFormatError, scrub_image
 
 PHI = b"Doe^Jane MRN-123456"
 

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from flows.retrain import retrain
 from pipeline.data.readers import NIH_CSV, kermany_patient, read_dataset, read_dataset_with_report
-from pipeline.errors import DataValidationError, DatasetError
+from pipeline.errors import DatasetError, DataValidationError
 from tests.conftest import REPO, copy_kermany_subset, copy_nih_subset
 
 

@@ -201,3 +201,18 @@ def test_the_analysis_promotes_a_better_challenger_and_rolls_back_a_worse_one(cf
     assert rollouts.active() is None
     assert rollouts.actions.registry.aliases("cxr") == ({CHAMPION: "2"} if challenger_better else {CHAMPION: "1"})
     assert outcome.action == ("approve" if challenger_better else "reject")
+
+
+def test_auto_start_rolls_out_a_new_challenger_only_when_it_can(cfg):  # noqa: F811
+    uris = _logged_models(cfg, 3)
+    rollouts = rollout_actions(cfg)
+    registry = rollouts.actions
+    registry.register_challenger(uris[0], {}, CARD)
+    assert rollouts.auto_start("1", "retrain flow") == (None, "no champion to roll it out against yet (approve a first champion)")
+    registry.approve(reviewer="dr. ada", reason="first champion")
+    assert rollouts.auto_start("1", "retrain flow")[0] is None  # v1 is champion now, not a pending challenger
+    registry.register_challenger(uris[1], {}, CARD)
+    started, said = rollouts.auto_start("2", "retrain flow")
+    assert started is not None and started.mode == "shadow" and started.challenger == "2" and said.startswith("started")
+    registry.register_challenger(uris[2], {}, CARD)  # a newer challenger while v2's rollout runs: not started
+    assert rollouts.auto_start("3", "retrain flow") == (None, f"{started.describe()} is running")

@@ -13,7 +13,7 @@ in a DICOM header goes no further than this module:
   90 (HIPAA Safe Harbor).
 
 - a PNG/JPEG file is copied without its metadata (text chunks, EXIF, XMP, comments:
-  pipeline.ingest.scrub), its pixels byte for byte.
+  pipeline.data.scrub), its pixels byte for byte.
 
 File names and the pixels themselves (burned-in annotations) are taken as exported: the
 export must not put PHI in them.
@@ -34,8 +34,8 @@ from pipeline.data.dicom import deidentify, dicom_pixels, keyed_pseudonym, parse
 from pipeline.data.images import DICOM_SUFFIXES, ImageDecodeError
 from pipeline.data.readers import NIH_COLUMNS, NIH_CSV, nih_label, nih_label_problem
 from pipeline.data.salt import salt_variables
+from pipeline.data.scrub import ImageFormatError, scrub_image
 from pipeline.errors import ConfigError
-from pipeline.ingest.scrub import ImageFormatError, scrub_image
 from pipeline.validation.report import Failure
 
 # NIH's columns as pandas reads its header (the two size columns hold a comma in their names).

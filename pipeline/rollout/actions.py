@@ -66,6 +66,20 @@ class RolloutActions:
         self._change("rollout-start", rollout, actor, reason)
         return rollout
 
+    def auto_start(self, version: str, actor: str) -> tuple[Rollout | None, str]:
+        """``rollout.auto_start``: a shadow rollout of ``version`` if it is the pending challenger, a champion
+        exists and no rollout runs; else None and why not."""
+        challenger = self.actions.registry.find(self.name, CHALLENGER)
+        if challenger is None or str(challenger.version) != version:
+            return None, f"v{version} is not the pending challenger (the promotion gate decided on it)"
+        if self.actions.registry.find(self.name, CHAMPION) is None:
+            return None, "no champion to roll it out against yet (approve a first champion)"
+        running = self.active()
+        if running is not None:
+            return None, f"{running.describe()} is running"
+        rollout = self.start("shadow", actor, f"rollout.auto_start: v{version}, a new challenger from retraining")
+        return rollout, f"started {rollout.describe()}"
+
     def advance(self, actor: str, reason: str) -> Rollout:
         """Shadow → the first canary share; canary → the schedule's next share."""
         rollout = self.running()

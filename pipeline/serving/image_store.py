@@ -1,7 +1,7 @@
 """Served images kept by inference_id, so that a label arriving later can turn them into training data.
 
-Contract: the store keeps exactly the bytes it is given and checks only that they are a PNG or JPEG without
-any metadata chunk or segment (``raster_metadata.metadata_found``). The caller hands it a de-identified image
+Contract: the store keeps exactly the bytes it is given and checks only that they are a PNG or JPEG from which
+the metadata filter (``pipeline.data.scrub``) would remove nothing. The caller hands it a de-identified image
 (``uploads.deidentified_image``), never an upload as received, whose DICOM header or PNG/JPEG metadata may
 name the patient.
 
@@ -18,8 +18,8 @@ import tempfile
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
+from pipeline.data.scrub import JPEG_SOI, PNG_SIGNATURE, ImageFormatError, scrub_jpeg, scrub_png
 from pipeline.errors import PipelineError
-from pipeline.serving.raster_metadata import PNG_SIGNATURE, MetadataError, metadata_found
 
 SUFFIXES = (".png", ".jpg")
 _INFERENCE_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -114,12 +114,15 @@ def _check_id(inference_id: str) -> None:
 
 def _checked_suffix(image: bytes) -> str:
     """The file suffix of a clean PNG or JPEG; anything else is refused."""
-    if not image.startswith((PNG_SIGNATURE, b"\xff\xd8")):
+    is_png = image.startswith(PNG_SIGNATURE)
+    if not is_png and not image.startswith(JPEG_SOI):
         raise ImageStoreError("the image store keeps de-identified PNG or JPEG images; these bytes are neither")
     try:
-        found = metadata_found(image)
-    except MetadataError as exc:
+        removed = (scrub_png if is_png else scrub_jpeg)(image)[1]
+    except ImageFormatError as exc:
         raise ImageStoreError(f"the image cannot be checked for metadata ({exc})") from exc
-    if found is not None:
-        raise ImageStoreError(f"the image carries metadata ({found}): strip it (uploads.deidentified_image) first")
-    return SUFFIXES[0] if image.startswith(PNG_SIGNATURE) else SUFFIXES[1]
+    if removed:
+        raise ImageStoreError(
+            f"the image carries metadata ({', '.join(sorted(removed))}): strip it (uploads.deidentified_image) first"
+        )
+    return SUFFIXES[0] if is_png else SUFFIXES[1]

@@ -199,6 +199,14 @@ rollout_assignments = sa.Table(
     sa.Column("challenger_share", sa.Double, nullable=False),  # when assigned: the SRM check's expectation
     sa.Column("assigned_at", sa.DateTime(timezone=True), nullable=False),
 )
+# Served cases already exported as a training batch (pipeline.rollout.export): each goes into training once.
+exported_cases = sa.Table(
+    "exported_cases",
+    _metadata,
+    sa.Column("inference_id", sa.String(32), primary_key=True),
+    sa.Column("batch", sa.String, nullable=False),
+    sa.Column("exported_at", sa.DateTime(timezone=True), nullable=False),
+)
 _ROW_FIELDS = tuple(field.name for field in fields(PredictionRow))
 
 

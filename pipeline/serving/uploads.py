@@ -5,7 +5,7 @@ Sizes are checked on the header, before any pixel is decoded, so a huge image co
 A DICOM is read in memory; its header gives only keyed pseudonyms of PatientID and StudyInstanceUID (with the
 site's secret salt, as ingest pseudonymises them) and is then dropped. What is kept of an upload
 (``deidentified_image``) carries no metadata: a PNG or JPEG is kept as its own bytes with every metadata chunk or
-segment removed (lossless, and no re-encoding on the request path; see pipeline.serving.raster_metadata), a
+segment removed (the lossless filter ingest applies, pipeline.data.scrub: no re-encoding on the request path), a
 DICOM as a PNG encoded from its decoded pixels.
 """
 
@@ -20,9 +20,9 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.data.dicom import dataset_pixels
 from pipeline.data.images import DICOM_MODE, ImageDecodeError, pil_to_uint8
+from pipeline.data.scrub import PNG_SIGNATURE, ImageFormatError, scrub_jpeg, scrub_png
 from pipeline.errors import RequestRefused
 from pipeline.serving.ledger import Pseudonyms, pseudonym
-from pipeline.serving.raster_metadata import PNG_SIGNATURE, MetadataError, without_metadata
 
 JPEG_SIGNATURE = b"\xff\xd8\xff"
 DICOM_MARKER_AT = 128  # Part 10 files: a 128-byte preamble, then "DICM"
@@ -75,8 +75,8 @@ def deidentified_image(data: bytes, decoded: DecodedUpload) -> bytes:
     cannot be walked although its pixels decoded) a PNG of the decoded pixels."""
     if decoded.image_format in ("png", "jpeg"):
         try:
-            return without_metadata(data, decoded.image_format)
-        except MetadataError:
+            return (scrub_png if decoded.image_format == "png" else scrub_jpeg)(data)[0]
+        except ImageFormatError:
             pass  # re-encoding the pixels cannot carry metadata along
     return deidentified_png(decoded.pixels)
 

@@ -1,4 +1,4 @@
-"""Lossless removal of PNG/JPEG metadata before an exported image is staged.
+"""Lossless removal of PNG/JPEG metadata: before an exported image is staged (ingest) or a served one kept.
 
 Hospital exports can write a patient's name, ID or study date into a PNG's text chunks or a
 JPEG's EXIF/XMP/IPTC/comment segments. Re-encoding the pixels would drop them too, but it

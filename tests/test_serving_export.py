@@ -18,6 +18,7 @@ from pipeline.data.prepare import prepare_dataset
 from pipeline.data.readers import read_dataset
 from pipeline.data.splits import subsample
 from pipeline.registry.card import CardFacts, model_card
+from pipeline.rollout.drift import DriftReference
 from pipeline.serving.bundle import FP32_FILE, INT8_FILE, MANIFEST, BundleError, read_bundle
 from pipeline.serving.export import LoggedBundle, build_bundle, version_tags
 from pipeline.serving.runtime import onnx_probabilities, onnx_session, torch_probabilities
@@ -102,6 +103,9 @@ def test_int8_is_per_channel_qdq_checked_on_every_set_and_kept(trained, bundle_d
     int8 = bundle.artifacts["int8"]
     assert set(int8.checks) == {f"auc.{SET}", f"auc_delta.{SET}"} and abs(int8.checks[f"auc_delta.{SET}"]) <= 0.005
     assert bundle.notes == []
+    reference = DriftReference.load(bundle_dir / bundle.reference)  # what drift checks compare served images with
+    assert reference.embeddings.shape[0] == reference.probabilities.shape[0] > 0
+    assert ((reference.probabilities >= 0) & (reference.probabilities <= 1)).all()
     graph = onnx.load(bundle.path_of(bundle_dir, "int8")).graph
     assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in graph.node}
     weights = {init.name: numpy_helper.to_array(init) for init in graph.initializer}

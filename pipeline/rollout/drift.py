@@ -18,12 +18,35 @@ is it probably doing? Labels arrive days later; these checks need only the serve
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy.stats import ks_2samp
 
 GRID = 4  # block means per side (8 also flags Kermany test against Kermany train: a real but small shift)
 HISTOGRAM_BINS = 16
+
+
+@dataclass(frozen=True)
+class DriftReference:
+    """What a model was built on, as drift checks compare with it: embeddings and the model's probabilities of
+    its reference images (kept in its serving bundle; no pixels)."""
+
+    embeddings: np.ndarray
+    probabilities: np.ndarray
+
+    @classmethod
+    def of(cls, images: np.ndarray, probabilities: np.ndarray) -> DriftReference:
+        return cls(image_embedding(images), np.asarray(probabilities, dtype=np.float64))
+
+    def save(self, path: Path) -> Path:
+        np.savez_compressed(path, embeddings=self.embeddings, probabilities=self.probabilities)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> DriftReference:
+        with np.load(path) as stored:
+            return cls(stored["embeddings"], stored["probabilities"])
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ the version's ``serving.artifact_uri`` tag)::
     serving.json      this module's ServingBundle: preprocessing, decision threshold, artifacts and their hashes
     model.onnx        FP32 ONNX graph, dynamic batch: (B, 1, S, S) float pixels in [0, 1] → (B,) P(pneumonia)
     model.int8.onnx   static INT8 (QDQ) version, only when it passed its accuracy check
+    reference.npz     the drift reference: embeddings and probabilities of the images the model was built on
+                      (pipeline.rollout.drift; no pixels)
 
 Normalisation is inside both graphs (they are exported from ``PneumoniaProbability``), so a client's whole
 preprocessing is ``preprocess``: decode, grayscale, resize to ``image_size``, scale to [0, 1] — the
@@ -28,6 +30,7 @@ BUNDLE_FORMAT = "crosssim-serving/1"
 MANIFEST = "serving.json"
 FP32_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
+REFERENCE_FILE = "reference.npz"
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "probability"
 PRECISIONS = ("fp32", "int8")
@@ -59,6 +62,7 @@ class ServingBundle:
     artifacts: dict[str, ArtifactInfo]  # precision ("fp32" | "int8") → its file
     notes: list[str] = field(default_factory=list)  # why an artifact is missing, in words a model card can show
     format: str = BUNDLE_FORMAT
+    reference: str | None = None  # the drift reference's file; None: bundled before drift checks existed
 
     def path_of(self, directory: Path, precision: str) -> Path:
         """The ONNX file for ``precision`` inside ``directory``, checked against its recorded hash."""

@@ -26,6 +26,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from sklearn.metrics import roc_auc_score
 
 from pipeline.config import ExportConfig
+from pipeline.rollout.drift import DriftReference
 from pipeline.serving.bundle import (
     ARTIFACT_URI_TAG,
     FP32_FILE,
@@ -35,6 +36,7 @@ from pipeline.serving.bundle import (
     INT8_TAG,
     MANIFEST,
     OUTPUT_NAME,
+    REFERENCE_FILE,
     ArtifactInfo,
     ServingBundle,
     sha256_of,
@@ -85,7 +87,7 @@ def build_bundle(
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for stale in (MANIFEST, FP32_FILE, INT8_FILE):  # a reused folder must not pass off an old file as this bundle's
+    for stale in (MANIFEST, FP32_FILE, INT8_FILE, REFERENCE_FILE):  # a reused folder must not pass off an old file as this bundle's
         (directory / stale).unlink(missing_ok=True)
     artifacts: dict[str, ArtifactInfo] = {}
     notes: list[str] = []
@@ -98,9 +100,21 @@ def build_bundle(
             int8 = _int8_artifact(model, directory, calibration, eval_sets, settings.int8_auc_tolerance, notes)
             if int8 is not None:
                 artifacts["int8"] = int8
-    bundle = ServingBundle(backbone, image_size, float(threshold), threshold_chosen_on, artifacts, notes)
+    reference = _drift_reference(model, calibration, directory / REFERENCE_FILE, notes) if artifacts else None
+    bundle = ServingBundle(backbone, image_size, float(threshold), threshold_chosen_on, artifacts, notes, reference=reference)
     write_bundle(directory, bundle)  # last: a folder without serving.json was never a bundle
     return bundle
+
+
+def _drift_reference(model: torch.nn.Module, images: np.ndarray, path: Path, notes: list[str]) -> str | None:
+    """The calibration images — what the model was built on: source-val, and target-train with CrossSim — as
+    the drift checks' reference (pipeline.rollout.drift)."""
+    try:
+        DriftReference.of(images, torch_probabilities(model, images)).save(path)
+    except Exception as exc:  # drift checks are an aid: their reference failing must not stop registration
+        notes.append(f"drift reference: not built ({type(exc).__name__}: {exc})")
+        return None
+    return path.name
 
 
 def export_onnx(model: torch.nn.Module, image_size: int, path: Path) -> None:

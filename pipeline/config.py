@@ -367,6 +367,11 @@ class RolloutConfig(_Section):
     min_site_positives: int = Field(
         default=20, ge=1, description="A site's sensitivity is judged once it has this many labelled pneumonia cases."
     )
+    drift_window: int = Field(default=200, ge=10, description="Latest served images per site a drift check looks at.")
+    drift_min_window: int = Field(default=50, ge=10, description="No drift check on fewer served images.")
+    drift_alpha: float = Field(
+        default=0.001, gt=0, lt=0.5, description="A drift test alarms below this p-value (checked every analysis)."
+    )
     auto_start: bool = Field(
         default=False, description="A challenger registered by retraining starts a shadow rollout against the champion."
     )

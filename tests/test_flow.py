@@ -19,10 +19,12 @@ from typer.testing import CliRunner
 from flows import cli, model_steps
 from flows.promotion import actions_for, gate_challenger
 from flows.retrain import retrain
-from flows.rollout import rollout_analysis
+from flows.rollout import raise_alarm, rollout_analysis
 from pipeline.config import load_config
 from pipeline.errors import DataValidationError
 from pipeline.rollout.actions import rollout_actions
+from pipeline.rollout.drift import DriftTest, EstimatedPerformance
+from pipeline.rollout.monitor import DriftCheck
 from pipeline.rollout.outcomes import OutcomeReport, record_outcomes
 from pipeline.serving.bundle import read_bundle
 from pipeline.serving.ledger import PredictionLedger
@@ -272,3 +274,26 @@ def test_the_rollout_analysis_flow_reports_and_decides_under_policy_auto(tmp_pat
     page = Path(client.download_artifacts(run.info.run_id, "rollout/rollout-report.html", str(tmp_path))).read_text()
     assert "<svg" in page and "id='per-site'" in page and "id='roc'" in page and ">promote<" in page
     assert "v2 vs champion v1" in Artifact.get("rollout-analysis").data
+
+
+def test_a_drift_alarm_puts_a_canary_back_into_shadow_and_emits_the_event(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config(REPO / "params.yaml", [f"tracking.local_dir={tmp_path / 'mlflow'}", "registry.model_name=cxr"])
+    uris = _logged_models(cfg, 2)
+    rollouts = rollout_actions(cfg)
+    rollouts.actions.register_challenger(uris[0], {}, lambda v: f"card of v{v}")
+    rollouts.actions.approve(reviewer="dr. ada", reason="first champion")
+    rollouts.actions.register_challenger(uris[1], {}, lambda v: f"card of v{v}")
+    canary = rollouts.start("canary", "dr. ada", "v2 at 5%")
+    reasons = ["input drift at nih-cxr8 for the challenger (MMD p = 0.0010)"]
+    alarm = DriftCheck("nih-cxr8", "challenger", "2", 200, 200, DriftTest(0.3, 0.001), DriftTest(0.5, 1e-9),
+                       EstimatedPerformance(0.6, 0.5, 0.7), True, reasons)  # fmt: skip
+    emitted = []
+    monkeypatch.setattr("flows.rollout.emit_event", lambda **event: emitted.append(event))  # Prefect's own, recorded
+    assert raise_alarm.fn(rollouts, canary, [alarm]) == "canary paused (back to shadow), event emitted"
+    assert rollouts.active().mode == "shadow" and rollouts.active().challenger_share == 0.0
+    (event,) = emitted
+    assert event["event"] == "crosssim.rollout.drift-alarm" and event["payload"]["reasons"] == reasons
+    assert event["resource"]["prefect.resource.id"] == "crosssim.model.cxr"
+    paused = [entry for entry in rollouts.actions.audit.entries() if entry.action == "rollout-pause"]
+    assert len(paused) == 1 and paused[0].actor == "drift monitor" and "input drift" in paused[0].reason

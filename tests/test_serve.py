@@ -43,8 +43,10 @@ from pipeline.data.scrub import scrub_jpeg, scrub_png
 from pipeline.data.splits import assign_splits
 from pipeline.registry.store import CHALLENGER, CHAMPION, ModelRegistry
 from pipeline.rollout.actions import rollout_actions
+from pipeline.rollout.monitor import drift_checks, model_reference
 from pipeline.serving.bundle import FP32_FILE, INPUT_NAME, INT8_FILE, preprocess, read_bundle
 from pipeline.serving.export import LoggedBundle, build_bundle, version_tags
+from pipeline.serving.image_store import ImageStore
 from pipeline.serving.ledger import PredictionLedger
 from pipeline.serving.model_source import ModelRef, ModelSource
 from pipeline.tracking import MlflowTracker
@@ -538,6 +540,18 @@ def test_serve_follows_a_rollout_in_shadow_then_canary_with_sticky_patients(regi
             other = "1" if version == "2" else "2"
             assert (row.arm, row.shadow_version) == (arms[p], other)
             assert row.shadow_probability == pytest.approx(expected[other], abs=1e-6)
+
+    # Label-free drift checks on what the rollout served: the bundles' references are Kermany images, the 121 served
+    # NIH uploads are one adult film over and over: both inputs and outputs have drifted, for both models
+    registry = rollouts.actions.registry
+    references = {model: model_reference(registry, NAME, version) for model, version in (("champion", "1"), ("challenger", "2"))}
+    ledger = PredictionLedger(f"sqlite:///{cfg.serve.ledger_path}")
+    try:
+        checks = drift_checks(ledger, ImageStore(cfg.serve.image_store, 30), started, references, cfg.rollout)
+    finally:
+        ledger.close()
+    assert [(c.site, c.model, c.version) for c in checks] == [("nih-cxr8", "champion", "1"), ("nih-cxr8", "challenger", "2")]
+    assert all(c.alarm and c.images == c.window == 121 and c.input.p_value < 0.001 for c in checks), checks
 
 
 def test_int8_a_pinned_version_and_versions_that_cannot_be_served(registered, tmp_path):

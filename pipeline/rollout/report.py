@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -16,6 +17,7 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
 from pipeline.rollout.analysis import MODELS, RolloutAnalysis  # noqa: E402
+from pipeline.rollout.monitor import DriftCheck  # noqa: E402
 
 _COLOURS = {"champion": "#1f77b4", "challenger": "#d62728"}
 _DECISION_COLOURS = {"promote": "#2ca02c", "rollback": "#d62728", "continue": "#7f7f7f"}
@@ -27,8 +29,8 @@ th { background: #f3f3f3; } .figures { display: flex; flex-wrap: wrap; gap: 1rem
 """
 
 
-def render_report(analysis: RolloutAnalysis, path: Path) -> Path:
-    """Write the report of ``analysis`` to ``path`` (HTML)."""
+def render_report(analysis: RolloutAnalysis, path: Path, drift: Sequence[DriftCheck] = ()) -> Path:
+    """Write the report of ``analysis`` (and the ``drift`` checks run with it) to ``path`` (HTML)."""
     a = analysis
     colour = _DECISION_COLOURS[a.decision]
     reasons = "".join(f"<li>{html.escape(reason)}</li>" for reason in a.reasons)
@@ -48,6 +50,7 @@ def render_report(analysis: RolloutAnalysis, path: Path) -> Path:
         "</div>",
         _metrics_table(a),
         _sensitivity_table(a),
+        _drift_table(drift),
         "</body></html>",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,4 +120,20 @@ def _sensitivity_table(a: RolloutAnalysis) -> str:
     return (
         "<h2>Sensitivity guardrail (challenger − champion, paired, always-valid bounds)</h2><table id='guardrail'>"
         "<tr><th>site</th><th>labelled pneumonia</th><th>bounds</th><th>verdict</th></tr>" + rows + "</table>"
+    )
+
+
+def _drift_table(drift: Sequence[DriftCheck]) -> str:
+    if not drift:
+        return "<h2>Drift</h2><p id='drift'>No check: too few served images per site, or no drift reference.</p>"
+    rows = "".join(
+        f"<tr><td>{html.escape(c.site)}</td><td>{c.model} v{c.version}</td><td>{c.window} ({c.images} images)</td>"
+        f"<td>{'—' if c.input is None else f'{c.input.p_value:.4f}'}</td><td>{c.output.p_value:.3g}</td>"
+        f"<td>{c.estimated.auc:.3f}</td><td>{'<b>ALARM</b>' if c.alarm else 'ok'}</td></tr>"
+        for c in drift
+    )
+    return (
+        "<h2>Drift (label-free, latest served images)</h2><table id='drift'><tr><th>site</th><th>model</th>"
+        "<th>window</th><th>input drift p (MMD)</th><th>output drift p (KS)</th><th>estimated AUC</th><th></th></tr>"
+        + rows + "</table>"
     )

@@ -22,7 +22,6 @@ from flows.retrain import retrain
 from flows.rollout import raise_alarm, rollout_analysis
 from pipeline.config import load_config
 from pipeline.errors import DataValidationError
-from pipeline.rollout.actions import rollout_actions
 from pipeline.rollout.drift import DriftTest, EstimatedPerformance
 from pipeline.rollout.monitor import DriftCheck
 from pipeline.rollout.outcomes import OutcomeReport, record_outcomes
@@ -32,8 +31,7 @@ from pipeline.serving.runtime import onnx_probabilities, onnx_session
 from pipeline.tracking import MlflowTracker
 from tests.conftest import copy_kermany_subset
 from tests.test_benchmarks import run_smoke
-from tests.test_registry import _logged_models
-from tests.test_rollout import _rollout_rows
+from tests.test_rollout import _rollout_rows, champion_and_challenger
 from tests.test_serving_ledger import T0
 
 REPO = Path(__file__).resolve().parents[1]
@@ -251,11 +249,7 @@ def test_the_rollout_analysis_flow_reports_and_decides_under_policy_auto(tmp_pat
                  f"serve.ledger_path={tmp_path / 'ledger.db'}", "serve.ledger_url=null", "rollout.maturity_hours=0"]  # fmt: skip
     cfg = load_config(REPO / "params.yaml", overrides)
     assert rollout_analysis(overrides=overrides)["decision"] is None  # nothing runs yet: nothing to do
-    uris = _logged_models(cfg, 2)
-    rollouts = rollout_actions(cfg)
-    rollouts.actions.register_challenger(uris[0], {}, lambda v: f"card of v{v}")
-    rollouts.actions.approve(reviewer="dr. ada", reason="first champion")
-    rollouts.actions.register_challenger(uris[1], {}, lambda v: f"card of v{v}")
+    rollouts = champion_and_challenger(cfg)
     rollout = rollouts.start("shadow", "dr. ada", "v2 in shadow")
     ledger = PredictionLedger(f"sqlite:///{tmp_path / 'ledger.db'}")
     rows, labels = _rollout_rows(rollout, 200, challenger_better=True, seed=5)
@@ -279,11 +273,7 @@ def test_the_rollout_analysis_flow_reports_and_decides_under_policy_auto(tmp_pat
 def test_a_drift_alarm_puts_a_canary_back_into_shadow_and_emits_the_event(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = load_config(REPO / "params.yaml", [f"tracking.local_dir={tmp_path / 'mlflow'}", "registry.model_name=cxr"])
-    uris = _logged_models(cfg, 2)
-    rollouts = rollout_actions(cfg)
-    rollouts.actions.register_challenger(uris[0], {}, lambda v: f"card of v{v}")
-    rollouts.actions.approve(reviewer="dr. ada", reason="first champion")
-    rollouts.actions.register_challenger(uris[1], {}, lambda v: f"card of v{v}")
+    rollouts = champion_and_challenger(cfg)
     canary = rollouts.start("canary", "dr. ada", "v2 at 5%")
     reasons = ["input drift at nih-cxr8 for the challenger (MMD p = 0.0010)"]
     alarm = DriftCheck("nih-cxr8", "challenger", "2", 200, 200, DriftTest(0.3, 0.001), DriftTest(0.5, 1e-9),

@@ -13,8 +13,9 @@ import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from flows import cli
+from pipeline.config import PipelineConfig
 from pipeline.registry.store import CHALLENGER, CHAMPION, RegistryError
-from pipeline.rollout.actions import rollout_actions
+from pipeline.rollout.actions import RolloutActions, rollout_actions
 from pipeline.rollout.analysis import analyse_rollout
 from pipeline.rollout.assignment import CHALLENGER_ARM, Assignments, arm_of, sample_ratio_check
 from pipeline.rollout.outcomes import OutcomeReport, record_outcomes
@@ -26,6 +27,16 @@ from tests.test_registry import _logged_models, cfg  # noqa: F401
 from tests.test_serving_ledger import T0, make_row
 
 CARD = lambda version: f"card of v{version}"  # noqa: E731
+
+
+def champion_and_challenger(cfg: PipelineConfig) -> RolloutActions:  # noqa: F811
+    """``cfg``'s registry with v1 as champion and v2 as the pending challenger (stand-in models)."""
+    uris = _logged_models(cfg, 2)
+    rollouts = rollout_actions(cfg)
+    rollouts.actions.register_challenger(uris[0], {}, CARD)
+    rollouts.actions.approve(reviewer="dr. ada", reason="first champion")
+    rollouts.actions.register_challenger(uris[1], {}, CARD)
+    return rollouts
 
 
 def test_a_rollout_moves_through_the_registry_audited_and_all_or_nothing(cfg, monkeypatch):  # noqa: F811
@@ -81,11 +92,7 @@ def test_a_rollout_moves_through_the_registry_audited_and_all_or_nothing(cfg, mo
 
 def test_rollout_cli_start_status_stop(cfg, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setattr(cli.console, "width", 200)  # no wrapped lines
-    uris = _logged_models(cfg, 2)
-    registry = rollout_actions(cfg).actions
-    registry.register_challenger(uris[0], {}, CARD)
-    registry.approve(reviewer="dr. ada", reason="first champion")
-    registry.register_challenger(uris[1], {}, CARD)
+    registry = champion_and_challenger(cfg).actions
     options = ["--set", f"tracking.local_dir={cfg.tracking.local_dir}", "--set", "registry.model_name=cxr",
                "--set", f"serve.ledger_path={tmp_path / 'ledger.db'}", "--set", "serve.ledger_url=null"]  # fmt: skip
     runner = CliRunner()
@@ -171,11 +178,7 @@ def _rollout_rows(rollout: Rollout, n: int, challenger_better: bool, seed: int) 
 
 @pytest.mark.parametrize("challenger_better", [True, False])
 def test_the_analysis_promotes_a_better_challenger_and_rolls_back_a_worse_one(cfg, tmp_path, challenger_better):  # noqa: F811
-    uris = _logged_models(cfg, 2)
-    rollouts = rollout_actions(cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"policy": "auto"})}))
-    rollouts.actions.register_challenger(uris[0], {}, CARD)
-    rollouts.actions.approve(reviewer="dr. ada", reason="first champion")
-    rollouts.actions.register_challenger(uris[1], {}, CARD)
+    rollouts = champion_and_challenger(cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"policy": "auto"})}))
     rollout = rollouts.start("shadow", "dr. ada", "v2 in shadow")
     ledger = PredictionLedger(f"sqlite:///{tmp_path / 'ledger.db'}")
     rows, labels = _rollout_rows(rollout, 240, challenger_better, seed=3)

@@ -76,5 +76,5 @@ def ingest(
     if report.status == "accepted" and cfg.ingest.retrain_after:
         # a subflow: the new data version goes through train → CrossSim → registry as one traced run
         retrained = retrain(config_path, [*(overrides or []), f"data.root={cfg.ingest.data_dir}"])
-        result["retrain"] = {key: retrained.get(key) for key in ("mlflow_run_id", "registry")}
+        result["retrain"] = {key: retrained.get(key) for key in ("mlflow_run_id", "registry", "rollout")}
     return result

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import subprocess
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from typer.testing import CliRunner
 
 from flows.cli import app
+from pipeline.config import load_config
 from pipeline.data.readers import read_dataset
 from pipeline.data.scrub import scrub_png
 from pipeline.errors import VersioningError
@@ -420,6 +421,61 @@ def test_the_ingest_flow_retrains_on_an_accepted_batch_and_registers_a_challenge
     assert challenger.tags[f"data_version.{SITE}"] == result["site_version"]
     # the fake PHI reached neither the training run (params, tags, artifacts, registry) nor its outputs
     assert _phi_found(work) == [] and _phi_found(repo) == []
+
+
+def test_the_continuous_learning_loop_served_cases_to_a_shadow_rollout(data_dir, root, tmp_path, monkeypatch):
+    """The whole loop on tiny settings: cases served by the champion and labelled later → feedback export →
+    ingest (checked, versioned) → retrain → a challenger registered → its shadow rollout started (auto_start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.ingest import ingest
+    from pipeline.rollout.actions import rollout_actions
+    from pipeline.rollout.export import dataset_patients, export_labelled_cases
+    from pipeline.tracking import MlflowTracker
+    from tests.conftest import copy_kermany_subset
+    from tests.test_registry import MeanBrightness
+
+    repo, work = root / "repo", tmp_path / "work"
+    copy_kermany_subset(data_dir, repo / "data" / "raw" / "kermany-pediatric", per_class=20)
+    DvcRepo(repo).add(repo / "data")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    overrides = [
+        f"data.external=[{SITE}]", "crosssim.enabled=false", "validation.min_images=5", "data.val_fraction=0.3",
+        "data.image_size=32", "train.epochs=1", "train.batch_size=16", "evaluate.bootstrap_samples=50",
+        "serve.export.enabled=false", f"data.cache_dir={work / 'cache'}", f"runs.dir={work / 'runs'}",
+        f"tracking.local_dir={work / 'mlflow'}", "rollout.auto_start=true", "rollout.maturity_hours=0",
+    ]  # fmt: skip
+    cfg = load_config(repo / "params.yaml", overrides)
+    rollouts = rollout_actions(cfg)
+    with MlflowTracker(cfg.tracking, run_name="champion") as tracker:  # a stand-in champion at the flow's image size
+        champion = tracker.log_model(MeanBrightness(1.0), "champion", np.zeros((2, 1, 32, 32), np.float32))
+    rollouts.actions.register_challenger(champion, {}, lambda version: "the serving champion")
+    rollouts.actions.approve(reviewer="dr. ada", reason="in service")
+
+    # the champion served six adults at the site; a radiologist's reads came back
+    salt = "s3cret-salt-for-tests-0123456789"
+    ledger, store = PredictionLedger(f"sqlite:///{tmp_path / 'ledger.db'}"), ImageStore(tmp_path / "images", 30)
+    reports = []
+    for index, record in enumerate(_fresh_rows(data_dir, root).iloc[:6].to_dict("records")):
+        row = make_row(index, site=SITE, patient_pseudonym=pseudonym(record["Patient ID"], salt))
+        store.put(row.inference_id, scrub_png((data_dir / "nih-cxr8" / "images" / record["Image Index"]).read_bytes())[0])
+        asyncio.run(ledger.record(row))
+        label = "pneumonia" if "Pneumonia" in record["Finding Labels"] else "normal"
+        reports.append(OutcomeReport(label, "radiologist_read", inference_id=row.inference_id))
+    record_outcomes(ledger, reports, cfg.rollout.outcome_sources)
+    batch = export_labelled_cases(
+        ledger, store, SITE, tmp_path / "served-week", cfg.rollout.outcome_sources, timedelta(0),
+        dataset_patients(repo / "data" / "raw" / SITE),
+    )  # fmt: skip
+    ledger.close()
+    assert batch.cases == 6
+
+    with prefect_test_harness(server_startup_timeout=120):
+        result = ingest(site=SITE, folder=str(batch.folder), config_path=str(repo / "params.yaml"), overrides=overrides)
+    assert result["status"] == "accepted" and result["retrain"]["registry"]["version"] == "2"
+    rollout = rollouts.active()
+    assert rollout is not None and (rollout.mode, rollout.champion, rollout.challenger) == ("shadow", "1", "2")
+    assert result["retrain"]["rollout"] == f"started {rollout.describe()}"
 
 
 def test_an_unknown_site_is_refused_unless_asked_for_as_a_new_site(data_dir, root, tmp_path):

@@ -167,3 +167,44 @@ def test_the_ingest_deployment_takes_a_batch_and_fails_on_a_missing_folder(serve
     parameters = {"site": "nih-cxr8", "folder": str(missing), "overrides": overrides}
     flow_run = run_deployment(INGEST, parameters=parameters, timeout=120)
     assert flow_run.state.is_failed() and f"batch folder {missing} does not exist" in flow_run.state.message
+
+
+def test_a_drift_alarm_triggers_the_retrain_deployment_through_an_automation(served, tmp_path, monkeypatch):
+    """README "Rollouts": the automation a team creates. The triggered run is given a data root that does not
+    exist, so it fails in seconds: what is checked is that the alarm started the retrain deployment."""
+    from prefect.automations import Automation
+    from prefect.events.actions import RunDeployment
+    from prefect.events.schemas.automations import EventTrigger, Posture
+
+    from flows.rollout import DRIFT_EVENT, raise_alarm
+    from pipeline.config import load_config
+    from pipeline.rollout.drift import DriftTest, EstimatedPerformance
+    from pipeline.rollout.monitor import DriftCheck
+    from tests.test_rollout import champion_and_challenger
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    retrain = _deployment(RETRAIN)
+    marker = f"data.root={tmp_path / 'no-data-drift-test'}"
+    automation = Automation(
+        name="retrain on drift",
+        trigger=EventTrigger(expect={DRIFT_EVENT}, match={"prefect.resource.id": "crosssim.model.*"}, posture=Posture.Reactive, threshold=1),
+        actions=[RunDeployment(source="selected", deployment_id=retrain.id, parameters={"overrides": [marker]})],
+    ).create()
+    try:
+        cfg = load_config(REPO / "params.yaml", [f"tracking.local_dir={tmp_path / 'mlflow'}", "registry.model_name=cxr"])
+        rollouts = champion_and_challenger(cfg)
+        shadow = rollouts.start("shadow", "dr. ada", "v2 in shadow")
+        alarm = DriftCheck("nih-cxr8", "champion", "1", 200, 200, DriftTest(0.3, 0.0005), DriftTest(0.5, 1e-9),
+                           EstimatedPerformance(0.6, 0.5, 0.7), True, ["input drift at nih-cxr8 for the champion"])  # fmt: skip
+        time.sleep(2)  # the automation is loaded by the server's trigger service
+        assert raise_alarm.fn(rollouts, shadow, [alarm]) == "event emitted"
+
+        def triggered():
+            with get_client(sync_client=True) as client:
+                runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id={"any_": [retrain.id]}))
+            return [run for run in runs if marker in (run.parameters.get("overrides") or [])]
+
+        (run,) = _wait_for(triggered, 60, "the retrain run the drift alarm triggers", served / "server.log")
+        assert run.deployment_id == retrain.id
+    finally:
+        automation.delete()

@@ -270,7 +270,7 @@ def test_the_rollout_analysis_flow_reports_and_decides_under_policy_auto(tmp_pat
     assert "v2 vs champion v1" in Artifact.get("rollout-analysis").data
 
 
-def test_a_drift_alarm_puts_a_canary_back_into_shadow_and_emits_the_event(tmp_path, monkeypatch):
+def test_a_drift_alarm_puts_a_canary_back_into_shadow(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = load_config(REPO / "params.yaml", [f"tracking.local_dir={tmp_path / 'mlflow'}", "registry.model_name=cxr"])
     rollouts = champion_and_challenger(cfg)
@@ -278,12 +278,8 @@ def test_a_drift_alarm_puts_a_canary_back_into_shadow_and_emits_the_event(tmp_pa
     reasons = ["input drift at nih-cxr8 for the challenger (MMD p = 0.0010)"]
     alarm = DriftCheck("nih-cxr8", "challenger", "2", 200, 200, DriftTest(0.3, 0.001), DriftTest(0.5, 1e-9),
                        EstimatedPerformance(0.6, 0.5, 0.7), True, reasons)  # fmt: skip
-    emitted = []
-    monkeypatch.setattr("flows.rollout.emit_event", lambda **event: emitted.append(event))  # Prefect's own, recorded
+    # the event goes to this module's Prefect server; test_deployments checks an automation turns it into a retrain
     assert raise_alarm.fn(rollouts, canary, [alarm]) == "canary paused (back to shadow), event emitted"
     assert rollouts.active().mode == "shadow" and rollouts.active().challenger_share == 0.0
-    (event,) = emitted
-    assert event["event"] == "crosssim.rollout.drift-alarm" and event["payload"]["reasons"] == reasons
-    assert event["resource"]["prefect.resource.id"] == "crosssim.model.cxr"
     paused = [entry for entry in rollouts.actions.audit.entries() if entry.action == "rollout-pause"]
     assert len(paused) == 1 and paused[0].actor == "drift monitor" and "input drift" in paused[0].reason

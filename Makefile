@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 # The ephemeral server of `crosssim run` gets 20 s to start by default: too short on a busy 2-core machine.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: setup run test bench-source bench-crosssim bench-serve bench-smoke data dvc-repro mlflow-ui prefect-ui clean
+.PHONY: setup chromium run test bench-source bench-crosssim bench-serve bench-smoke data dvc-repro mlflow-ui prefect-ui clean
 
 # Bytecode compiled at install: with PYTHONDONTWRITEBYTECODE set, every command would otherwise recompile
 # MLflow, Prefect and torch's Python (a `crosssim registry list` took 7 s instead of 3).
@@ -27,8 +27,13 @@ setup: $(VENV)/.installed
 run: setup
 	$(VENV)/bin/crosssim run --config params.yaml
 
+# Headless Chromium renders the rollout report in tests/test_report_render.py (Debian's package; needs root).
+chromium:
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "chromium could not be installed: tests/test_report_render.py will be skipped"
+
 # Two workers, one test file each: the slow tests mostly wait on subprocesses and servers, so they overlap well.
-test: setup
+test: setup chromium
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench-source: setup

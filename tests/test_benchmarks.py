@@ -69,3 +69,14 @@ def test_bench_crosssim_smoke_writes_every_variant(data_dir, tmp_path):
         assert set(row["ci"]) == {"auc", "accuracy", "sensitivity", "specificity"}, name
     assert rows["finetune_10pct"]["labelled_target_images"] < rows["oracle"]["labelled_target_images"]
     assert all(isinstance(report[key], float) for key in ("source_only_auc", "crosssim_auc", "oracle_auc"))
+
+
+def test_bench_rollout_smoke_writes_decisions_and_drift(data_dir, tmp_path):
+    report = run_smoke("rollout.py", data_dir, tmp_path)
+    assert set(report["challengers"]) == {"better", "worse", "equivalent"} and report["streams"] == 10
+    for name, row in report["challengers"].items():
+        assert sum(row["decisions"].values()) == 10 and 0.0 <= row["wrong_rate"] <= 1.0, name
+        assert _is_score(row["auc_on_nih_test"]), name
+    assert report["challengers"]["worse"]["auc_on_nih_test"] < report["challengers"]["better"]["auc_on_nih_test"]
+    assert report["drift"]["nih_images_until_alarm"] in (25, 50, 100, 200, None)
+    assert 0.0 <= report["drift"]["kermany_test_false_alarm_rate"] <= 1.0

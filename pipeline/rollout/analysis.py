@@ -112,11 +112,8 @@ def analyse_rollout(
     cases = [case for row in rows if (case := _case(row, labels)) is not None]
     answered_by = {arm: sum(row.arm == arm for row in rows) for arm in MODELS}
     sites = sorted({case.site for case in cases})
-    judged = [site for site in sites if sum(c.label for c in cases if c.site == site) >= cfg.min_site_positives]
-    alpha = cfg.alpha / (1 + len(judged))  # Bonferroni over the sequences the rule checks
-    brier = difference_sequence(np.array([_brier_gain(case) for case in cases]), alpha)
-    sensitivity = [_site_sensitivity(cases, site, site in judged, alpha, cfg.sensitivity_margin) for site in sites]
-    decision, reasons = _decide(brier, sensitivity, len(cases), cfg)
+    verdict = decide_cases(cases, cfg)
+    brier, sensitivity, decision, reasons = verdict.brier, verdict.sensitivity, verdict.decision, verdict.reasons
     return RolloutAnalysis(
         rollout_id=rollout.rollout_id,
         champion=rollout.champion,
@@ -136,6 +133,25 @@ def analyse_rollout(
         reasons=reasons,
         cases=cases,
     )
+
+
+@dataclass(frozen=True)
+class Verdict:
+    brier: ConfidenceSequence
+    sensitivity: list[SiteSensitivity]
+    decision: Decision
+    reasons: list[str]
+
+
+def decide_cases(cases: Sequence[LabelledCase], cfg: RolloutConfig) -> Verdict:
+    """The decision rule on the labelled cases so far, in arrival order (see the module's text)."""
+    sites = sorted({case.site for case in cases})
+    judged = [site for site in sites if sum(c.label for c in cases if c.site == site) >= cfg.min_site_positives]
+    alpha = cfg.alpha / (1 + len(judged))  # Bonferroni over the sequences the rule checks
+    brier = difference_sequence(np.array([_brier_gain(case) for case in cases]), alpha)
+    sensitivity = [_site_sensitivity(cases, site, site in judged, alpha, cfg.sensitivity_margin) for site in sites]
+    decision, reasons = _decide(brier, sensitivity, len(cases), cfg)
+    return Verdict(brier, sensitivity, decision, reasons)
 
 
 def _case(row: PredictionRow, labels: dict) -> LabelledCase | None:

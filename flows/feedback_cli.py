@@ -32,8 +32,7 @@ def import_outcomes(
 
     try:
         cfg = _config(config, set_)
-        sites = tuple(cfg.serve.sites or [cfg.data.source, *cfg.data.external])
-        reports = read_outcome_file(file, sites, cfg.ingest, os.environ)
+        reports = read_outcome_file(file, cfg.served_sites(), cfg.ingest, os.environ)
         ledger = PredictionLedger(resolve_ledger_url(cfg.serve, os.environ))
         try:
             results = record_outcomes(ledger, reports, cfg.rollout.outcome_sources)

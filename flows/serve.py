@@ -49,7 +49,7 @@ def build_app(cfg: PipelineConfig, environ: Mapping[str, str]) -> tuple[FastAPI,
             "challenger (serve it with --alias challenger, or approve it)"
         ) from exc
     initial = source.load(version)
-    sites = tuple(settings.sites or [cfg.data.source, *cfg.data.external])
+    sites = cfg.served_sites()
     ledger_url = resolve_ledger_url(settings, environ)
     ledger = PredictionLedger(ledger_url)
     images = ImageStore(settings.image_store, settings.image_retention_days)

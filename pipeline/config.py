@@ -429,6 +429,10 @@ class PipelineConfig(_Section):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
 
+    def served_sites(self) -> tuple[str, ...]:
+        """The sites a served request (and its outcome) may name: ``serve.sites``, else the training sites."""
+        return tuple(self.serve.sites or [self.data.source, *self.data.external])
+
     def in_run_folder(self, run_dir: Path) -> PipelineConfig:
         """A copy whose per-run outputs (validation reports, prepared images, checkpoints, evaluation,
         adaptation) live under ``run_dir``. Shared state stays shared: the prepared-image cache is

@@ -127,7 +127,7 @@ def analyse_rollout(
         answered_by=answered_by,
         metrics=[m for model in MODELS for site in sites if (m := _metrics(cases, model, site)) is not None],
         brier=brier,
-        brier_mean=float(np.mean([_brier_gain(case) for case in cases])) if cases else float("nan"),
+        brier_mean=float(np.mean([brier_gain(case) for case in cases])) if cases else float("nan"),
         sensitivity=sensitivity,
         decision=decision,
         reasons=reasons,
@@ -148,7 +148,7 @@ def decide_cases(cases: Sequence[LabelledCase], cfg: RolloutConfig) -> Verdict:
     sites = sorted({case.site for case in cases})
     judged = [site for site in sites if sum(c.label for c in cases if c.site == site) >= cfg.min_site_positives]
     alpha = cfg.alpha / (1 + len(judged))  # Bonferroni over the sequences the rule checks
-    brier = difference_sequence(np.array([_brier_gain(case) for case in cases]), alpha)
+    brier = difference_sequence(np.array([brier_gain(case) for case in cases]), alpha)
     sensitivity = [_site_sensitivity(cases, site, site in judged, alpha, cfg.sensitivity_margin) for site in sites]
     decision, reasons = _decide(brier, sensitivity, len(cases), cfg)
     return Verdict(brier, sensitivity, decision, reasons)
@@ -165,7 +165,8 @@ def _case(row: PredictionRow, labels: dict) -> LabelledCase | None:
     )
 
 
-def _brier_gain(case: LabelledCase) -> float:
+def brier_gain(case: LabelledCase) -> float:
+    """(p_champion − y)² − (p_challenger − y)²: positive when the challenger was closer to the outcome."""
     return (case.champion - case.label) ** 2 - (case.challenger - case.label) ** 2
 
 

@@ -50,12 +50,16 @@ class Assignments:
         self._known: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
 
+    def known(self, rollout: Rollout, unit: str) -> str | None:
+        """``unit``'s arm if this process has seen it (no database round trip)."""
+        with self._lock:
+            return self._known.get((rollout.rollout_id, unit))
+
     def arm(self, rollout: Rollout, site: str, unit: str, now: datetime | None = None) -> str:
         """``unit``'s arm in ``rollout``: its first one if it has been seen, else a new draw, stored."""
         key = (rollout.rollout_id, unit)
-        with self._lock:
-            if key in self._known:
-                return self._known[key]
+        if (seen := self.known(rollout, unit)) is not None:
+            return seen
         table = rollout_assignments
         stored_arm = sa.select(table.c.arm).where(table.c.rollout_id == rollout.rollout_id, table.c.unit == unit)
         with self.ledger.transaction() as connection:

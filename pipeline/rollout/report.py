@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from pipeline.rollout.analysis import MODELS, RolloutAnalysis  # noqa: E402
+from pipeline.rollout.analysis import MODELS, RolloutAnalysis, brier_gain  # noqa: E402
 from pipeline.rollout.monitor import DriftCheck  # noqa: E402
 
 _COLOURS = {"champion": "#1f77b4", "challenger": "#d62728"}
@@ -70,7 +70,7 @@ def _gain_figure(a: RolloutAnalysis) -> str:
     figure, axes = plt.subplots(figsize=(6, 3.6))
     if a.labelled:
         n = np.arange(1, a.labelled + 1)
-        gains = np.array([(c.champion - c.label) ** 2 - (c.challenger - c.label) ** 2 for c in a.cases])
+        gains = np.array([brier_gain(case) for case in a.cases])
         axes.plot(n, np.cumsum(gains) / n, color="#333", label="running mean")
         axes.fill_between(n, a.brier.low, a.brier.high, color="#999", alpha=0.35, label=f"{1 - a.brier.alpha:.1%} bounds")
     axes.axhline(0, color="black", linewidth=0.8)

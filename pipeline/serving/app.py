@@ -291,7 +291,7 @@ def create_app(settings: ServeConfig, deps: ServeDependencies) -> FastAPI:
             await deps.ledger.record(row)
         except LedgerUnavailable as exc:  # the ledger has logged why (without the request's content)
             metrics.ledger_failures.inc()
-            raise UploadError("ledger_unavailable", "the prediction ledger cannot commit (database unavailable), so "
+            raise RequestRefused("ledger_unavailable", "the prediction ledger cannot commit (database unavailable), so "
                               "the prediction is not answered; retry later", 503) from exc
         return Prediction(
             inference_id=row.inference_id,
@@ -312,11 +312,13 @@ def create_app(settings: ServeConfig, deps: ServeDependencies) -> FastAPI:
         if following.rollout.mode == "shadow":
             return CHAMPION_ARM
         unit = upload.ids.patient or upload.ids.study or inference_id  # sticky per patient when an id is sent
+        if (seen := assignments.known(following.rollout, unit)) is not None:
+            return seen  # a patient seen before: no thread hop, no database
         try:
             return await asyncio.to_thread(assignments.arm, following.rollout, upload.site, unit)
         except LedgerUnavailable as exc:
             metrics.ledger_failures.inc()
-            raise UploadError("ledger_unavailable", "the rollout's assignments cannot be read (database unavailable); "
+            raise RequestRefused("ledger_unavailable", "the rollout's assignments cannot be read (database unavailable); "
                               "retry later", 503) from exc
 
     @app.post(
@@ -436,7 +438,7 @@ def _outcome_routes(deps: ServeDependencies, api_key: str) -> APIRouter:
         try:
             recorded = await asyncio.to_thread(record_outcomes, deps.ledger, [report], deps.outcome_sources)
         except LedgerUnavailable as exc:
-            raise OutcomeError("ledger_unavailable", "the ledger database cannot commit; retry later", 503) from exc
+            raise RequestRefused("ledger_unavailable", "the ledger database cannot commit; retry later", 503) from exc
         return OutcomeRecorded(status=recorded[0].status, inference_ids=list(recorded[0].inference_ids))
 
     return router
@@ -530,7 +532,7 @@ def _decode(
     try:
         return decoded, inputs, images.put(inference_id, deidentified_image(data, decoded), received_at)
     except OSError as exc:
-        raise UploadError("image_store_unavailable", f"the served image could not be kept ({exc.strerror})", 503) from exc
+        raise RequestRefused("image_store_unavailable", f"the served image could not be kept ({exc.strerror})", 503) from exc
 
 
 def _discard(stored: Path | None) -> None:

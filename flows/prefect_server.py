@@ -21,6 +21,8 @@ from contextlib import closing, contextmanager
 
 import httpx
 import prefect
+from filelock import FileLock
+from filelock import Timeout as FileLockTimeout
 from prefect.settings import (
     PREFECT_API_URL,
     PREFECT_HOME,
@@ -111,12 +113,27 @@ def _wait_until_healthy(process: subprocess.Popen, api_url: str, timeout: float)
 @contextmanager
 def temporary_server() -> Iterator[str]:
     """Run a Prefect API server on a free loopback port for the block; yields its API URL, set as PREFECT_API_URL."""
-    PREFECT_HOME.value().mkdir(parents=True, exist_ok=True)  # its SQLite database lives there
-    port = _free_port()
-    process = _start(port)
-    api_url = f"http://127.0.0.1:{port}/api"
+    home = PREFECT_HOME.value()
+    home.mkdir(parents=True, exist_ok=True)  # its SQLite database lives there
+    timeout = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+    # Servers of concurrent runs share PREFECT_HOME's database, whose schema each one migrates as it starts: two
+    # migrations at once collide ("duplicate column"), so servers start one at a time (the lock goes once healthy).
     try:
-        _wait_until_healthy(process, api_url, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+        with FileLock(home / ".crosssim-server-start.lock", timeout=2 * timeout):
+            port = _free_port()  # chosen once the lock is held: a port picked before the wait may be taken by then
+            api_url = f"http://127.0.0.1:{port}/api"
+            process = _start(port)
+            try:
+                _wait_until_healthy(process, api_url, timeout)
+            except BaseException:
+                _stop(process)
+                raise
+    except FileLockTimeout as exc:
+        raise OrchestrationError(
+            f"another run's Prefect server has been starting for over {2 * timeout:g} s (PREFECT_HOME={home}); "
+            "nothing was run"
+        ) from exc
+    try:
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
             yield api_url
     finally:

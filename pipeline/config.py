@@ -362,7 +362,8 @@ class RolloutConfig(_Section):
     alpha: float = Field(default=0.05, gt=0, lt=0.5, description="Error rate of the sequential decision rule, checked any time.")
     min_labelled: int = Field(default=30, ge=1, description="No decision before this many labelled cases.")
     sensitivity_margin: float = Field(
-        default=0.05, ge=0, lt=1, description="Promotion needs the challenger's sensitivity at most this far below, per site."
+        default=0.05, ge=0, lt=1,
+        description="Promotion needs the challenger's sensitivity, read at the champion's specificity, at most this far below, per site.",
     )
     min_site_positives: int = Field(
         default=20, ge=1, description="A site's sensitivity is judged once it has this many labelled pneumonia cases."

@@ -16,7 +16,7 @@ from flows import cli
 from pipeline.config import PipelineConfig
 from pipeline.registry.store import CHALLENGER, CHAMPION, RegistryError
 from pipeline.rollout.actions import RolloutActions, rollout_actions
-from pipeline.rollout.analysis import analyse_rollout
+from pipeline.rollout.analysis import LabelledCase, analyse_rollout, decide_cases, matched_threshold
 from pipeline.rollout.assignment import CHALLENGER_ARM, Assignments, arm_of, sample_ratio_check
 from pipeline.rollout.outcomes import OutcomeReport, record_outcomes
 from pipeline.rollout.sequential import difference_sequence, empirical_bernstein
@@ -204,6 +204,46 @@ def test_the_analysis_promotes_a_better_challenger_and_rolls_back_a_worse_one(cf
     assert rollouts.active() is None
     assert rollouts.actions.registry.aliases("cxr") == ({CHAMPION: "2"} if challenger_better else {CHAMPION: "1"})
     assert outcome.action == ("approve" if challenger_better else "reject")
+
+
+def _cases(labels: np.ndarray, sites: list[str], champion: np.ndarray, challenger: np.ndarray, thresholds: tuple) -> list:
+    return [LabelledCase(f"{i:032x}", T0, site, "champion", int(y), float(p), float(q), *thresholds)
+            for i, (y, site, p, q) in enumerate(zip(labels, sites, champion, challenger, strict=True))]  # fmt: skip
+
+
+def test_the_sensitivity_guardrail_compares_the_models_at_the_champions_specificity(cfg):  # noqa: F811
+    rng = np.random.default_rng(11)
+    n = 600
+    labels, sites = rng.integers(0, 2, n), [("kermany", "nih-cxr8")[i % 2] for i in range(n)]
+    champion = np.clip(0.35 + 0.3 * labels + rng.normal(0, 0.2, n), 0.01, 0.99)
+    sharper = np.clip(0.2 + 0.6 * labels + rng.normal(0, 0.1, n), 0.01, 0.99)
+    # The sharper challenger served at a strict threshold detects fewer pneumonia cases at its own threshold than the
+    # champion at its threshold, yet at the champion's specificity it detects more: not held back
+    served, strict = 0.5, 0.85
+    assert (sharper[labels == 1] >= strict).mean() < (champion[labels == 1] >= served).mean() - 0.3
+    verdict = decide_cases(_cases(labels, sites, champion, sharper, (served, strict)), cfg.rollout)
+    assert verdict.decision == "promote", verdict.reasons
+    for guard in verdict.sensitivity:
+        at_site = (np.array(sites) == guard.site) & (labels == 0)
+        assert guard.specificity == pytest.approx((champion[at_site] < served).mean())
+        assert (sharper[at_site] < guard.challenger_threshold).mean() >= guard.specificity  # matched on the normals
+        assert guard.verdict == "non-inferior" and guard.low > 0
+    # Better calibrated everywhere, but at nih-cxr8 it scores pneumonia like normal films: rolled back for that site
+    missing = sharper.copy()
+    at_nih = (np.array(sites) == "nih-cxr8") & (labels == 1)
+    missing[at_nih] = np.clip(0.2 + rng.normal(0, 0.1, at_nih.sum()), 0.01, 0.99)
+    verdict = decide_cases(_cases(labels, sites, champion, missing, (served, served)), cfg.rollout)
+    assert verdict.decision == "rollback" and {g.site: g.verdict for g in verdict.sensitivity}["nih-cxr8"] == "inferior"
+    assert {g.site: g.verdict for g in verdict.sensitivity}["kermany"] == "non-inferior"
+
+
+def test_the_matched_threshold_reaches_the_specificity_and_no_lower() -> None:
+    normals = np.array([0.1, 0.2, 0.2, 0.4, 0.9])
+    assert matched_threshold(normals, 0.0) == 0.0  # everything called pneumonia
+    t = matched_threshold(normals, 0.6)  # 3 of 5 normal cases below t: just above the tied 0.2s
+    assert (normals < t).mean() == 0.6 and t == np.nextafter(0.2, 1)
+    assert (normals < matched_threshold(normals, 0.5)).mean() == 0.6  # ties: the next reachable specificity
+    assert (normals < matched_threshold(normals, 1.0)).mean() == 1.0
 
 
 def test_auto_start_rolls_out_a_new_challenger_only_when_it_can(cfg):  # noqa: F811

@@ -8,9 +8,17 @@ difference. The rule, checked after any batch of outcomes without inflating its 
 - primary: dᵢ = Brier(champion) − Brier(challenger) = (p_champion − y)² − (p_challenger − y)², in [−1, 1]
   (positive: the challenger's probabilities are closer to the outcomes), in arrival order. Its always-valid
   confidence sequence at level 1 − α/k (Bonferroni over the k sequences checked: this one and one per judged site);
-- guardrail, per site with at least ``min_site_positives`` labelled pneumonia cases: eᵢ = 1[challenger detects]
-  − 1[champion detects] over those cases (each model at its own threshold), non-inferior when the sequence's lower
-  bound is at least −``sensitivity_margin``, inferior when its upper bound is below it;
+- guardrail, per site with at least ``min_site_positives`` labelled pneumonia cases: sensitivity at matched
+  specificity. The champion answers at its served threshold t₀, with specificity s₀ on the site's labelled normal
+  cases; the challenger is read at t₁, the lowest threshold at which it reaches s₀ on the same cases. Over the
+  site's pneumonia cases, eᵢ = 1[p_challenger ≥ t₁] − 1[p_champion ≥ t₀]: non-inferior when the sequence's lower
+  bound is at least −``sensitivity_margin``, inferior when its upper bound is below it. Matched, because a
+  guardrail at each model's own threshold would judge where a threshold was put, not the model: a Youden threshold
+  chosen on NIH trades a little sensitivity for a lot of specificity, and a champion calling 85% of the normal
+  films pneumonia would hold back every challenger (the registry's gate compares at a fixed specificity for the
+  same reason). t₁ is fitted on the normal cases and eᵢ read on the pneumonia ones, so the sequence is valid given
+  t₁; the sampling error of the match itself is not in the bound. The report shows both models at their served
+  thresholds, so a reviewer sees the operating point a promotion would bring;
 - no decision before ``min_labelled`` labelled cases. Roll back when the Brier sequence lies below 0 or a site is
   inferior; promote when it lies above 0 and every judged site is non-inferior; otherwise continue.
 
@@ -20,6 +28,7 @@ Per model and site, AUC, sensitivity and specificity at the model's threshold an
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -76,7 +85,9 @@ class ModelSiteMetrics:
 class SiteSensitivity:
     site: str
     positives: int
-    low: float  # bounds on challenger − champion sensitivity (paired, always valid)
+    specificity: float  # the champion's, at its served threshold, on the site's labelled normal cases
+    challenger_threshold: float  # where the challenger reaches that specificity on the same cases
+    low: float  # bounds on challenger − champion sensitivity at that specificity (paired, always valid)
     high: float
     verdict: Literal["non-inferior", "inferior", "undecided", "too few"]
 
@@ -173,13 +184,25 @@ def brier_gain(case: LabelledCase) -> float:
 def _site_sensitivity(
     cases: Sequence[LabelledCase], site: str, judged: bool, alpha: float, margin: float
 ) -> SiteSensitivity:
-    positives = [case for case in cases if case.site == site and case.label == 1]
-    if not judged:
-        return SiteSensitivity(site, len(positives), -1.0, 1.0, "too few")
-    detected = {model: np.array([c.probability(model) >= c.threshold(model) for c in positives], float) for model in MODELS}
-    low, high = difference_sequence(detected["challenger"] - detected["champion"], alpha).last()
+    at_site = [case for case in cases if case.site == site]
+    positives = [case for case in at_site if case.label == 1]
+    normals = [case for case in at_site if case.label == 0]
+    if not judged or not normals:
+        return SiteSensitivity(site, len(positives), float("nan"), float("nan"), -1.0, 1.0, "too few")
+    specificity = float(np.mean([c.champion < c.champion_threshold for c in normals]))
+    threshold = matched_threshold(np.array([c.challenger for c in normals]), specificity)
+    challenger = np.array([c.challenger >= threshold for c in positives], float)
+    champion = np.array([c.champion >= c.champion_threshold for c in positives], float)
+    low, high = difference_sequence(challenger - champion, alpha).last()
     verdict = "non-inferior" if low >= -margin else "inferior" if high < -margin else "undecided"
-    return SiteSensitivity(site, len(positives), low, high, verdict)
+    return SiteSensitivity(site, len(positives), specificity, threshold, low, high, verdict)
+
+
+def matched_threshold(normal_scores: np.ndarray, specificity: float) -> float:
+    """The lowest threshold t with mean(normal_scores < t) ≥ ``specificity`` (scores ≥ t read as pneumonia)."""
+    ordered = np.sort(normal_scores)
+    needed = math.ceil(specificity * ordered.size - 1e-9)  # normal cases that must fall below t
+    return 0.0 if needed == 0 else float(np.nextafter(ordered[needed - 1], np.inf))
 
 
 def _decide(
@@ -188,14 +211,16 @@ def _decide(
     if labelled < cfg.min_labelled:
         return "continue", [f"{labelled} labelled cases of the {cfg.min_labelled} needed before any decision"]
     low, high = brier.last()
-    inferior = [s.site for s in sensitivity if s.verdict == "inferior"]
+    inferior = [s for s in sensitivity if s.verdict == "inferior"]
     bounds = f"Brier gain of the challenger in [{low:+.4f}, {high:+.4f}] over {labelled} labelled cases"
     if high < 0 or inferior:
         why = [f"{bounds}: worse" if high < 0 else bounds]
-        return "rollback", why + [f"sensitivity at {site} below the champion's by more than the margin" for site in inferior]
+        return "rollback", why + [f"sensitivity at {s.site} below the champion's by more than the margin, at the champion's "
+                                  f"specificity {s.specificity:.2f}" for s in inferior]
     judged = [s for s in sensitivity if s.verdict != "too few"]
     if low > 0 and all(s.verdict == "non-inferior" for s in judged):
-        return "promote", [f"{bounds}: better", *(f"sensitivity at {s.site} non-inferior" for s in judged)]
+        return "promote", [f"{bounds}: better",
+                           *(f"sensitivity at {s.site} non-inferior at the champion's specificity {s.specificity:.2f}" for s in judged)]
     waiting = [f"sensitivity at {s.site} not yet shown non-inferior" for s in judged if s.verdict == "undecided"]
     return "continue", [f"{bounds}: not decided yet" if not low > 0 else bounds, *waiting]
 

@@ -114,12 +114,14 @@ def _metrics_table(a: RolloutAnalysis) -> str:
 
 def _sensitivity_table(a: RolloutAnalysis) -> str:
     rows = "".join(
-        f"<tr><td>{html.escape(s.site)}</td><td>{s.positives}</td><td>[{s.low:+.3f}, {s.high:+.3f}]</td><td>{s.verdict}</td></tr>"
+        f"<tr><td>{html.escape(s.site)}</td><td>{s.positives}</td><td>{s.specificity:.3f}</td>"
+        f"<td>{s.challenger_threshold:.4f}</td><td>[{s.low:+.3f}, {s.high:+.3f}]</td><td>{s.verdict}</td></tr>"
         for s in a.sensitivity
     )
     return (
-        "<h2>Sensitivity guardrail (challenger − champion, paired, always-valid bounds)</h2><table id='guardrail'>"
-        "<tr><th>site</th><th>labelled pneumonia</th><th>bounds</th><th>verdict</th></tr>" + rows + "</table>"
+        "<h2>Sensitivity guardrail (challenger − champion at the champion's specificity, paired, always-valid bounds)"
+        "</h2><table id='guardrail'><tr><th>site</th><th>labelled pneumonia</th><th>champion's specificity</th>"
+        "<th>challenger read at</th><th>bounds</th><th>verdict</th></tr>" + rows + "</table>"
     )
 
 

@@ -2,18 +2,19 @@
 one and leave an equivalent one alone — how fast, and how often wrongly? And does the drift alarm fire on a
 shifted site, but not on the model's own kind of images?
 
-Models (real, trained here): the champion is a ResNet-18 trained on Kermany (pediatric); the challengers are the
-champion fine-tuned on NIH's labelled target-train patients (truly better on NIH), that fine-tuned model with its
-probabilities inverted (truly worse: the Kermany champion is itself below chance on NIH adults, so inverting *it*
-would make a better model, not a worse one), and the champion itself re-registered (equivalent). Every model scores the
-NIH target-test patients (a patient-disjoint holdout, never used to train any of them): those real paired
-predictions and labels are resampled into ``--streams`` streams of labelled cases, and the rule of
-``pipeline.rollout.analysis.decide_cases`` is checked after every ``--batch`` cases, as the analysis flow would
-(both models score every served image, so shadow and canary give the same paired cases). Drift: the champion's
-drift reference is its Kermany calibration images (as registration stores it); windows of served NIH images of
-growing size are tested until the alarm fires, and windows of Kermany test images count the false alarms.
+Models (real, trained here, cached per configuration): see ``rollout_models.py`` — a Kermany-trained champion and
+three challengers (better: fine-tuned on NIH labels; worse: its label-inverted copy; equivalent: the champion
+re-registered), each served at the threshold registration would give it. Live: each challenger is rolled out
+against the champion while the NIH target-test films (patients never used to train any model) stream through
+`crosssim serve` with their reads arriving ``--delay`` films later, and the rollout is analysed after every
+``--batch`` reads (``rollout_replay.py``). Resampled: what the ledger recorded (both models' scores of every film,
+paired) and the films' labels are resampled into ``--streams`` streams of up to ``--max-cases`` labelled cases, and
+the same rule (``pipeline.rollout.analysis.decide_cases``) is checked after every ``--batch`` cases. Drift: the
+champion's drift reference is its Kermany calibration images (as registration stores it); windows of served NIH
+images of growing size are tested until the alarm fires, and windows of Kermany test images count false alarms.
 
-    python benchmarks/rollout.py [--streams 200] [--batch 10] [--max-cases 600] [--smoke] [--output FILE] [--set k=v]
+    python benchmarks/rollout.py [--streams 200] [--batch 10] [--max-cases 600] [--delay 20] [--cache DIR]
+                                 [--smoke] [--output FILE] [--set k=v]
 """
 
 from __future__ import annotations
@@ -33,27 +34,21 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
+from rollout_models import CHALLENGERS, models_cached, rollout_data, rollout_models
+from rollout_replay import Replay, register_models, replay, replay_config
 
-from flows.model_steps import images_of
 from pipeline.config import PipelineConfig, load_config
-from pipeline.crosssim.finetune import finetune_on_labels
-from pipeline.crosssim.stage import DomainData
-from pipeline.crosssim.target import split_target
-from pipeline.data.prepare import prepare_dataset
-from pipeline.data.readers import read_dataset
-from pipeline.data.splits import assign_splits, subsample
 from pipeline.evaluation import binary_metrics
 from pipeline.rollout.analysis import LabelledCase, decide_cases
 from pipeline.rollout.drift import image_embedding, mmd_test
-from pipeline.training import load_trained_model, train_model
 from pipeline.training.engine import predict_proba
 
 REPO = Path(__file__).resolve().parents[1]
+PARAMS = REPO / "params.yaml"
 RESULT = REPO / "benchmarks" / "results" / "rollout.json"
 DEFAULTS = ["data.image_size=64", "train.epochs=6", "crosssim.label_finetune_steps=150"]
 SMOKE = ["data.max_images_per_class=16", "data.image_size=32", "train.epochs=1", "train.batch_size=16",
          "train.num_threads=1", "crosssim.label_finetune_steps=2", "rollout.min_labelled=10"]  # fmt: skip
-CHALLENGERS = ("better", "worse", "equivalent")
 RIGHT = {"better": "promote", "worse": "rollback", "equivalent": "continue"}
 DRIFT_WINDOWS = (25, 50, 100, 200)
 DRIFT_ALPHA_WINDOWS = 40  # Kermany test windows for the false-alarm rate
@@ -70,12 +65,20 @@ def _stream_decision(cases: list[LabelledCase], cfg: PipelineConfig, batch: int)
     return "continue", None
 
 
-def _cases(labels: np.ndarray, champion: np.ndarray, challenger: np.ndarray, threshold: float) -> list[LabelledCase]:
+def _cases(labels: np.ndarray, champion: np.ndarray, challenger: np.ndarray, thresholds: tuple[float, float],
+           site: str) -> list[LabelledCase]:  # fmt: skip
     now = datetime.now(timezone.utc)
     return [
-        LabelledCase(f"{i:032x}", now, "nih-cxr8", "champion", int(y), float(p), float(q), threshold, threshold)
+        LabelledCase(f"{i:032x}", now, site, "champion", int(y), float(p), float(q), *thresholds)
         for i, (y, p, q) in enumerate(zip(labels, champion, challenger, strict=True))
     ]
+
+
+def _replayed(r: Replay) -> dict:
+    return {"mode": r.mode, "films_served": r.served, "reads_posted": r.labelled, "first_decision": r.first_decision,
+            "labelled_cases_at_decision": r.decided_at, "decision_after_all_reads": r.final_decision,
+            "answered_by": r.answered_by, "max_abs_difference_served_vs_pytorch": r.max_abs_difference_from_pytorch,
+            "seconds": r.seconds}  # fmt: skip
 
 
 def main() -> None:
@@ -83,6 +86,8 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=200)
     parser.add_argument("--batch", type=int, default=10, help="Labelled cases between two checks of the rule.")
     parser.add_argument("--max-cases", type=int, default=600, help="A stream still undecided after this continues.")
+    parser.add_argument("--delay", type=int, default=20, help="Films served between a film and its read (live replay).")
+    parser.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench-rollout", help="Trained models, per configuration.")
     parser.add_argument("--smoke", action="store_true", help="Seconds: tiny real subsets, 1 epoch, 10 streams (CI).")
     parser.add_argument("--output", type=Path)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -92,63 +97,59 @@ def main() -> None:
     overrides = [*DEFAULTS, *(SMOKE if args.smoke else []), f"train.output_dir={work / 'train'}", *args.overrides]
     if args.smoke:
         overrides.append(f"data.cache_dir={work / 'cache'}")
-        args.streams, args.max_cases = 10, 120
+        args.streams, args.max_cases, args.delay, args.cache = 10, 120, 5, work / "models"
     output = args.output or (work / RESULT.name if args.smoke else RESULT)
-    cfg = load_config(REPO / "params.yaml", overrides)
+    cfg = load_config(PARAMS, overrides)
     console = Console(width=140)
     torch.manual_seed(cfg.seed)
 
-    root = cfg.data.resolved_root()
-    kermany = subsample(assign_splits(read_dataset(root / cfg.data.source), cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed),
-                        cfg.data.max_images_per_class, cfg.seed)  # fmt: skip
-    source = prepare_dataset(kermany, cfg.data.image_size, cfg.data.cache_dir)
-    nih = read_dataset(root / cfg.crosssim.target)
-    nih = subsample(nih[nih["label"].notna()], cfg.data.max_images_per_class, cfg.seed).reset_index(drop=True)
-    target = prepare_dataset(nih, cfg.data.image_size, cfg.data.cache_dir)
-    console.print("[bold]champion[/]: ResNet-18 trained on Kermany")
-    champion = load_trained_model(train_model(source, cfg, show_progress=sys.stdout.isatty()).model_path, cfg.train.backbone)
-    split = split_target(target.manifest, cfg.crosssim.test_fraction, 1.0, cfg.seed)
-    labelled = DomainData("nih-cxr8/target-train", images_of(target, split.train), split.train["label"].to_numpy("int64"))
-    console.print("[bold]better challenger[/]: the champion fine-tuned on NIH's labelled target-train patients")
-    better = finetune_on_labels(champion, labelled, cfg.crosssim.label_finetune_steps, cfg.train, cfg.augment, cfg.seed)
-    test_images, test_labels = images_of(target, split.test), split.test["label"].to_numpy("int64")
-    cpu = torch.device("cpu")
-    champion_p = predict_proba(champion, test_images, cpu).astype(np.float64)
-    better_p = predict_proba(better, test_images, cpu).astype(np.float64)
-    probabilities = {"better": better_p, "worse": 1 - better_p, "equivalent": champion_p}
-    threshold = 0.5
-    scored = {"champion": champion_p, **probabilities}
-    on_nih = {name: {key: binary_metrics(test_labels, p, threshold)[key] for key in ("auc", "sensitivity", "specificity")}
-              for name, p in scored.items()}  # fmt: skip
-    aucs = {name: metrics["auc"] for name, metrics in on_nih.items()}
+    data, source_val, target_train = rollout_data(cfg)
+    cached = models_cached(cfg, args.cache)
+    models = rollout_models(cfg, data, source_val, target_train, args.cache, log=console.print)
+    labels, site = data.nih_test_labels, cfg.crosssim.target
+    offline = {name: predict_proba(m.model, data.nih_test_images, torch.device("cpu")).astype(np.float64) for name, m in models.items()}
+    on_nih = {name: {key: binary_metrics(labels, offline[name], m.threshold)[key] for key in ("auc", "sensitivity", "specificity")}
+              | {"threshold": m.threshold, "threshold_chosen_on": m.threshold_chosen_on} for name, m in models.items()}  # fmt: skip
+
+    replay_overrides = [*overrides, *replay_config(cfg, work / "replay")]
+    replay_cfg = load_config(PARAMS, replay_overrides)
+    console.print(f"[bold]live[/]: {len(labels)} NIH target-test films through `crosssim serve` per challenger, reads {args.delay} films later")
+    versions = register_models(replay_cfg, models, data)
+    replays = {name: replay(replay_cfg, replay_overrides, name, versions[name], data, offline, args.delay, args.batch, cfg.seed)
+               for name in CHALLENGERS}  # fmt: skip
+    for name, r in replays.items():
+        console.print(f"{name} ({r.mode}): first decision {r.first_decision} at {r.decided_at} reads; served vs PyTorch max |Δp| "
+                      f"{r.max_abs_difference_from_pytorch:.2e}; {r.seconds:.0f} s")  # fmt: skip
 
     rng = np.random.default_rng(cfg.seed)
+    champion_p = replays["better"].champion  # the champion's served scores (the same in every replay)
+    thresholds = {name: (models["champion"].threshold, models[name].threshold) for name in CHALLENGERS}
     results: dict[str, dict] = {}
     for name in CHALLENGERS:
         decisions, cases_needed = [], []
         for _ in range(args.streams):
-            order = rng.integers(0, len(test_labels), args.max_cases)  # resampled from the real paired predictions
-            cases = _cases(test_labels[order], champion_p[order], probabilities[name][order], threshold)
+            order = rng.integers(0, len(labels), args.max_cases)  # resampled from the served, paired predictions
+            cases = _cases(labels[order], champion_p[order], replays[name].challenger_p[order], thresholds[name], site)
             decision, n = _stream_decision(cases, cfg, args.batch)
             decisions.append(decision)
             if n is not None and decision == RIGHT[name]:
                 cases_needed.append(n)
         wrong = sum(d not in (RIGHT[name], "continue") for d in decisions) if name != "equivalent" else sum(d != "continue" for d in decisions)
         results[name] = {
-            "auc_on_nih_test": aucs[name],
-            "sensitivity_specificity_at_threshold": [on_nih[name]["sensitivity"], on_nih[name]["specificity"]],
+            "served": on_nih[name],
             "decisions": {d: decisions.count(d) for d in ("promote", "rollback", "continue")},
             "wrong_rate": wrong / args.streams,
             "labelled_cases_to_decide_median": float(np.median(cases_needed)) if cases_needed else None,
             "labelled_cases_to_decide_p90": float(np.percentile(cases_needed, 90)) if cases_needed else None,
+            "live_replay": _replayed(replays[name]),
         }
-        console.print(f"{name}: {results[name]}")
+        console.print(f"{name}: {results[name]['decisions']}, median {results[name]['labelled_cases_to_decide_median']}")
 
     # Drift: the champion's reference is its calibration images (Kermany val, as registration stores them)
-    val_images, _ = source.subset(source.manifest["split"] == "val")
-    kermany_test, _ = source.subset(source.manifest["split"] == "test")
+    val_images, _ = data.source.subset(data.source.manifest["split"] == "val")
+    kermany_test, _ = data.source.subset(data.source.manifest["split"] == "test")
     reference = image_embedding(np.asarray(val_images)[rng.permutation(len(val_images))[:200]])
-    nih_all = np.asarray(target.images)
+    nih_all = np.asarray(data.target.images)
     detected_at = None
     for size in DRIFT_WINDOWS:
         window = image_embedding(nih_all[rng.choice(len(nih_all), min(size, len(nih_all)), replace=False)])
@@ -175,7 +176,8 @@ def main() -> None:
         "streams": args.streams,
         "check_every_labelled_cases": args.batch,
         "max_cases_per_stream": args.max_cases,
-        "nih_test_cases": int(len(test_labels)),
+        "delay_films": args.delay,
+        "nih_test_cases": int(len(labels)),
         "rule": {"alpha": cfg.rollout.alpha, "min_labelled": cfg.rollout.min_labelled,
                  "sensitivity_margin": cfg.rollout.sensitivity_margin, "min_site_positives": cfg.rollout.min_site_positives},  # fmt: skip
         "champion_on_nih_test": on_nih["champion"],
@@ -185,6 +187,7 @@ def main() -> None:
         "worse_rolled_back_after_median": results["worse"]["labelled_cases_to_decide_median"],
         "drift": drift,
         "wall_seconds": time.perf_counter() - started,
+        "models_from_cache": cached,  # training them adds about 5 minutes on the 2-core CPU
         "seed": cfg.seed,
         "hardware": {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads(),
                      "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},  # fmt: skip
@@ -193,16 +196,20 @@ def main() -> None:
     }
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    table = Table(title=f"Rollout decisions over {args.streams} resampled streams of real NIH predictions")
-    for column in ("challenger", "AUC on NIH test", "promote", "rollback", "continue", "wrong", "cases to decide (median)"):
+    table = Table(title=f"Rollout decisions: live replay through crosssim serve, then {args.streams} resampled streams")
+    for column in ("challenger", "AUC on NIH test", "sens / spec served", "live: first decision (reads)", "promote",
+                   "rollback", "continue", "wrong", "cases to decide (median / p90)"):  # fmt: skip
         table.add_column(column)
     for name in CHALLENGERS:
-        r = results[name]
-        table.add_row(name, f"{r['auc_on_nih_test']:.3f}", *(str(r["decisions"][d]) for d in ("promote", "rollback", "continue")),
-                      f"{r['wrong_rate']:.1%}", str(r["labelled_cases_to_decide_median"]))  # fmt: skip
+        r, live = results[name], results[name]["live_replay"]
+        table.add_row(name, f"{r['served']['auc']:.3f}", f"{r['served']['sensitivity']:.2f} / {r['served']['specificity']:.2f}",
+                      f"{live['first_decision']} ({live['labelled_cases_at_decision']})",
+                      *(str(r["decisions"][d]) for d in ("promote", "rollback", "continue")), f"{r['wrong_rate']:.1%}",
+                      f"{r['labelled_cases_to_decide_median']} / {r['labelled_cases_to_decide_p90']}")  # fmt: skip
     console.print(table)
-    console.print(f"champion AUC on NIH test {aucs['champion']:.3f}; drift: {drift}; wall {report['wall_seconds'] / 60:.1f} min; "
-                  f"written {output}")  # fmt: skip
+    champion = on_nih["champion"]
+    console.print(f"champion on NIH test: AUC {champion['auc']:.3f}, sens / spec {champion['sensitivity']:.2f} / "
+                  f"{champion['specificity']:.2f}; drift: {drift}; wall {report['wall_seconds'] / 60:.1f} min; written {output}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -22,25 +22,21 @@ import json
 import os
 import platform
 import shlex
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing, contextmanager
 from importlib.metadata import version as package_version
 from pathlib import Path
 
 import aiohttp
-import httpx
 import mlflow
 import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 from rich.table import Table
+from servers import free_port, running_server
 
 from flows.promotion import gate_sets
 from pipeline.config import load_config
@@ -59,38 +55,6 @@ MLFLOW = str(Path(sys.executable).parent / "mlflow")
 SERVERS = ("crosssim-fp32", "crosssim-int8", "mlflow", "eager")
 REQUEST_IMAGES = 64  # per site: cycled through by the load
 console = Console()
-
-
-def _free_port() -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def _server(command: list[str], ready_url: str, env: dict[str, str], log: Path, timeout: float = 300):
-    with open(log, "w") as output:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"{command[0]} exited with {process.returncode}; see {log}")
-            try:
-                if httpx.get(ready_url, timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{command[0]} not ready after {timeout} s; see {log}")
-            time.sleep(0.5)
-        yield
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 async def _load(send, payloads: list, concurrency: int, requests: int) -> dict:
@@ -244,7 +208,7 @@ def main() -> None:
             for concurrency in args.concurrency:
                 results[server][str(concurrency)] = _eager_load(twin, paths, size, concurrency, args.requests)
             continue
-        port = _free_port()
+        port = free_port()
         base = f"http://127.0.0.1:{port}"
         if server.startswith("crosssim"):
             if server.split("-")[1] not in bundle.artifacts:
@@ -255,12 +219,12 @@ def main() -> None:
                         f"serve.ledger_path={work / server / 'ledger.db'}", f"serve.image_store={work / server / 'images'}",
                         f"serve.model_name={name}", *args.overrides]  # fmt: skip
             command = [CROSSSIM, "serve", "--config", str(REPO / "params.yaml"), *(a for s in settings for a in ("--set", s))]
-            context, send, payloads = _server(command, f"{base}/readyz", env, work / f"{server}.log"), _crosssim_sender(base), paths
+            context, send, payloads = running_server(command, f"{base}/readyz", env, work / f"{server}.log"), _crosssim_sender(base), paths
         else:
             command = [MLFLOW, "models", "serve", "-m", f"models:/{name}/{served.version}", "--env-manager", "local",
                        "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
             payloads = [json.dumps({"inputs": preprocess(decode_image(path), size)[None].tolist()}).encode() for path in paths]
-            context, send = _server(command, f"{base}/ping", env, work / "mlflow.log"), _mlflow_sender(base)
+            context, send = running_server(command, f"{base}/ping", env, work / "mlflow.log"), _mlflow_sender(base)
         with context:
             for concurrency in args.concurrency:
                 results[server][str(concurrency)] = asyncio.run(_load(send, payloads, concurrency, args.requests))

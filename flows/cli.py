@@ -231,7 +231,8 @@ def ingest(
 
 @app.command("serve-flows")
 def serve_flows(config: ConfigOption = None, set_: SetOption = None) -> None:
-    """Register the scheduled retrain and on-demand ingest deployments with $PREFECT_API_URL and run them until Ctrl-C."""
+    """Register the scheduled retrain, the scheduled rollout analysis and the on-demand ingest deployments with
+    $PREFECT_API_URL and run them until Ctrl-C."""
     from prefect.settings import PREFECT_API_URL
 
     from flows.deployments import ANALYSIS, INGEST, RETRAIN, build_deployments, serve_deployments

@@ -74,9 +74,14 @@ def test_bench_crosssim_smoke_writes_every_variant(data_dir, tmp_path):
 def test_bench_rollout_smoke_writes_decisions_and_drift(data_dir, tmp_path):
     report = run_smoke("rollout.py", data_dir, tmp_path)
     assert set(report["challengers"]) == {"better", "worse", "equivalent"} and report["streams"] == 10
+    films = report["nih_test_cases"]
     for name, row in report["challengers"].items():
         assert sum(row["decisions"].values()) == 10 and 0.0 <= row["wrong_rate"] <= 1.0, name
-        assert _is_score(row["auc_on_nih_test"]), name
-    assert report["challengers"]["worse"]["auc_on_nih_test"] < report["challengers"]["better"]["auc_on_nih_test"]
+        assert _is_score(row["served"]["auc"]) and 0 <= row["served"]["threshold"] <= 1, name
+        live = row["live_replay"]  # every film went through `crosssim serve`, every read through /v1/feedback
+        assert live["films_served"] == live["reads_posted"] == films and sum(live["answered_by"].values()) == films, name
+        assert live["max_abs_difference_served_vs_pytorch"] < 1e-4, name  # the ledger's scores are the models' own
+    assert report["challengers"]["worse"]["live_replay"]["mode"] == "canary"
+    assert report["challengers"]["worse"]["served"]["auc"] < report["challengers"]["better"]["served"]["auc"]
     assert report["drift"]["nih_images_until_alarm"] in (25, 50, 100, 200, None)
     assert 0.0 <= report["drift"]["kermany_test_false_alarm_rate"] <= 1.0

@@ -63,7 +63,9 @@ class DataConfig(_Section):
 class ValidationConfig(_Section):
     """Thresholds of the data-quality rules (see pipeline.validation)."""
 
-    min_side: int = Field(default=64, ge=1)
+    min_side: int = Field(
+        default=28, ge=1, description="Smaller images fail validation; 28 admits PneumoniaMNIST's official 28×28 images."
+    )
     max_side: int = Field(default=8192, ge=1)
     min_std: float = Field(default=2.0, ge=0, description="Below this pixel std an image counts as blank/constant.")
     min_images: int = Field(default=50, ge=1)

@@ -35,7 +35,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from rollout_models import CHALLENGERS, models_cached, rollout_data, rollout_models
-from rollout_replay import Replay, register_models, replay, replay_config
+from rollout_replay import Replay, register_models, replay_all, replay_config
 
 from pipeline.config import PipelineConfig, load_config
 from pipeline.evaluation import binary_metrics
@@ -115,8 +115,7 @@ def main() -> None:
     replay_cfg = load_config(PARAMS, replay_overrides)
     console.print(f"[bold]live[/]: {len(labels)} NIH target-test films through `crosssim serve` per challenger, reads {args.delay} films later")
     versions = register_models(replay_cfg, models, data)
-    replays = {name: replay(replay_cfg, replay_overrides, name, versions[name], data, offline, args.delay, args.batch, cfg.seed)
-               for name in CHALLENGERS}  # fmt: skip
+    replays = replay_all(replay_cfg, replay_overrides, versions, data, offline, args.delay, args.batch, cfg.seed)
     for name, r in replays.items():
         console.print(f"{name} ({r.mode}): first decision {r.first_decision} at {r.decided_at} reads; served vs PyTorch max |Δp| "
                       f"{r.max_abs_difference_from_pytorch:.2e}; {r.seconds:.0f} s")  # fmt: skip

@@ -1,5 +1,5 @@
 """The rollout benchmark's live part: the models registered as a retrain would register them, and the NIH
-target-test films replayed through `crosssim serve` (its own process, on loopback) during a real rollout, each
+target-test films replayed through one `crosssim serve` (its own process, on loopback) during real rollouts, each
 radiologist read posted to /v1/feedback ``delay`` films later, and the rollout analysed after every ``batch``
 reads, as the hourly analysis would. The better and the equivalent challenger run in shadow, the worse one in
 canary at the schedule's first share. What the ledger recorded — both models' scores of every film — is the pool
@@ -90,45 +90,57 @@ def register_models(cfg: PipelineConfig, models: dict[str, ServedModel], data: R
     return versions
 
 
-def replay(cfg: PipelineConfig, overrides: list[str], name: str, version: str, data: RolloutData,
-           offline: dict[str, np.ndarray], delay: int, batch: int, seed: int) -> Replay:  # fmt: skip
-    """One rollout of challenger ``version`` with the NIH target-test films streamed through `crosssim serve`."""
+def replay_all(cfg: PipelineConfig, overrides: list[str], versions: dict[str, str], data: RolloutData,
+               offline: dict[str, np.ndarray], delay: int, batch: int, seed: int) -> dict[str, Replay]:  # fmt: skip
+    """One `crosssim serve` process, running as a hospital's would, while the challengers are rolled out in turn."""
+    site = cfg.crosssim.target
+    port = free_port()
+    env = os.environ | {API_KEY_ENV: API_KEY, salt_variables(site, cfg.ingest)[0]: SALT}
+    settings = [*overrides, f"serve.port={port}"]
+    command = [CROSSSIM, "serve", "--config", str(PARAMS), *(a for s in settings for a in ("--set", s))]
+    log = Path(cfg.serve.ledger_path).parent / "serve.log"
+    base = f"http://127.0.0.1:{port}"
+    with running_server(command, f"{base}/readyz", env, log), httpx.Client(base_url=base, timeout=60) as client:
+        return {name: _replay(client, cfg, name, versions[name], data, offline, delay, batch, seed) for name in MODES}
+
+
+def _replay(client: httpx.Client, cfg: PipelineConfig, name: str, version: str, data: RolloutData,
+            offline: dict[str, np.ndarray], delay: int, batch: int, seed: int) -> Replay:  # fmt: skip
+    """One rollout of challenger ``version`` with the NIH target-test films streamed through the server."""
     started = time.perf_counter()
     rollouts = rollout_actions(cfg)
     registry = rollouts.actions.registry
     registry.move_alias(MODEL_NAME, CHALLENGER, version)
     rollout = rollouts.start(MODES[name], "bench-rollout", f"{name} challenger on the replayed NIH stream")
+    admin = {API_KEY_HEADER: API_KEY}
     site, rows = cfg.crosssim.target, data.nih_test
     order = np.random.default_rng(seed).permutation(len(rows))
-    port = free_port()
-    env = os.environ | {API_KEY_ENV: API_KEY, salt_variables(site, cfg.ingest)[0]: SALT}
-    settings = [*overrides, f"serve.port={port}"]
-    command = [CROSSSIM, "serve", "--config", str(PARAMS), *(a for s in settings for a in ("--set", s))]
     ledger = PredictionLedger(f"sqlite:///{cfg.serve.ledger_path}")
     answers: dict[int, str] = {}  # NIH test position → inference id
     first, decided_at, labelled = "continue", None, 0
     try:
-        log = Path(cfg.serve.ledger_path).parent / f"serve-{name}.log"
-        with running_server(command, f"http://127.0.0.1:{port}/readyz", env, log), httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            for step, position in enumerate([*order, *([None] * delay)]):
-                if position is not None:
-                    row = rows.iloc[position]
-                    path = Path(row["path"])
-                    form = {"site": site, "patient_id": row["patient_id"], "study_id": row["image_id"]}
-                    answer = client.post("/v1/predict", files={"file": (path.name, path.read_bytes())}, data=form)
-                    answer.raise_for_status()
-                    answers[int(position)] = answer.json()["inference_id"]
-                if step < delay:
-                    continue
-                read_of = int(order[step - delay])  # the read of the film served `delay` films ago arrives now
-                label = ("normal", "pneumonia")[int(rows.iloc[read_of]["label"])]
-                client.post("/v1/feedback", headers={API_KEY_HEADER: API_KEY},
-                            json={"inference_id": answers[read_of], "label": label, "source": SOURCE}).raise_for_status()  # fmt: skip
-                labelled += 1
-                if labelled % batch == 0 and first == "continue":
-                    analysis = analyse_rollout(ledger, rollout, cfg.rollout)
-                    if analysis.decision != "continue":
-                        first, decided_at = analysis.decision, analysis.labelled
+        client.post("/v1/admin/reload", headers=admin).raise_for_status()  # follow the new rollout now, not at the next poll
+        for step, position in enumerate([*order, *([None] * delay)]):
+            if position is not None:
+                row = rows.iloc[position]
+                path = Path(row["path"])
+                form = {"site": site, "patient_id": row["patient_id"], "study_id": row["image_id"]}
+                answer = client.post("/v1/predict", files={"file": (path.name, path.read_bytes())}, data=form)
+                answer.raise_for_status()
+                if answer.json()["arm"] is None:
+                    raise RuntimeError(f"crosssim serve answered outside the rollout {rollout.describe()}")
+                answers[int(position)] = answer.json()["inference_id"]
+            if step < delay:
+                continue
+            read_of = int(order[step - delay])  # the read of the film served `delay` films ago arrives now
+            label = ("normal", "pneumonia")[int(rows.iloc[read_of]["label"])]
+            client.post("/v1/feedback", headers=admin,
+                        json={"inference_id": answers[read_of], "label": label, "source": SOURCE}).raise_for_status()  # fmt: skip
+            labelled += 1
+            if labelled % batch == 0 and first == "continue":
+                analysis = analyse_rollout(ledger, rollout, cfg.rollout)
+                if analysis.decision != "continue":
+                    first, decided_at = analysis.decision, analysis.labelled
         final = analyse_rollout(ledger, rollout, cfg.rollout)
         by_id = {case.inference_id: case for case in final.cases}
         cases = [by_id[answers[position]] for position in range(len(rows))]

@@ -17,6 +17,7 @@ from prefect.testing.utilities import prefect_test_harness
 from typer.testing import CliRunner
 
 from flows import cli, model_steps
+from flows.cli.options import console as cli_console
 from flows.promotion import actions_for, gate_challenger
 from flows.retrain import retrain
 from flows.rollout import raise_alarm, rollout_analysis
@@ -178,7 +179,7 @@ def test_crosssim_adapt_runs_inside_the_flow_and_lands_in_mlflow(data_dir, tmp_p
 
     # `crosssim run` prints the adapted models' table next to the source model's (same flow summary)
     monkeypatch.setattr("flows.retrain.retrain", lambda **_: summary)
-    monkeypatch.setattr(cli.console, "width", 200)  # no wrapped table cells
+    monkeypatch.setattr(cli_console, "width", 200)  # no wrapped table cells
     options = [arg for override in overrides for arg in ("--set", override)]
     printed = CliRunner().invoke(cli.app, ["run", "--config", str(REPO / "params.yaml"), *options])
     assert printed.exit_code == 0, printed.output

@@ -15,6 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from flows import cli
+from flows.cli.options import console as cli_console
 from pipeline.config import load_config
 from pipeline.registry.gate import decide, score_set
 from pipeline.registry.review import actions_for
@@ -222,7 +223,7 @@ def test_approving_a_challenger_the_gate_rejected_needs_an_override_that_is_reco
     assert version.description.startswith("card of v2") and "against the promotion gate (override)" in version.description
     assert all(f"- {failure}" in version.description for failure in failed.failures()) and reason in version.description
     assert "review.override_gate" not in actions.registry.version("cxr", "1").tags
-    monkeypatch.setattr(cli.console, "width", 250)  # no wrapped table cells
+    monkeypatch.setattr(cli_console, "width", 250)  # no wrapped table cells
     trail, listed = (runner.invoke(cli.app, ["registry", command, *base]) for command in ("audit", "list"))
     assert "approve (gate overridden)" in trail.output and "approved (gate overridden)" in listed.output
 

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from flows import cli
+from flows.cli.options import console as cli_console
 from pipeline.config import PipelineConfig
 from pipeline.registry.store import CHALLENGER, CHAMPION, RegistryError
 from pipeline.rollout.actions import RolloutActions, rollout_actions
@@ -91,7 +92,7 @@ def test_a_rollout_moves_through_the_registry_audited_and_all_or_nothing(cfg, mo
 
 
 def test_rollout_cli_start_status_stop(cfg, tmp_path, monkeypatch):  # noqa: F811
-    monkeypatch.setattr(cli.console, "width", 200)  # no wrapped lines
+    monkeypatch.setattr(cli_console, "width", 200)  # no wrapped lines
     registry = champion_and_challenger(cfg).actions
     options = ["--set", f"tracking.local_dir={cfg.tracking.local_dir}", "--set", "registry.model_name=cxr",
                "--set", f"serve.ledger_path={tmp_path / 'ledger.db'}", "--set", "serve.ledger_url=null"]  # fmt: skip

@@ -10,8 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from flows.cli_common import ConfigOption, SetOption, _config, _fail, console
-from pipeline.errors import PipelineError
+from flows.cli.options import ConfigOption, SetOption, console, read_config
 
 feedback_app = typer.Typer(help="Outcomes (labels) of served predictions.", no_args_is_help=True)
 
@@ -30,16 +29,13 @@ def import_outcomes(
     from pipeline.rollout.outcomes import record_outcomes
     from pipeline.serving.ledger import PredictionLedger, resolve_ledger_url
 
+    cfg = read_config(config, set_)
+    reports = read_outcome_file(file, cfg.served_sites(), cfg.ingest, os.environ)
+    ledger = PredictionLedger(resolve_ledger_url(cfg.serve, os.environ))
     try:
-        cfg = _config(config, set_)
-        reports = read_outcome_file(file, cfg.served_sites(), cfg.ingest, os.environ)
-        ledger = PredictionLedger(resolve_ledger_url(cfg.serve, os.environ))
-        try:
-            results = record_outcomes(ledger, reports, cfg.rollout.outcome_sources)
-        finally:
-            ledger.close()
-    except PipelineError as exc:
-        _fail(exc)
+        results = record_outcomes(ledger, reports, cfg.rollout.outcome_sources)
+    finally:
+        ledger.close()
     counts = Counter(result.status for result in results)
     table = Table(title=f"{file.name}: {len(results)} rows imported")
     for column in ("recorded", "duplicate", "conflict", "predictions labelled"):
@@ -66,19 +62,16 @@ def export_cases(
     from pipeline.serving.image_store import ImageStore
     from pipeline.serving.ledger import PredictionLedger, resolve_ledger_url
 
+    cfg = read_config(config, set_)
+    ledger = PredictionLedger(resolve_ledger_url(cfg.serve, os.environ))
     try:
-        cfg = _config(config, set_)
-        ledger = PredictionLedger(resolve_ledger_url(cfg.serve, os.environ))
-        try:
-            batch = export_labelled_cases(
-                ledger, ImageStore(cfg.serve.image_store, cfg.serve.image_retention_days), site, out,
-                cfg.rollout.outcome_sources, timedelta(hours=cfg.rollout.maturity_hours),
-                dataset_patients(cfg.ingest.data_dir / site), cfg.ingest.allow_known_patients,
-            )  # fmt: skip
-        finally:
-            ledger.close()
-    except PipelineError as exc:
-        _fail(exc)
+        batch = export_labelled_cases(
+            ledger, ImageStore(cfg.serve.image_store, cfg.serve.image_retention_days), site, out,
+            cfg.rollout.outcome_sources, timedelta(hours=cfg.rollout.maturity_hours),
+            dataset_patients(cfg.ingest.data_dir / site), cfg.ingest.allow_known_patients,
+        )  # fmt: skip
+    finally:
+        ledger.close()
     console.print(
         f"{batch.cases} labelled served cases of {site} → {batch.folder} ({batch.exported_before} exported before, "
         f"{batch.without_image} without a kept image, {batch.known_patients} held back: patient already in the dataset)"

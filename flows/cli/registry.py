@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from flows.cli_common import ConfigOption, SetOption, _config, _fail, console
-from pipeline.errors import PipelineError
+from flows.cli.options import ConfigOption, NameOption, ReasonOption, ReviewerOption, SetOption, console, read_config
 
 if TYPE_CHECKING:
     from pipeline.registry.review import RegistryActions
@@ -19,9 +18,6 @@ if TYPE_CHECKING:
 # (flows.promotion, pipeline.registry.gate): a table must not wait for a deep-learning framework.
 
 registry_app = typer.Typer(help="Registered models: review the challenger, decide, roll back, trace.", no_args_is_help=True)
-ReviewerOption = Annotated[str, typer.Option("--reviewer", help="Who decides (recorded in the audit trail).")]
-ReasonOption = Annotated[str, typer.Option("--reason", help="Why (recorded in the audit trail).")]
-NameOption = Annotated[Optional[str], typer.Option("--name", help="Registered model (default: registry.model_name).")]
 OverrideGateOption = Annotated[
     bool,
     typer.Option(
@@ -40,29 +36,26 @@ def _quiet_artifact_downloads() -> None:
 def _actions(config, set_, name: str | None) -> RegistryActions:
     from pipeline.registry.review import actions_for
 
-    return actions_for(_config(config, set_), name)
+    return actions_for(read_config(config, set_), name)
 
 
 @registry_app.command("list")
 def list_versions(config: ConfigOption = None, set_: SetOption = None, name: NameOption = None) -> None:
     """Every version with its aliases, review status and gate verdict."""
-    try:
-        actions = _actions(config, set_, name)
-        aliases = actions.registry.aliases(actions.name)
-        table = Table(title=f"{actions.name} ({actions.registry.tracking_uri})")
-        for column in ("version", "aliases", "review", "gate", "kind", "MLflow run"):
-            table.add_column(column)
-        for version in actions.registry.versions(actions.name):
-            held = ", ".join(alias for alias, v in aliases.items() if v == str(version.version))
-            tags = version.tags
-            review = tags.get("review.status", "") + (" (gate overridden)" if tags.get("review.override_gate") else "")
-            table.add_row(
-                str(version.version), held, review, tags.get("gate.recommendation", ""),
-                tags.get("model_kind", ""), version.run_id or "",
-            )  # fmt: skip
-        console.print(table)
-    except PipelineError as error:
-        _fail(error)
+    actions = _actions(config, set_, name)
+    aliases = actions.registry.aliases(actions.name)
+    table = Table(title=f"{actions.name} ({actions.registry.tracking_uri})")
+    for column in ("version", "aliases", "review", "gate", "kind", "MLflow run"):
+        table.add_column(column)
+    for version in actions.registry.versions(actions.name):
+        held = ", ".join(alias for alias, v in aliases.items() if v == str(version.version))
+        tags = version.tags
+        review = tags.get("review.status", "") + (" (gate overridden)" if tags.get("review.override_gate") else "")
+        table.add_row(
+            str(version.version), held, review, tags.get("gate.recommendation", ""),
+            tags.get("model_kind", ""), version.run_id or "",
+        )  # fmt: skip
+    console.print(table)
 
 
 @registry_app.command()
@@ -70,36 +63,33 @@ def review(config: ConfigOption = None, set_: SetOption = None, name: NameOption
     """The pending challenger beside the champion, per site, as the promotion gate measured them."""
     from pipeline.registry.store import CHALLENGER, CHAMPION, RegistryError
 
-    try:
-        actions = _actions(config, set_, name)
-        challenger = actions.registry.find(actions.name, CHALLENGER)
-        if challenger is None:
-            raise RegistryError(f"{actions.name}: no pending challenger to review")
-        gate = actions.gate_evidence(str(challenger.version))
-        if gate is None:
-            raise RegistryError(f"{actions.name} v{challenger.version}: the promotion gate has not run on it")
-        table = Table(title=f"{actions.name} v{challenger.version} (challenger) vs {gate['compared_with']}")
-        for column in ("set", "metric", "champion", "challenger", "required", "ok"):
-            table.add_column(column)
-        for row in gate["rows"]:
-            champion = "—" if row["champion"] is None else f"{row['champion']:.4f}"
-            ok = "[green]yes[/]" if row["passed"] else "[red]no[/]"
-            table.add_row(row["set"], row["metric"], champion, f"{row['challenger']:.4f}", f"≥ {row['threshold']:.4f}", ok)
-        console.print(table)
-        recommendation = "promote" if gate["passed"] else "reject"
-        console.print(f"gate recommendation: [bold]{recommendation}[/]")
-        champion = actions.registry.find(actions.name, CHAMPION)
-        for role, version in (("challenger", challenger), ("champion", champion)):
-            if version is not None:
-                console.print(
-                    f"{role} v{version.version}: run {actions.run_link(version.run_id)}; model card: "
-                    f"models:/{actions.name}/{version.version} (description) and the run's registry/model_card.md"
-                )
-        console.print("decide: crosssim registry approve|reject --reviewer NAME --reason TEXT")
-        if not gate["passed"]:
-            console.print("approving it against the gate needs --override-gate (recorded as an override)")
-    except PipelineError as error:
-        _fail(error)
+    actions = _actions(config, set_, name)
+    challenger = actions.registry.find(actions.name, CHALLENGER)
+    if challenger is None:
+        raise RegistryError(f"{actions.name}: no pending challenger to review")
+    gate = actions.gate_evidence(str(challenger.version))
+    if gate is None:
+        raise RegistryError(f"{actions.name} v{challenger.version}: the promotion gate has not run on it")
+    table = Table(title=f"{actions.name} v{challenger.version} (challenger) vs {gate['compared_with']}")
+    for column in ("set", "metric", "champion", "challenger", "required", "ok"):
+        table.add_column(column)
+    for row in gate["rows"]:
+        champion = "—" if row["champion"] is None else f"{row['champion']:.4f}"
+        ok = "[green]yes[/]" if row["passed"] else "[red]no[/]"
+        table.add_row(row["set"], row["metric"], champion, f"{row['challenger']:.4f}", f"≥ {row['threshold']:.4f}", ok)
+    console.print(table)
+    recommendation = "promote" if gate["passed"] else "reject"
+    console.print(f"gate recommendation: [bold]{recommendation}[/]")
+    champion = actions.registry.find(actions.name, CHAMPION)
+    for role, version in (("challenger", challenger), ("champion", champion)):
+        if version is not None:
+            console.print(
+                f"{role} v{version.version}: run {actions.run_link(version.run_id)}; model card: "
+                f"models:/{actions.name}/{version.version} (description) and the run's registry/model_card.md"
+            )
+    console.print("decide: crosssim registry approve|reject --reviewer NAME --reason TEXT")
+    if not gate["passed"]:
+        console.print("approving it against the gate needs --override-gate (recorded as an override)")
 
 
 @registry_app.command()
@@ -128,15 +118,12 @@ def rollback(reviewer: ReviewerOption, reason: ReasonOption, config: ConfigOptio
 
 
 def _decide(action: str, reviewer: str, reason: str, config, set_, name: str | None, **options: bool) -> None:
-    try:
-        actions = _actions(config, set_, name)
-        decision = getattr(actions, action)(reviewer=reviewer, reason=reason, **options)
-        aliases = ", ".join(f"{alias} → v{version}" for alias, version in sorted(decision.aliases.items()))
-        overridden = " against the promotion gate (override recorded)" if options.get("override_gate") else ""
-        console.print(f"{action}: {actions.name} v{decision.version}{overridden}; aliases now {aliases or 'none'}")
-        console.print(f"audit entry: {decision.audit_artifact}")
-    except PipelineError as error:
-        _fail(error)
+    actions = _actions(config, set_, name)
+    decision = getattr(actions, action)(reviewer=reviewer, reason=reason, **options)
+    aliases = ", ".join(f"{alias} → v{version}" for alias, version in sorted(decision.aliases.items()))
+    overridden = " against the promotion gate (override recorded)" if options.get("override_gate") else ""
+    console.print(f"{action}: {actions.name} v{decision.version}{overridden}; aliases now {aliases or 'none'}")
+    console.print(f"audit entry: {decision.audit_artifact}")
 
 
 @registry_app.command()
@@ -144,31 +131,25 @@ def lineage(ref: Annotated[str, typer.Argument(help="NAME@ALIAS or NAME@VERSION"
     """Data versions, git commit, flow run, MLflow run and parent models of a registered version."""
     from pipeline.registry.store import RegistryError
 
-    try:
-        name, _, alias = ref.partition("@")
-        if not name or not alias:
-            raise RegistryError(f"{ref!r}: expected NAME@ALIAS or NAME@VERSION, e.g. crosssim-pneumonia@champion")
-        actions = _actions(config, set_, name)
-        version = actions.registry.version(name, alias)
-        console.print(f"[bold]{name} v{version.version}[/] ({ref})")
-        for key, value in actions.lineage(version).items():
-            console.print(f"  {key}: {value}")
-    except PipelineError as error:
-        _fail(error)
+    name, _, alias = ref.partition("@")
+    if not name or not alias:
+        raise RegistryError(f"{ref!r}: expected NAME@ALIAS or NAME@VERSION, e.g. crosssim-pneumonia@champion")
+    actions = _actions(config, set_, name)
+    version = actions.registry.version(name, alias)
+    console.print(f"[bold]{name} v{version.version}[/] ({ref})")
+    for key, value in actions.lineage(version).items():
+        console.print(f"  {key}: {value}")
 
 
 @registry_app.command()
 def audit(config: ConfigOption = None, set_: SetOption = None, name: NameOption = None) -> None:
     """The audit trail of every registry decision, oldest first."""
-    try:
-        actions = _actions(config, set_, name)
-        table = Table(title=f"{actions.name}: audit trail")
-        for column in ("when (UTC)", "action", "version", "by", "reason", "aliases after"):
-            table.add_column(column)
-        for entry in actions.audit.entries():
-            after = ", ".join(f"{a}→v{v}" for a, v in sorted(entry.aliases_after.items()))
-            action = f"{entry.action} (gate overridden)" if entry.override_gate else entry.action
-            table.add_row(entry.at, action, entry.version, entry.actor, entry.reason, after)
-        console.print(table)
-    except PipelineError as error:
-        _fail(error)
+    actions = _actions(config, set_, name)
+    table = Table(title=f"{actions.name}: audit trail")
+    for column in ("when (UTC)", "action", "version", "by", "reason", "aliases after"):
+        table.add_column(column)
+    for entry in actions.audit.entries():
+        after = ", ".join(f"{a}→v{v}" for a, v in sorted(entry.aliases_after.items()))
+        action = f"{entry.action} (gate overridden)" if entry.override_gate else entry.action
+        table.add_row(entry.at, action, entry.version, entry.actor, entry.reason, after)
+    console.print(table)

@@ -9,9 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from rich.table import Table
 
-from flows.cli_common import ConfigOption, SetOption, _config, _fail, console
-from flows.registry_cli import NameOption, ReasonOption, ReviewerOption
-from pipeline.errors import PipelineError
+from flows.cli.options import ConfigOption, NameOption, ReasonOption, ReviewerOption, SetOption, console, read_config
 
 if TYPE_CHECKING:
     from pipeline.rollout.actions import RolloutActions
@@ -22,7 +20,7 @@ rollout_app = typer.Typer(help="A/B rollouts: shadow, canary, promote or roll ba
 def _rollouts(config, set_, name: str | None) -> RolloutActions:
     from pipeline.rollout.actions import rollout_actions
 
-    return rollout_actions(_config(config, set_), name)
+    return rollout_actions(read_config(config, set_), name)
 
 
 @rollout_app.command()
@@ -35,10 +33,7 @@ def start(
     name: NameOption = None,
 ) -> None:
     """Start a rollout of the pending challenger against the champion (shadow by default)."""
-    try:
-        rollout = _rollouts(config, set_, name).start(mode, reviewer, reason)  # type: ignore[arg-type]
-    except PipelineError as exc:
-        _fail(exc)
+    rollout = _rollouts(config, set_, name).start(mode, reviewer, reason)  # type: ignore[arg-type]
     console.print(f"started {rollout.describe()} (policy {rollout.policy})")
 
 
@@ -48,20 +43,17 @@ def status(config: ConfigOption = None, set_: SetOption = None, name: NameOption
     from pipeline.rollout.assignment import sample_ratio_check
     from pipeline.serving.ledger import PredictionLedger, resolve_ledger_url
 
+    cfg = read_config(config, set_)
+    rollouts = _rollouts(config, set_, name)
+    rollout = rollouts.active()
+    if rollout is None:
+        console.print(f"{rollouts.name}: no rollout is running")
+        return
+    ledger = PredictionLedger(resolve_ledger_url(cfg.serve, os.environ))
     try:
-        cfg = _config(config, set_)
-        rollouts = _rollouts(config, set_, name)
-        rollout = rollouts.active()
-        if rollout is None:
-            console.print(f"{rollouts.name}: no rollout is running")
-            return
-        ledger = PredictionLedger(resolve_ledger_url(cfg.serve, os.environ))
-        try:
-            checks = sample_ratio_check(ledger, rollout.rollout_id)
-        finally:
-            ledger.close()
-    except PipelineError as exc:
-        _fail(exc)
+        checks = sample_ratio_check(ledger, rollout.rollout_id)
+    finally:
+        ledger.close()
     console.print(f"{rollout.describe()}; policy {rollout.policy}; started {rollout.started_at} by {rollout.started_by}")
     if rollout.recommendation:
         console.print(f"latest analysis ({rollout.recommended_at}): {rollout.recommendation}")
@@ -76,11 +68,8 @@ def status(config: ConfigOption = None, set_: SetOption = None, name: NameOption
 
 
 def _act(action: str, reviewer: str, reason: str, config, set_, name: str | None, **options: bool) -> None:
-    try:
-        rollouts = _rollouts(config, set_, name)
-        result = getattr(rollouts, action)(reviewer, reason, **options)
-    except PipelineError as exc:
-        _fail(exc)
+    rollouts = _rollouts(config, set_, name)
+    result = getattr(rollouts, action)(reviewer, reason, **options)
     if hasattr(result, "describe"):
         console.print(f"{action}: {result.describe()}")
     else:
@@ -138,22 +127,19 @@ def analyse(
     from pipeline.rollout.analysis import analyse_rollout
     from pipeline.serving.ledger import PredictionLedger, resolve_ledger_url
 
+    cfg = read_config(config, set_)
+    rollouts = _rollouts(config, set_, name)
+    rollout = rollouts.running()
+    ledger = PredictionLedger(resolve_ledger_url(cfg.serve, os.environ))
     try:
-        cfg = _config(config, set_)
-        rollouts = _rollouts(config, set_, name)
-        rollout = rollouts.running()
-        ledger = PredictionLedger(resolve_ledger_url(cfg.serve, os.environ))
-        try:
-            analysis = analyse_rollout(ledger, rollout, cfg.rollout)
-        finally:
-            ledger.close()
-        if report is not None:
-            from pipeline.rollout.report import render_report
+        analysis = analyse_rollout(ledger, rollout, cfg.rollout)
+    finally:
+        ledger.close()
+    if report is not None:
+        from pipeline.rollout.report import render_report
 
-            render_report(analysis, report)
-        outcome = rollouts.act_on(analysis.decision, analysis.reasons, "rollout analysis")
-    except PipelineError as exc:
-        _fail(exc)
+        render_report(analysis, report)
+    outcome = rollouts.act_on(analysis.decision, analysis.reasons, "rollout analysis")
     console.print(
         f"{rollout.describe()}: {analysis.predictions} predictions, {analysis.labelled} labelled (paired), "
         f"{analysis.pending} pending, {analysis.conflicts} with conflicting labels"

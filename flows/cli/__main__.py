@@ -1,0 +1,5 @@
+"""``python -m flows.cli …`` is ``crosssim …``."""
+
+from flows.cli import app
+
+app()

@@ -66,28 +66,37 @@ def replay_config(cfg: PipelineConfig, work: Path) -> list[str]:
 
 
 def register_models(cfg: PipelineConfig, models: dict[str, ServedModel], data: RolloutData) -> dict[str, str]:
-    """Each model a registered version with its serving bundle (ONNX, threshold, drift reference); name → version."""
+    """Each model a registered version with its serving bundle (ONNX, threshold, drift reference); name → version.
+    The equivalent challenger is the champion's logged model and bundle registered again, as a user re-registering
+    it would: a new version of the very same artifacts."""
     registry = ModelRegistry(resolve_tracking_uri(cfg.tracking))
     val_images, _ = data.source.subset(data.source.manifest["split"] == "val")
     calibration = np.asarray(val_images)[: cfg.serve.export.calibration_images]
-    versions = {}
+    versions, logged = {}, {}
     for name, served in models.items():
-        model, example = serving_model_from(served.model, cfg.data.image_size)
-        folder = Path(cfg.serve.image_store).parent / f"bundle-{name}"
-        with MlflowTracker(cfg.tracking, run_name=f"bench-rollout {name}") as tracker:
-            uri = tracker.log_model(model, "model", example)
-            bundle = build_bundle(
-                model, backbone=cfg.train.backbone, image_size=cfg.data.image_size, threshold=served.threshold,
-                threshold_chosen_on=served.threshold_chosen_on, golden=calibration[:8], calibration=calibration,
-                eval_sets={}, settings=cfg.serve.export, directory=folder,
-            )  # fmt: skip
-            tracker.log_artifacts(folder, f"serving/{MODEL_NAME}")
-            logged = LoggedBundle(MODEL_NAME, f"runs:/{tracker.run_id}/serving/{MODEL_NAME}", bundle)
-        version = str(registry.register(MODEL_NAME, uri, {"mlflow_run_id": tracker.run_id, "bench.model": name}).version)
-        registry.set_version_tags(MODEL_NAME, version, version_tags(logged))
+        if name != "equivalent":
+            logged[name] = _log_with_bundle(cfg, served, calibration)
+        run_id, model_uri, bundle = logged["champion" if name == "equivalent" else name]
+        version = str(registry.register(MODEL_NAME, model_uri, {"mlflow_run_id": run_id, "bench.model": name}).version)
+        registry.set_version_tags(MODEL_NAME, version, version_tags(bundle))
         versions[name] = version
     registry.move_alias(MODEL_NAME, CHAMPION, versions["champion"])
     return versions
+
+
+def _log_with_bundle(cfg: PipelineConfig, served: ServedModel, calibration: np.ndarray) -> tuple[str, str, LoggedBundle]:
+    """The model logged to its own MLflow run with its serving bundle, as registration logs them."""
+    model, example = serving_model_from(served.model, cfg.data.image_size)
+    folder = Path(cfg.serve.image_store).parent / f"bundle-{served.name}"
+    with MlflowTracker(cfg.tracking, run_name=f"bench-rollout {served.name}") as tracker:
+        model_uri = tracker.log_model(model, "model", example)
+        bundle = build_bundle(
+            model, backbone=cfg.train.backbone, image_size=cfg.data.image_size, threshold=served.threshold,
+            threshold_chosen_on=served.threshold_chosen_on, golden=calibration[:8], calibration=calibration,
+            eval_sets={}, settings=cfg.serve.export, directory=folder,
+        )  # fmt: skip
+        tracker.log_artifacts(folder, f"serving/{MODEL_NAME}")
+    return tracker.run_id, model_uri, LoggedBundle(MODEL_NAME, f"runs:/{tracker.run_id}/serving/{MODEL_NAME}", bundle)
 
 
 def replay_all(cfg: PipelineConfig, overrides: list[str], versions: dict[str, str], data: RolloutData,

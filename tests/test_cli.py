@@ -120,3 +120,23 @@ def test_the_cli_and_the_data_stages_do_not_import_what_they_do_not_use(module, 
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_the_metrics_table_keeps_every_name_and_interval_whole_in_80_columns(monkeypatch):
+    from rich.console import Console
+
+    from flows.cli import stages
+
+    narrow = Console(width=80, record=True)
+    monkeypatch.setattr(stages, "console", narrow)
+    interval = {"low": 0.412, "high": 0.517}
+    point = {"auc": 0.4827, "sensitivity": 0.7217, "specificity": 0.1552, "accuracy": 0.4401}
+    sets = {name: {"n": 1150, "n_pos": 575, "at_threshold": point | {"ci": dict.fromkeys(point, interval)}}
+            for name in ("kermany-pediatric/test", "nih-cxr8/target-test")}  # fmt: skip
+    stages._print_results(sets)
+    text = narrow.export_text()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    lines = text.splitlines()
+    for metric, value in point.items():  # each metric on its own row, with its whole interval, once per set
+        assert sum(metric in line and f"{value:.3f} [0.412, 0.517]" in line for line in lines) == 2, metric
+    assert "nih-cxr8/target-test" in text and "kermany-pediatric/" in text  # long names fold, never cut

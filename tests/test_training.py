@@ -65,11 +65,15 @@ def test_resume_after_interruption_equals_uninterrupted(mnist_subset, tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
-def test_learns_above_chance_and_keeps_best(mnist_subset, tmp_path):
-    result = train_model(mnist_subset, _cfg(tmp_path, "train.epochs=2"), show_progress=False)
+def test_learns_above_chance_and_keeps_best(mnist_subset, tmp_path, capsys):
+    result = train_model(mnist_subset, _cfg(tmp_path, "train.epochs=2"))
     assert result.state.best_val_auc > 0.75
     assert result.model_path.is_file() and result.checkpoint_path.is_file()
     assert len(result.state.history) == 2 and result.state.history[-1]["train_images_per_second"] > 0
+    # not a terminal (as in CI or a Prefect worker): no progress bar drawn at the end, one line per epoch
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("  ")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"], lines
+    assert f"val AUC {result.state.history[-1]['val_auc']:.4f}" in lines[-1]
 
 
 def test_early_stopping_stops(mnist_subset, tmp_path):

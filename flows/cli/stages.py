@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich import box
 from rich.table import Table
 
 from flows.cli.options import ConfigOption, SetOption, config_path, console, err_console, read_config
@@ -16,17 +17,20 @@ from pipeline.errors import DataValidationError
 
 
 def _print_results(sets: dict, title: str = "Evaluation (threshold chosen on the source val split; 95% CI)") -> None:
-    """Per-site metrics at the validation-chosen threshold, with 95% bootstrap CIs."""
+    """Per-site metrics at the validation-chosen threshold, with 95% bootstrap CIs: one row per set and metric, so
+    that no name or interval is cut in an 80-column terminal."""
     from pipeline.evaluation import format_with_interval
 
-    metrics = ("auc", "sensitivity", "specificity", "accuracy")
-    table = Table(title=title)
-    for column in ("set", "images (pneumonia)", *metrics):
-        table.add_column(column)
+    table = Table(title=title, box=box.SIMPLE_HEAD)
+    table.add_column("set", overflow="fold", min_width=22)  # kermany-pediatric/test on one line
+    table.add_column("images (pneumonia)", overflow="fold", max_width=11)
+    table.add_column("metric")
+    table.add_column("value [95% CI]", no_wrap=True)
     for name, result in sets.items():
         point = result["at_threshold"]
-        cells = [format_with_interval(point[metric], point["ci"].get(metric)) for metric in metrics]
-        table.add_row(name, f"{result['n']} ({result['n_pos']})", *cells)
+        for index, metric in enumerate(("auc", "sensitivity", "specificity", "accuracy")):
+            shown = (name, f"{result['n']} ({result['n_pos']})") if index == 0 else ("", "")
+            table.add_row(*shown, metric, format_with_interval(point[metric], point["ci"].get(metric)), end_section=metric == "accuracy")
     console.print(table)
 
 

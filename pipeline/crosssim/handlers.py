@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from typing import Any
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 LOG_EVERY = 10  # steps between history rows / tracker points
@@ -131,16 +133,20 @@ class HistoryRecorder:
 
 
 class LoopProgress:
-    """Rich progress bar over steps with the last total loss and discriminator accuracy."""
+    """Rich progress bar over steps with the last total loss and discriminator accuracy; where the output is not a
+    terminal (CI, a Prefect worker), one line per tenth of the loop instead."""
 
-    def __init__(self, description: str, enabled: bool = True) -> None:
+    def __init__(self, description: str, enabled: bool = True, console: Console | None = None) -> None:
         self.description = description
         self.enabled = enabled
+        self.console = console or Console()
         self._progress: Progress | None = None
         self._task = None
+        self._started = 0.0
 
     def on_fit_start(self, loop) -> None:
-        if not self.enabled:
+        self._started = time.monotonic()
+        if not self.enabled or not self.console.is_terminal:
             return
         self._progress = Progress(
             TextColumn(f"[bold]{self.description}"),
@@ -149,14 +155,22 @@ class LoopProgress:
             TextColumn("loss {task.fields[loss]:.4f}  D acc {task.fields[acc]:.2f}"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
+            console=self.console,
         )
         self._task = self._progress.add_task(self.description, total=loop.steps, loss=math.nan, acc=math.nan)
         self._progress.start()
 
     def on_step_end(self, loop) -> None:
+        loss = loop.state.losses.get("total", math.nan)
         if self._progress is not None:
-            loss = loop.state.losses.get("total", math.nan)
             self._progress.update(self._task, advance=1, loss=loss, acc=loop.state.domain_accuracy)
+        elif self.enabled and loop.state.step % max(1, loop.steps // 10) == 0:
+            self.console.print(
+                f"{self.description}: step {loop.state.step}/{loop.steps}  loss {loss:.4f}  "
+                f"D acc {loop.state.domain_accuracy:.2f}  {time.monotonic() - self._started:.0f} s",
+                highlight=False,
+                markup=False,
+            )
 
     def on_fit_end(self, loop) -> None:
         if self._progress is not None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 LAST_CHECKPOINT = "last.pt"
@@ -58,15 +60,20 @@ class EarlyStopping:
 
 
 class ProgressBar:
-    """Rich progress bar over optimizer batches, showing loss and the last validation AUC."""
+    """Rich progress bar over optimizer batches, showing loss and the last validation AUC. Where the output is not
+    a terminal (CI, a Prefect worker, a log file) a bar would only be drawn once, at the end: there each epoch
+    prints one line instead."""
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, console: Console | None = None) -> None:
         self.enabled = enabled
+        self.console = console or Console()
         self._progress: Progress | None = None
         self._task = None
+        self._started = 0.0
 
     def on_fit_start(self, trainer) -> None:
-        if not self.enabled:
+        self._started = time.monotonic()
+        if not self.enabled or not self.console.is_terminal:
             return
         self._progress = Progress(
             TextColumn("[bold]epoch {task.fields[epoch]}"),
@@ -75,6 +82,7 @@ class ProgressBar:
             TextColumn("loss {task.fields[loss]:.4f}  val AUC {task.fields[auc]}"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
+            console=self.console,
             transient=False,
         )
         total = trainer._batches_per_epoch() * trainer.cfg.epochs
@@ -89,10 +97,17 @@ class ProgressBar:
             self._progress.update(self._task, advance=1, loss=trainer.state.last_loss)
 
     def on_epoch_end(self, trainer) -> None:
+        row = trainer.state.history[-1]
         if self._progress is not None:
-            auc = trainer.state.history[-1]["val_auc"]
             shown_epoch = min(trainer.state.epoch + 1, trainer.cfg.epochs)
-            self._progress.update(self._task, epoch=shown_epoch, auc=f"{auc:.4f}")
+            self._progress.update(self._task, epoch=shown_epoch, auc=f"{row['val_auc']:.4f}")
+        elif self.enabled:
+            self.console.print(
+                f"epoch {trainer.state.epoch}/{trainer.cfg.epochs}  train loss {row['train_loss']:.4f}  "
+                f"val AUC {row['val_auc']:.4f}  {time.monotonic() - self._started:.0f} s",
+                highlight=False,
+                markup=False,
+            )
 
     def on_fit_end(self, trainer) -> None:
         if self._progress is not None:

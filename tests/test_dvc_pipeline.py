@@ -16,17 +16,28 @@ from tests.conftest import REPO, copy_kermany_subset, copy_nih_subset
 BIN = Path(sys.executable).parent
 
 
-def _run(args: list[str], cwd: Path) -> str:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+def _run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    environ = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **env}
+    done = subprocess.run(args, cwd=cwd, env=environ, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done.stdout
+    return done
+
+
+def _project_files_imported(stderr: str) -> set[str]:
+    """The project's modules a process imported, from Python's -X importtime report (one line per import)."""
+    modules = {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+    files = set()
+    for module in modules:
+        if module.split(".")[0] in ("pipeline", "flows"):
+            path = REPO / Path(*module.split("."))
+            files.add(str((path / "__init__.py" if path.is_dir() else path.with_suffix(".py")).relative_to(REPO)))
+    return files
 
 
 def test_dvc_repro_runs_the_stages_and_reports_metrics(data_dir, tmp_path):
     project = tmp_path / "project"
     project.mkdir()
-    for name in ("dvc.yaml", "pipeline"):
+    for name in ("dvc.yaml", "pipeline", "flows"):
         source = REPO / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, project / name)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -41,8 +52,15 @@ def test_dvc_repro_runs_the_stages_and_reports_metrics(data_dir, tmp_path):
     copy_nih_subset(data_dir, project / "data" / "raw" / "nih-cxr8", per_class=15)
     _run(["git", "init", "-q"], project)
     _run(["dvc", "init", "-q"], project)
+    shutil.copy(REPO / ".dvcignore", project / ".dvcignore")
 
-    _run(["dvc", "repro"], project)
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    undeclared = {}
+    for stage, spec in stages.items():  # one stage at a time, so that each one's imports are its own
+        imported = _project_files_imported(_run(["dvc", "repro", "--single-item", stage], project, PYTHONPROFILEIMPORTTIME="1").stderr)
+        assert imported, f"{stage}: no import report (did the stage run?)"
+        undeclared[stage] = sorted(f for f in imported if not any(f == dep or f.startswith(f"{dep}/") for dep in spec["deps"]))
+    assert undeclared == dict.fromkeys(stages, []), f"dvc.yaml stages run code they do not depend on: {undeclared}"
     metrics = json.loads((project / "outputs" / "eval" / "metrics.json").read_text())
     assert {"kermany-pediatric/test", "nih-cxr8"} <= set(metrics)
     lock = yaml.safe_load((project / "dvc.lock").read_text())
@@ -50,6 +68,9 @@ def test_dvc_repro_runs_the_stages_and_reports_metrics(data_dir, tmp_path):
     adapted = json.loads((project / "outputs" / "adapt" / "metrics.json").read_text())
     assert set(adapted) == {"source", "adapted", "student"}
     assert "nih-cxr8/target-test" in adapted["adapted"]
-    shown = json.loads(_run(["dvc", "metrics", "show", "--json"], project))
+    shown = json.loads(_run(["dvc", "metrics", "show", "--json"], project).stdout)
     assert "kermany-pediatric/test" in json.dumps(shown)
-    assert "up to date" in _run(["dvc", "repro"], project)  # nothing changed: nothing reruns
+    bytecode = project / "pipeline" / "data" / "__pycache__" / "images.cpython-311.pyc"
+    bytecode.parent.mkdir(exist_ok=True)
+    bytecode.write_bytes(b"compiled later")  # Python writing bytecode beside the code is not a code change
+    assert "up to date" in _run(["dvc", "repro"], project).stdout  # nothing changed: nothing reruns

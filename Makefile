@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 # The ephemeral server of `crosssim run` gets 20 s to start by default: too short on a busy 2-core machine.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: setup chromium run test bench-source bench-crosssim bench-serve bench-rollout bench-smoke data dvc-repro mlflow-ui prefect-ui clean
+.PHONY: setup chromium run test test-fast bench-source bench-crosssim bench-serve bench-rollout bench-smoke data dvc-repro mlflow-ui prefect-ui clean
 
 # Bytecode compiled at install: with PYTHONDONTWRITEBYTECODE set, every command would otherwise recompile
 # MLflow, Prefect and torch's Python (a `crosssim registry list` took 7 s instead of 3).
@@ -35,6 +35,10 @@ chromium:
 # Two workers, one test file each: the slow tests mostly wait on subprocesses and servers, so they overlap well.
 test: setup chromium
 	$(PY) -m pytest -q -n 2 --dist loadfile
+
+# Unit tests only (no model training, no servers, no whole flows): about a minute, for the edit-test loop.
+test-fast: setup
+	$(PY) -m pytest -q -n 2 -m "not slow"
 
 bench-source: setup
 	$(PY) benchmarks/source_pneumoniamnist.py

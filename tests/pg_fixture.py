@@ -115,7 +115,7 @@ def postgres_server() -> Iterator[PostgresServer]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])  # a PostgreSQL server: slow
 def ledger_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PredictionLedger]:
     """The prediction ledger on SQLite (a file in tmp_path) and on its own real PostgreSQL server."""
     if request.param == "sqlite":

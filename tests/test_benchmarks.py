@@ -9,7 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow  # every benchmark's smoke run: left out of make test-fast
 
 CROSSSIM_VARIANTS = {
     "source_only",

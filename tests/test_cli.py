@@ -96,6 +96,7 @@ def test_train_before_prepare_and_evaluate_before_train_say_what_to_run(tmp_path
     assert not any((tmp_path / folder).exists() for folder in ("prepared", "train", "eval"))
 
 
+@pytest.mark.slow  # starts, and kills, a Prefect server
 def test_run_says_what_to_do_when_prefects_temporary_server_does_not_start(tmp_path):
     """A busy machine can start Prefect's temporary server too slowly: a clear message, exit 7, nothing run."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}

@@ -31,6 +31,8 @@ from pipeline.models import build_model
 from pipeline.training.engine import Trainer
 from tests.conftest import REPO, copy_kermany_subset, copy_nih_subset
 
+pytestmark = pytest.mark.slow  # adaptation loops on real images: left out of make test-fast
+
 SIZE = 32
 
 

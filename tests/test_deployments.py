@@ -29,6 +29,8 @@ from flows.deployments import ANALYSIS, INGEST, RETRAIN
 from tests.conftest import REPO
 from tests.test_flow import _overrides
 
+pytestmark = pytest.mark.slow  # a Prefect server and workers: left out of make test-fast
+
 CRON, ZONE = "0 2 * * 1", "Europe/Berlin"  # Mondays 02:00 Berlin time: 01:00 UTC in winter, 00:00 UTC in summer
 
 

@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import REPO, copy_kermany_subset, copy_nih_subset
+
+pytestmark = pytest.mark.slow  # dvc repro of every stage: left out of make test-fast
 
 BIN = Path(sys.executable).parent
 

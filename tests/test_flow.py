@@ -35,6 +35,8 @@ from tests.test_benchmarks import run_smoke
 from tests.test_rollout import _rollout_rows, champion_and_challenger
 from tests.test_serving_ledger import T0
 
+pytestmark = pytest.mark.slow  # whole Prefect flows on real models: left out of make test-fast
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -38,6 +38,8 @@ from pipeline.versioning import dvc_tracked_version
 from tests.conftest import REPO, copy_nih_subset
 from tests.test_serving_ledger import make_row
 
+pytestmark = pytest.mark.slow  # ingest and retraining flows: left out of make test-fast
+
 runner = CliRunner()
 SITE = "nih-site"
 SALT_VAR = "CROSSSIM_DICOM_SALT_NIH_SITE"

@@ -20,6 +20,8 @@ from pipeline.data.readers import NIH_CSV, kermany_patient, read_dataset, read_d
 from pipeline.errors import DatasetError, DataValidationError
 from tests.conftest import REPO, copy_kermany_subset, copy_nih_subset
 
+pytestmark = pytest.mark.slow  # a whole run: left out of make test-fast
+
 
 def only(report, reason):
     [exclusion] = [e for e in report.exclusions if e.reason == reason]

@@ -23,6 +23,8 @@ from pipeline.config import load_config
 from pipeline.data.prepare import _move_into_place
 from pipeline.tracking import ENDED_BY_TAG, MlflowTracker
 
+pytestmark = pytest.mark.slow  # concurrent whole runs: left out of make test-fast
+
 REPO = Path(__file__).resolve().parents[1]
 CROSSSIM = str(Path(sys.executable).parent / "crosssim")
 MODEL = "crosssim-pneumonia"
@@ -64,7 +66,6 @@ def _weights_digest(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-@pytest.mark.slow
 def test_two_concurrent_runs_each_register_the_weights_they_trained(data_dir, tmp_path):
     """The reported defect: a run started 3 s after another (other seed, other image size) used to overwrite the
     first one's checkpoint, which then registered the second one's weights."""
@@ -125,7 +126,6 @@ def _prefect_servers(process: subprocess.Popen) -> list[psutil.Process]:
     return [child for child in children if "prefect.server.api.server:create_app" in " ".join(child.cmdline())]
 
 
-@pytest.mark.slow
 def test_a_stopped_or_killed_run_leaves_no_running_mlflow_run_and_no_server(data_dir, tmp_path, monkeypatch):
     """One run stopped by SIGTERM, one killed by SIGKILL, side by side (one start-up cost)."""
     # mlflow.set_tracking_uri (called by earlier tests in this process) exports MLFLOW_TRACKING_URI, which would

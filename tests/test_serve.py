@@ -54,6 +54,8 @@ from pipeline.training import load_trained_model, train_model
 from tests.conftest import REPO, copy_kermany_subset
 from tests.pg_fixture import PostgresServer, postgres_server  # noqa: F401  (the fixture, found by name)
 
+pytestmark = pytest.mark.slow  # real registered models served: left out of make test-fast
+
 NAME = "cxr-serve"
 SIZE = 64  # the smallest at which resnet18's last block still has a 2×2 map
 SALT = "serve-test-secret-0123456789abcdef"

@@ -24,6 +24,8 @@ from pipeline.serving.export import LoggedBundle, build_bundle, version_tags
 from pipeline.serving.runtime import onnx_probabilities, onnx_session, torch_probabilities
 from pipeline.training import load_trained_model, train_model
 
+pytestmark = pytest.mark.slow  # ONNX export of real models: left out of make test-fast
+
 SIZE = 32
 SET = "pneumoniamnist/test"
 

@@ -196,6 +196,7 @@ def test_image_store_refuses_metadata_and_keeps_nothing_at_zero_retention(tmp_pa
     assert not (tmp_path / "none").exists()
 
 
+@pytest.mark.slow  # a PostgreSQL server, stopped and restarted
 def test_postgres_stopped_under_load_gives_unavailable_then_recovers(postgres_server: PostgresServer) -> None:
     ledger = PredictionLedger(postgres_server.url)
     attempted: dict[str, PredictionRow] = {}

@@ -22,6 +22,8 @@ from pipeline.training import train_model
 from pipeline.training.engine import Trainer
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow  # real training runs: left out of make test-fast
+
 
 @pytest.fixture(scope="module")
 def mnist_subset(data_dir, tmp_path_factory):

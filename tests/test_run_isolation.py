@@ -40,6 +40,7 @@ def _command(work: Path, data_dir: Path, *extra: str) -> list[str]:
         "train.epochs=1",
         "train.batch_size=16",
         "evaluate.bootstrap_samples=20",
+        "serve.export.enabled=false",  # the serving bundles have their own tests; here they would only cost time
         f"data.cache_dir={work / 'cache'}",
         f"runs.dir={work / 'runs'}",
         f"tracking.local_dir={work / 'mlflow'}",

@@ -90,7 +90,10 @@ SMOKE = [  # --smoke: every variant on 12 images per split and class of each sit
 def _finetune(source_model, data: DomainData, cfg: PipelineConfig) -> torch.nn.Module:
     """The fine-tuning baseline (and the oracle): plain supervised fine-tuning, the recipe CrossSim
     with labels also uses when ``crosssim.label_consistency_weight`` is 0."""
-    return finetune_on_labels(source_model, data, cfg.crosssim.label_finetune_steps, cfg.train, cfg.augment, cfg.seed)
+    settings = cfg.crosssim
+    return finetune_on_labels(
+        source_model, data, settings.label_finetune_steps, settings.label_finetune_lr, cfg.train, cfg.augment, cfg.seed
+    )
 
 
 def _variant_config(base: list[str], seed: int, work: Path, extra: list[str]) -> PipelineConfig:

@@ -90,8 +90,8 @@ def rollout_models(cfg: PipelineConfig, data: RolloutData, source_val: DomainDat
             trained[name] = (
                 load_trained_model(train_model(data.source, cfg, show_progress=False).model_path, cfg.train.backbone)
                 if name == "champion"
-                else finetune_on_labels(trained["champion"], target_train, cfg.crosssim.label_finetune_steps, cfg.train,
-                                        cfg.augment, cfg.seed)  # fmt: skip
+                else finetune_on_labels(trained["champion"], target_train, cfg.crosssim.label_finetune_steps,
+                                        cfg.crosssim.label_finetune_lr, cfg.train, cfg.augment, cfg.seed)  # fmt: skip
             )
             torch.save(trained[name].state_dict(), path.with_suffix(".tmp"))
             path.with_suffix(".tmp").rename(path)  # a killed run leaves no half-written cache
@@ -130,7 +130,7 @@ def _cache_key(cfg: PipelineConfig) -> str:
         "data": cfg.data.model_dump(mode="json", exclude={"cache_dir", "root"}),
         "train": cfg.train.model_dump(mode="json", exclude={"output_dir", "num_threads"}),
         "augment": cfg.augment.model_dump(mode="json"),
-        "finetune_steps": cfg.crosssim.label_finetune_steps,
+        "finetune": (cfg.crosssim.label_finetune_steps, cfg.crosssim.label_finetune_lr),
         "target": cfg.crosssim.target,
         "test_fraction": cfg.crosssim.test_fraction,
         "seed": cfg.seed,

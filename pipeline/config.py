@@ -157,6 +157,8 @@ class DistillConfig(_Section):
     )
     steps: int = Field(default=600, ge=1)
     lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    grad_clip_norm: float | None = Field(default=5.0, gt=0, description="Gradient-norm clip (null: none).")
 
 
 class CrossSimConfig(_Section):
@@ -193,8 +195,18 @@ class CrossSimConfig(_Section):
     augment: bool = Field(default=True, description="Dynamic augmentation (the augment section) on both domains.")
     steps: int = Field(default=600, ge=1)
     batch_size: int = Field(default=32, ge=2, description="Images per domain per step.")
-    lr: float = Field(default=3e-4, gt=0)
+    lr: float = Field(default=3e-4, gt=0, description="Backbone; the mapping head and classifier get head_lr_factor× it.")
+    head_lr_factor: float = Field(
+        default=10.0, gt=0, description="The new head learns this much faster than the copied backbone (TLlib's convention)."
+    )
     discriminator_lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0, description="AdamW weight decay of the adaptation.")
+    grad_clip_norm: float | None = Field(default=5.0, gt=0, description="Adaptation's gradient-norm clip (null: none).")
+    head_warmup_steps: int = Field(
+        default=300, ge=0, description="Steps fitting the new mapping head + classifier on frozen features first."
+    )
+    head_warmup_lr: float = Field(default=1e-3, gt=0)
+    label_finetune_lr: float = Field(default=3e-4, gt=0, description="Learning rate of the fine-tuning on target labels.")
     eval_every: int = Field(default=100, ge=1)
     selection_tolerance: float = Field(
         default=0.02, ge=0, description="Candidates keep source-val AUC within this of the source model's."

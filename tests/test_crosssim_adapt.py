@@ -280,7 +280,7 @@ def test_with_target_labels_adaptation_starts_from_the_fine_tuned_model(domains,
     assert "max labelled-target AUC" in result.diagnostics["selection_rule"]
     assert "target_labelled_auc" in result.diagnostics["adapt"]["selected"]
     before = [p.clone() for p in source_model.parameters()]
-    fine_tuned = finetune_on_labels(source_model, some_labels, 5, cfg.train, cfg.augment, cfg.seed)
+    fine_tuned = finetune_on_labels(source_model, some_labels, 5, 3e-4, cfg.train, cfg.augment, cfg.seed)
     assert all(torch.equal(a, b) for a, b in zip(before, source_model.parameters(), strict=True))  # a copy moved
     assert any(not torch.equal(a, b.cpu()) for a, b in zip(before, fine_tuned.parameters(), strict=True))
     evaluation = EvaluationSets(domains["source_val"].images, domains["source_val"].labels, target.images, some_labels.labels)
@@ -292,7 +292,7 @@ def test_with_target_labels_adaptation_starts_from_the_fine_tuned_model(domains,
     assert weights == {"labelled": 0.0, "unlabelled": 1.0}  # source hard labels step back only when target ones exist
     with pytest.raises(DatasetError, match="both classes"):
         one_class = DomainData("target-train", target.images[:6], np.array([1, 1, 1, UNLABELLED, UNLABELLED, UNLABELLED]))
-        finetune_on_labels(source_model, one_class, 5, cfg.train, cfg.augment, cfg.seed)
+        finetune_on_labels(source_model, one_class, 5, 3e-4, cfg.train, cfg.augment, cfg.seed)
 
 
 def test_semi_supervised_fine_tuning_learns_consistency_on_the_unlabelled_target_images(domains, source_model, tmp_path):
@@ -302,7 +302,7 @@ def test_semi_supervised_fine_tuning_learns_consistency_on_the_unlabelled_target
     some_labels = DomainData("target-train", target.images, np.where(hidden, UNLABELLED, target.labels))
     evaluation = EvaluationSets(domains["source_val"].images, domains["source_val"].labels, target.images, some_labels.labels)
     runtime = LoopRuntime(torch.device("cpu"), False, None, torch.Generator().manual_seed(0))
-    loop = ConsistencyFinetuner(source_model, some_labels, 2.0, 4, cfg.train, cfg.augment, evaluation, runtime)
+    loop = ConsistencyFinetuner(source_model, some_labels, 2.0, 4, 3e-4, cfg.train, cfg.augment, evaluation, runtime)
     before = [p.clone() for p in source_model.parameters()]
     loop.fit()
     assert loop.state.step == 4 and set(loop.state.losses) == {"classification", "consistency", "total"}
@@ -312,10 +312,10 @@ def test_semi_supervised_fine_tuning_learns_consistency_on_the_unlabelled_target
     assert any(not torch.equal(a, b) for a, b in zip(before, loop.model.parameters(), strict=True))
 
     with pytest.raises(DatasetError, match="needs unlabelled images too"):
-        ConsistencyFinetuner(source_model, target, 1.0, 2, cfg.train, cfg.augment, evaluation, runtime)
+        ConsistencyFinetuner(source_model, target, 1.0, 2, 3e-4, cfg.train, cfg.augment, evaluation, runtime)
     one_class = DomainData("target-train", target.images[:6], np.array([0, 0, UNLABELLED, UNLABELLED, UNLABELLED, UNLABELLED]))
     with pytest.raises(DatasetError, match="both classes"):
-        ConsistencyFinetuner(source_model, one_class, 1.0, 2, cfg.train, cfg.augment, evaluation, runtime)
+        ConsistencyFinetuner(source_model, one_class, 1.0, 2, 3e-4, cfg.train, cfg.augment, evaluation, runtime)
 
 
 def test_bad_inputs_are_refused_before_anything_is_written(domains, source_model, tmp_path):

@@ -20,7 +20,6 @@ already fine-tuned on those labels: it is the "source" model, F_src, of the form
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import numpy as np
@@ -39,8 +38,7 @@ from pipeline.crosssim.model import AdaptedClassifier
 from pipeline.crosssim.modules import DomainDiscriminator, WarmStartGradientReverseLayer
 from pipeline.models import Classifier
 from pipeline.training.engine import class_weights
-
-HEAD_WARMUP_STEPS = 300
+from pipeline.training.schedule import warmup_cosine
 
 
 class Adapter(DomainLoop):
@@ -60,6 +58,7 @@ class Adapter(DomainLoop):
             source, target, cfg.batch_size, cfg.steps, cfg.eval_every, evaluation, runtime, handlers, cfg.balance_source_classes
         )
         self.cfg = cfg
+        self.grad_clip_norm = cfg.grad_clip_norm
         self.frozen_source = copy.deepcopy(source_model.features).to(self.device, memory_format=self.memory_format).eval()
         self.frozen_source.requires_grad_(False)
         self.model = AdaptedClassifier.from_source(source_model, cfg.mapping_dim).to(
@@ -76,19 +75,15 @@ class Adapter(DomainLoop):
         grl = WarmStartGradientReverseLayer(max_iters=cfg.steps, auto_step=True)
         self.dann_loss = DomainAdversarialLoss(self.discriminator, grl)
         self._warm_start_head(source, target, runtime.generator)
-        # The copied backbone learns 10× slower than the new head (TLlib's convention for fine-tuning).
         groups = [
             {"params": self.model.features.parameters(), "lr": cfg.lr},
-            {"params": [*self.model.mapping.parameters(), *self.model.head.parameters()], "lr": cfg.lr * 10},
+            {"params": [*self.model.mapping.parameters(), *self.model.head.parameters()], "lr": cfg.lr * cfg.head_lr_factor},
         ]
         if cfg.alignment == "dann":
             groups.append({"params": self.discriminator.parameters(), "lr": cfg.discriminator_lr})
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=1e-4)
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         self.discriminator_optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=cfg.discriminator_lr)
-        total = cfg.steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0)))
-        )
+        self.scheduler = warmup_cosine(self.optimizer, cfg.steps)
 
     def _warm_start_head(self, source: DomainData, target: DomainData, generator: torch.Generator) -> None:
         """Fit the new mapping head + classifier on the frozen starting features first.
@@ -108,8 +103,8 @@ class Adapter(DomainLoop):
             (features, torch.as_tensor(np.asarray(labels, dtype=np.int64), device=self.device), weight)
             for features, labels, weight in domains
         ]
-        optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-4)
-        for _ in range(HEAD_WARMUP_STEPS):
+        optimizer = torch.optim.AdamW(head.parameters(), lr=self.cfg.head_warmup_lr, weight_decay=self.cfg.weight_decay)
+        for _ in range(self.cfg.head_warmup_steps):
             loss = torch.zeros((), device=self.device)
             for features, labels, weight in domains:
                 rows = torch.randint(len(features), (128,), generator=generator).to(self.device)

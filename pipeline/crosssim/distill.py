@@ -10,7 +10,6 @@ target labels, the source rows' hard labels weigh ``source_label_weight`` (as in
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -20,6 +19,7 @@ from pipeline.config import DistillConfig
 from pipeline.crosssim.engine import UNLABELLED, DomainData, DomainLoop, EvaluationSets, LoopRuntime
 from pipeline.crosssim.losses import DistillationLoss
 from pipeline.models import build_model
+from pipeline.training.schedule import warmup_cosine
 
 
 class Distiller(DomainLoop):
@@ -47,15 +47,9 @@ class Distiller(DomainLoop):
         self.unlabelled_loss = DistillationLoss(cfg.alpha, cfg.temperature, cfg.pseudo_label_threshold)
         self.soft_loss = DistillationLoss(0.0, cfg.temperature)  # T²·KL alone
         self.source_weight = source_label_weight if (target.labels != UNLABELLED).any() else 1.0
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-        warmup = max(1, cfg.steps // 10)
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * min((step - warmup) / max(1, cfg.steps - warmup), 1.0)))
-
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.grad_clip_norm = cfg.grad_clip_norm
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = warmup_cosine(self.optimizer, cfg.steps, warmup_steps=max(1, cfg.steps // 10))
 
     def train_step(self) -> None:
         source_images, source_labels = self.source.next()

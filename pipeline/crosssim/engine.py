@@ -22,7 +22,7 @@ from torch import nn
 from pipeline.augment import augment_batch, normalise, to_model_input
 from pipeline.crosssim.losses import binary_entropy
 from pipeline.errors import TrainingError
-from pipeline.training.engine import predict_proba
+from pipeline.training.engine import batched_outputs, predict_proba
 
 UNLABELLED = -1
 
@@ -106,7 +106,7 @@ class DomainLoop:
     """Runs ``steps`` optimisation steps on source + target batches, evaluating every ``eval_every``."""
 
     model: nn.Module
-    grad_clip_norm: float | None = 5.0
+    grad_clip_norm: float | None = None  # each loop sets its configured clip
 
     def __init__(
         self,
@@ -208,14 +208,9 @@ class DomainLoop:
         return predict_proba(self.model, images, self.device, self.channels_last)
 
 
-@torch.no_grad()
 def extract(network: nn.Module, images: np.ndarray, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """``network`` applied to uint8 images (N, H, W) in batches of 256, without gradients."""
-    outputs = []
-    for start in range(0, len(images), 256):
-        batch = torch.from_numpy(np.array(images[start : start + 256]))
-        outputs.append(network(normalise(to_model_input(batch, device, channels_last))))
-    return torch.cat(outputs)
+    """``network`` applied to uint8 images (N, H, W) in batches, without gradients; outputs on ``device``."""
+    return torch.cat(list(batched_outputs(network, images, device, channels_last)))
 
 
 def _auc(labels: np.ndarray, probs: np.ndarray) -> float:

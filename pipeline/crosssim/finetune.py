@@ -30,8 +30,7 @@ from pipeline.crosssim.losses import AugmentationConsistencyLoss
 from pipeline.errors import DatasetError
 from pipeline.models import Classifier
 from pipeline.training.engine import Trainer, seed_everything
-
-FINETUNE_LR = 3e-4
+from pipeline.training.schedule import warmup_cosine
 
 
 def _labelled_rows(data: DomainData) -> np.ndarray:
@@ -45,14 +44,14 @@ def _labelled_rows(data: DomainData) -> np.ndarray:
 
 
 def finetune_on_labels(
-    source_model: Classifier, data: DomainData, steps: int, train: TrainConfig, augment: AugmentConfig, seed: int
+    source_model: Classifier, data: DomainData, steps: int, lr: float, train: TrainConfig, augment: AugmentConfig, seed: int
 ) -> Classifier:
-    """A copy of ``source_model`` fine-tuned (all layers, cosine lr) for about ``steps`` steps on
+    """A copy of ``source_model`` fine-tuned (all layers, cosine from ``lr``) for about ``steps`` steps on
     ``data``'s labelled rows, with the training augmentation; the last weights are returned."""
     labelled = _labelled_rows(data)
     images, labels = np.asarray(data.images[labelled]), data.labels[labelled]
     epochs = max(1, math.ceil(steps * train.batch_size / len(images)))
-    config = train.model_copy(update={"epochs": epochs, "lr": FINETUNE_LR, "warmup_epochs": 0.0})
+    config = train.model_copy(update={"epochs": epochs, "lr": lr, "warmup_epochs": 0.0})
     seed_everything(seed)
     trainer = Trainer(copy.deepcopy(source_model), images, labels, images, labels, config, augment, seed)
     trainer.fit()
@@ -76,6 +75,7 @@ class ConsistencyFinetuner(DomainLoop):
         data: DomainData,
         weight: float,
         steps: int,
+        lr: float,
         train: TrainConfig,
         augment: AugmentConfig,
         evaluation: EvaluationSets,
@@ -96,10 +96,8 @@ class ConsistencyFinetuner(DomainLoop):
         self.grad_clip_norm = train.grad_clip_norm
         self.criterion = nn.CrossEntropyLoss(label_smoothing=train.label_smoothing)
         self.consistency = AugmentationConsistencyLoss()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=FINETUNE_LR, weight_decay=train.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / steps, 1.0)))
-        )
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=train.weight_decay)
+        self.scheduler = warmup_cosine(self.optimizer, steps)
 
     def train_step(self) -> None:
         images, labels = self.source.next()

@@ -232,13 +232,15 @@ def _finetune(
     settings = cfg.crosssim
     if settings.label_consistency_weight == 0 or (target_train.labels != UNLABELLED).all():
         steps = settings.label_finetune_steps
-        return finetune_on_labels(source_model, target_train, steps, cfg.train, cfg.augment, cfg.seed), None
+        lr = settings.label_finetune_lr
+        return finetune_on_labels(source_model, target_train, steps, lr, cfg.train, cfg.augment, cfg.seed), None
     handlers = [HistoryRecorder("label_finetune", tracker), LoopProgress("fine-tune + consistency", show_progress)]
     loop = ConsistencyFinetuner(
         source_model,
         target_train,
         settings.label_consistency_weight,
         settings.label_finetune_steps,
+        settings.label_finetune_lr,
         cfg.train,
         cfg.augment,
         evaluation,

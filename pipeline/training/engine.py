@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +23,7 @@ from torchmetrics.functional.classification import binary_auroc
 from pipeline.augment import augment_batch, build_augmentation, normalise, to_model_input
 from pipeline.config import AugmentConfig, TrainConfig
 from pipeline.errors import TrainingError
+from pipeline.training.schedule import warmup_cosine
 
 
 @dataclass
@@ -102,7 +105,9 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(seed)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.steps_per_epoch = math.ceil(self._batches_per_epoch() / cfg.grad_accum_steps)
-        self.scheduler = self._warmup_cosine(self.steps_per_epoch * cfg.epochs)
+        total_steps = self.steps_per_epoch * cfg.epochs
+        warmup_steps = min(int(cfg.warmup_epochs * self.steps_per_epoch), max(total_steps - 1, 0))
+        self.scheduler = warmup_cosine(self.optimizer, total_steps, warmup_steps)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.state = TrainState()
         self.handlers = list(handlers or [])
@@ -110,17 +115,6 @@ class Trainer:
     def _batches_per_epoch(self) -> int:
         full, rest = divmod(len(self.train_images), self.cfg.batch_size)
         return full + (1 if rest >= 2 else 0)  # a batch of one breaks BatchNorm: it is dropped
-
-    def _warmup_cosine(self, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-        warmup = min(int(self.cfg.warmup_epochs * self.steps_per_epoch), max(total_steps - 1, 0))
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = (step - warmup) / max(1, total_steps - warmup)
-            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
 
     def _emit(self, event: str) -> None:
         for handler in self.handlers:
@@ -226,26 +220,41 @@ class Trainer:
 
 
 @torch.no_grad()
+def batched_outputs(
+    network: nn.Module | Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor | np.ndarray,
+    device: torch.device,
+    channels_last: bool = True,
+    batch_size: int = 256,
+    autocast: Callable[[], AbstractContextManager] | None = None,
+) -> Iterator[torch.Tensor]:
+    """``network``'s outputs on uint8 images (N, H, W), one batch at a time, without gradients: the batched
+    inference of every loop. Each batch is copied out of ``images`` on its own, so a memory-mapped set is never
+    read whole."""
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        batch = torch.from_numpy(np.array(batch)) if isinstance(batch, np.ndarray) else batch
+        inputs = normalise(to_model_input(batch, device, channels_last))
+        with autocast() if autocast is not None else nullcontext():
+            outputs = network(inputs)
+        yield outputs
+
+
+@torch.no_grad()
 def predict_proba(
     model: nn.Module,
     images: torch.Tensor | np.ndarray,
     device: torch.device,
     channels_last: bool = True,
     batch_size: int = 256,
-    autocast=None,
+    autocast: Callable[[], AbstractContextManager] | None = None,
 ) -> np.ndarray:
     """Softmax probability of class 1 for uint8 images (N, H, W), in eval mode."""
-    images = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
     was_training = model.training
     model.eval()
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        inputs = normalise(to_model_input(images[start : start + batch_size], device, channels_last))
-        if autocast is None:
-            logits = model(inputs)
-        else:
-            with autocast():
-                logits = model(inputs)
-        outputs.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu())
+    outputs = [
+        torch.softmax(logits.float(), dim=1)[:, 1].cpu()
+        for logits in batched_outputs(model, images, device, channels_last, batch_size, autocast)
+    ]
     model.train(was_training)
     return torch.cat(outputs).numpy() if outputs else np.zeros(0, dtype=np.float32)

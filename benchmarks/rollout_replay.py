@@ -136,9 +136,10 @@ def _replay(client: httpx.Client, cfg: PipelineConfig, name: str, version: str, 
                 form = {"site": site, "patient_id": row["patient_id"], "study_id": row["image_id"]}
                 answer = client.post("/v1/predict", files={"file": (path.name, path.read_bytes())}, data=form)
                 answer.raise_for_status()
-                if answer.json()["arm"] is None:
+                answered = answer.json()
+                if answered["arm"] is None:
                     raise RuntimeError(f"crosssim serve answered outside the rollout {rollout.describe()}")
-                answers[int(position)] = answer.json()["inference_id"]
+                answers[int(position)] = answered["inference_id"]
             if step < delay:
                 continue
             read_of = int(order[step - delay])  # the read of the film served `delay` films ago arrives now

@@ -165,9 +165,11 @@ class LoopProgress:
         if self._progress is not None:
             self._progress.update(self._task, advance=1, loss=loss, acc=loop.state.domain_accuracy)
         elif self.enabled and loop.state.step % max(1, loop.steps // 10) == 0:
+            accuracy = loop.state.domain_accuracy  # nan in the loops without a discriminator
+            shown = f"  D acc {accuracy:.2f}" if math.isfinite(accuracy) else ""
             self.console.print(
-                f"{self.description}: step {loop.state.step}/{loop.steps}  loss {loss:.4f}  "
-                f"D acc {loop.state.domain_accuracy:.2f}  {time.monotonic() - self._started:.0f} s",
+                f"{self.description}: step {loop.state.step}/{loop.steps}  loss {loss:.4f}{shown}  "
+                f"{time.monotonic() - self._started:.0f} s",
                 highlight=False,
                 markup=False,
             )

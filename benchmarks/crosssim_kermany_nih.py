@@ -24,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
 
@@ -31,18 +32,17 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from flows.model_steps import images_of
 from pipeline.config import PipelineConfig, load_config
 from pipeline.crosssim.engine import UNLABELLED
 from pipeline.crosssim.finetune import finetune_on_labels
 from pipeline.crosssim.model import load_model
 from pipeline.crosssim.scoring import evaluate_models
 from pipeline.crosssim.stage import DomainData, run_crosssim
-from pipeline.crosssim.target import split_target
 from pipeline.data.prepare import PreparedDataset, prepare_dataset
 from pipeline.data.readers import read_dataset
 from pipeline.data.splits import assign_splits, subsample
-from pipeline.evaluation import format_with_interval
+from pipeline.evaluation import Interval, format_with_interval
+from pipeline.retrain.data import CrossSimData, crosssim_data
 from pipeline.training import load_trained_model, train_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,25 +119,14 @@ def run_seed(
     trained = train_model(source, cfg, show_progress=show)
     source_model = load_trained_model(trained.model_path, cfg.train.backbone)
 
-    def labelled(split: str) -> DomainData:
-        images, rows = source.subset(source.manifest["split"] == split)
-        return DomainData(f"{cfg.data.source}/{split}", images, rows["label"].to_numpy(dtype="int64"))
+    def split(fraction: float) -> CrossSimData:
+        settings = cfg.crosssim.model_copy(update={"labelled_fraction": fraction, "test_set": test_set})
+        return crosssim_data(cfg.model_copy(update={"crosssim": settings}), source, target)
 
-    source_train, source_val = labelled("train"), labelled("val")
-    splits = {
-        fraction: split_target(target.manifest, cfg.crosssim.test_fraction, fraction, seed, test_set)
-        for fraction in (0.0, LABELLED_FRACTION, 1.0)
-    }
-    test = splits[0.0].test
-    test_images = (
-        images_of(target, test) if test_set is None else prepare_dataset(test, cfg.data.image_size, cfg.data.cache_dir).images
-    )
-    target_train = {
-        fraction: DomainData(
-            f"{cfg.crosssim.target}/target-train", images_of(target, split.train), split.train["label"].fillna(UNLABELLED).to_numpy("int64")
-        )
-        for fraction, split in splits.items()
-    }
+    splits = {fraction: split(fraction) for fraction in (0.0, LABELLED_FRACTION, 1.0)}
+    source_train, source_val = splits[0.0].source_train, splits[0.0].source_val
+    test_images, test = splits[0.0].target_test
+    target_train = {fraction: data.target_train for fraction, data in splits.items()}
 
     models: dict[str, tuple[torch.nn.Module, DomainData, float]] = {"source_only": (source_model, target_train[0.0], 0.0)}
 
@@ -149,7 +138,7 @@ def run_seed(
         seconds = time.perf_counter() - started
         final = load_model(result.student_path or result.adapted_path)
         models[name] = (final, target_train[fraction], seconds)
-        gaps[name] = result.diagnostics["domain_gap"]
+        gaps[name] = result.gap.to_dict()
         if result.student_path is not None and name in ("crosssim", "crosssim_10pct"):  # the teacher, scored too
             models[f"{name}_no_distillation"] = (load_model(result.adapted_path), target_train[fraction], seconds)
 
@@ -183,12 +172,12 @@ def run_seed(
             torch.device("cpu"),
             seed,
         )[name]
-        point = scored["sets"]["target-test"]["at_threshold"]
+        point = scored.sets["target-test"].at_threshold
         rows[name] = {
-            **{metric: point[metric] for metric in METRICS},
-            "ci": {metric: point["ci"][metric] for metric in METRICS},
-            "threshold": scored["threshold"],
-            "threshold_chosen_on": scored["threshold_chosen_on"],
+            **{metric: point.value(metric) for metric in METRICS},
+            "ci": {metric: asdict(point.ci[metric]) for metric in METRICS},
+            "threshold": scored.threshold,
+            "threshold_chosen_on": scored.threshold_chosen_on,
             "labelled_target_images": int((train_data.labels != UNLABELLED).sum()),
             "adapt_seconds": seconds,
             "domain_gap": gaps.get(name),
@@ -196,7 +185,7 @@ def run_seed(
     return {
         "seed": seed,
         "source_val_auc": trained.state.best_val_auc,
-        "n_target_train": len(splits[0.0].train),
+        "n_target_train": len(splits[0.0].target_train.labels),
         "n_target_test": len(test),
         "n_target_test_pneumonia": int(test["label"].sum()),
         "variants": rows,
@@ -304,7 +293,7 @@ def _print(report: dict, console: Console) -> None:
     for name, row in first.items():
         stats = report["summary"][name]
         spread = f"{stats['auc_mean']:.3f} ± {stats['auc_sd']:.3f} (n={stats['seeds']})"
-        table.add_row(name, spread, *(format_with_interval(row[m], row["ci"][m]) for m in METRICS))
+        table.add_row(name, spread, *(format_with_interval(row[m], Interval(**row["ci"][m])) for m in METRICS))
     console.print(table)
     console.print(
         f"gap closed: {report['gap_closed']:.2f} (unlabelled target), {report['gap_closed_10pct']:.2f} with 10% labels "

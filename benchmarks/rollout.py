@@ -41,7 +41,7 @@ from pipeline.config import PipelineConfig, load_config
 from pipeline.evaluation import binary_metrics
 from pipeline.rollout.analysis import LabelledCase, decide_cases
 from pipeline.rollout.drift import image_embedding, mmd_test
-from pipeline.training.engine import predict_proba
+from pipeline.training.inference import predict_proba
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"

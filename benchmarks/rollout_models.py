@@ -21,7 +21,6 @@ import pandas as pd
 import torch
 from torch import nn
 
-from flows.model_steps import images_of
 from pipeline.config import PipelineConfig
 from pipeline.crosssim.finetune import finetune_on_labels
 from pipeline.crosssim.scoring import decision_threshold
@@ -67,9 +66,9 @@ def rollout_data(cfg: PipelineConfig) -> tuple[RolloutData, DomainData, DomainDa
     split = split_target(target.manifest, cfg.crosssim.test_fraction, 1.0, cfg.seed)
     val_images, val_rows = source.subset(source.manifest["split"] == "val")
     source_val = DomainData(f"{cfg.data.source}/val", np.asarray(val_images), val_rows["label"].to_numpy("int64"))
-    target_train = DomainData(f"{cfg.crosssim.target}/target-train", images_of(target, split.train),
+    target_train = DomainData(f"{cfg.crosssim.target}/target-train", target.images_of(split.train),
                               split.train["label"].to_numpy("int64"))  # fmt: skip
-    data = RolloutData(source, target, split.test, images_of(target, split.test))
+    data = RolloutData(source, target, split.test, target.images_of(split.test))
     return data, source_val, target_train
 
 

@@ -19,16 +19,16 @@ import numpy as np
 from rollout_models import RolloutData, ServedModel
 from servers import free_port, running_server
 
-from flows.model_steps import serving_model_from
-from flows.serve import API_KEY_ENV
 from pipeline.config import PipelineConfig
 from pipeline.data.salt import salt_variables
+from pipeline.models import servable
 from pipeline.registry.store import CHALLENGER, CHAMPION, ModelRegistry
 from pipeline.rollout.actions import rollout_actions
 from pipeline.rollout.analysis import analyse_rollout
 from pipeline.serving.app import API_KEY_HEADER
 from pipeline.serving.export import LoggedBundle, build_bundle, version_tags
 from pipeline.serving.ledger import PredictionLedger
+from pipeline.serving.service import API_KEY_ENV
 from pipeline.tracking import MlflowTracker, resolve_tracking_uri
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -86,7 +86,7 @@ def register_models(cfg: PipelineConfig, models: dict[str, ServedModel], data: R
 
 def _log_with_bundle(cfg: PipelineConfig, served: ServedModel, calibration: np.ndarray) -> tuple[str, str, LoggedBundle]:
     """The model logged to its own MLflow run with its serving bundle, as registration logs them."""
-    model, example = serving_model_from(served.model, cfg.data.image_size)
+    model, example = servable(served.model, cfg.data.image_size)
     folder = Path(cfg.serve.image_store).parent / f"bundle-{served.name}"
     with MlflowTracker(cfg.tracking, run_name=f"bench-rollout {served.name}") as tracker:
         model_uri = tracker.log_model(model, "model", example)

@@ -38,12 +38,12 @@ from rich.console import Console
 from rich.table import Table
 from servers import free_port, running_server
 
-from flows.promotion import gate_sets
 from pipeline.config import load_config
 from pipeline.data.images import decode_image
 from pipeline.data.prepare import open_prepared
 from pipeline.evaluation import binary_metrics
 from pipeline.registry.store import ModelRegistry
+from pipeline.retrain.promotion import gate_sets
 from pipeline.serving.bundle import ARTIFACT_URI_TAG, preprocess, read_bundle
 from pipeline.serving.runtime import onnx_probabilities, onnx_session, torch_probabilities
 from pipeline.tracking import resolve_tracking_uri

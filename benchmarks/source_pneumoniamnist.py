@@ -36,7 +36,8 @@ from pipeline.data.splits import subsample
 from pipeline.evaluation import binary_metrics, choose_threshold
 from pipeline.models import build_model
 from pipeline.training import load_trained_model, train_model
-from pipeline.training.engine import Trainer, class_weights, predict_proba, seed_everything
+from pipeline.training.engine import Trainer, class_weights, seed_everything
+from pipeline.training.inference import predict_proba
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT = REPO / "benchmarks" / "results" / "source-pneumoniamnist.json"

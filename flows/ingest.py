@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -76,5 +77,6 @@ def ingest(
     if report.status == "accepted" and cfg.ingest.retrain_after:
         # a subflow: the new data version goes through train → CrossSim → registry as one traced run
         retrained = retrain(config_path, [*(overrides or []), f"data.root={cfg.ingest.data_dir}"])
-        result["retrain"] = {key: retrained.get(key) for key in ("mlflow_run_id", "registry", "rollout")}
+        registered = asdict(retrained.registry) if retrained.registry else None
+        result["retrain"] = {"mlflow_run_id": retrained.mlflow_run_id, "registry": registered, "rollout": retrained.rollout}
     return result

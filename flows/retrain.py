@@ -1,15 +1,15 @@
-"""Prefect 3 retraining flow: validate → prepare → train → evaluate → CrossSim adapt, tracked in MLflow.
+"""Prefect 3 retraining flow: validate → prepare → train → evaluate → CrossSim adapt → register, tracked in MLflow.
 
-Runs in Prefect's local ephemeral mode unless PREFECT_API_URL points at a server.
-One MLflow run spans the flow: a blocked validation leaves a FAILED run holding the
-validation reports and no model. Each flow run works in its own folder under ``runs.dir``, so runs
-started together (a schedule overlapping a manual run) never train, score or register each other's files.
+The stages are pipeline.retrain's; this module makes them tasks. Runs in Prefect's local ephemeral mode unless
+PREFECT_API_URL points at a server. One MLflow run spans the flow: a blocked validation leaves a FAILED run holding
+the validation reports and no model. Each flow run works in its own folder under ``runs.dir``, so runs started
+together (a schedule overlapping a manual run) never train, score or register each other's files.
 """
 
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from pathlib import Path
 
 import pandas as pd
@@ -20,22 +20,27 @@ from prefect.context import get_run_context
 from prefect.locking.filesystem import FileSystemLockManager
 from prefect.settings import PREFECT_HOME
 
-from flows import data_steps, model_steps, promotion
 from pipeline.config import PipelineConfig, load_config
-from pipeline.crosssim.model import load_model
+from pipeline.crosssim.stage import CrossSimResult
 from pipeline.data.exclusions import ReadReport
 from pipeline.data.prepare import content_key
-from pipeline.errors import ConfigError, DataValidationError
-from pipeline.evaluation import format_with_interval, metrics_table_markdown
+from pipeline.errors import ConfigError
+from pipeline.evaluation import ScoredModel
+from pipeline.retrain import adaptation, promotion, sites, source
+from pipeline.retrain.adaptation import AdaptationOutcome
+from pipeline.retrain.data import CrossSimData, crosssim_data
+from pipeline.retrain.promotion import Registration
+from pipeline.retrain.summary import RetrainSummary
 from pipeline.rollout.actions import rollout_actions
 from pipeline.tracking import MlflowTracker, run_context_tags
+from pipeline.training import TrainResult
 from pipeline.validation import ValidationReport, compute_image_facts
 from pipeline.validation.facts import FACTS_FORMAT
 
 
 @task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def read_site(cfg: PipelineConfig, site: str) -> tuple[pd.DataFrame, ReadReport]:
-    return data_steps.load_site(cfg, site)
+    return sites.load_site(cfg, site)
 
 
 def _facts_cache_key(context, parameters) -> str:
@@ -59,32 +64,58 @@ def image_facts(manifest: pd.DataFrame) -> pd.DataFrame:
 def validate_site(
     cfg: PipelineConfig, site: str, manifest: pd.DataFrame, facts: pd.DataFrame, read: ReadReport
 ) -> tuple[pd.DataFrame, ValidationReport]:
-    return data_steps.validate_site(cfg, site, manifest, facts, read)
+    return sites.validate_site(cfg, site, manifest, facts, read)
 
 
 @task(retries=1, cache_policy=NO_CACHE)
 def prepare_site(cfg: PipelineConfig, site: str, manifest: pd.DataFrame) -> Path:
-    return data_steps.prepare_site(cfg, site, manifest)
+    return sites.prepare_site(cfg, site, manifest)
 
 
 @task(cache_policy=NO_CACHE)
-def train(cfg: PipelineConfig, tracker: MlflowTracker):
-    return model_steps.train_step(cfg, tracker)
+def train(cfg: PipelineConfig, tracker: MlflowTracker) -> TrainResult:
+    return source.train_source(cfg, tracker)
 
 
 @task(cache_policy=NO_CACHE)
-def evaluate(cfg: PipelineConfig, model_path: Path) -> dict:
-    return model_steps.evaluate_step(cfg, model_path)
+def evaluate(cfg: PipelineConfig, model_path: Path) -> ScoredModel:
+    return source.evaluate_source(cfg, model_path)
 
 
 @task(cache_policy=NO_CACHE)
-def adapt(cfg: PipelineConfig, model_path: Path, tracker: MlflowTracker):
-    return model_steps.adapt_step(cfg, model_path, tracker)
+def log_source(cfg: PipelineConfig, tracker: MlflowTracker, trained: TrainResult, evaluation: ScoredModel) -> str:
+    return source.log_source(cfg, tracker, trained, evaluation)
 
 
 @task(cache_policy=NO_CACHE)
-def register(cfg: PipelineConfig, tracker: MlflowTracker, run: dict, data: dict, provenance: dict) -> dict:
-    return promotion.register_run(cfg, tracker, run, data, provenance)
+def adapt(cfg: PipelineConfig, model_path: Path, data: CrossSimData, tracker: MlflowTracker) -> CrossSimResult:
+    return adaptation.adapt(cfg, model_path, data, tracker)
+
+
+@task(cache_policy=NO_CACHE)
+def score_adaptation(cfg: PipelineConfig, model_path: Path, result_dir: Path, data: CrossSimData) -> dict[str, ScoredModel]:
+    return adaptation.score_adaptation(cfg, model_path, result_dir, data)
+
+
+@task(cache_policy=NO_CACHE)
+def log_adaptation(
+    cfg: PipelineConfig, tracker: MlflowTracker, result: CrossSimResult, scores: dict[str, ScoredModel]
+) -> AdaptationOutcome:
+    return adaptation.log_adaptation(cfg, tracker, result, scores)
+
+
+@task(cache_policy=NO_CACHE)
+def register(
+    cfg: PipelineConfig,
+    tracker: MlflowTracker,
+    model_uri: str,
+    evaluation: ScoredModel,
+    crosssim: AdaptationOutcome | None,
+    data: dict,
+    provenance: dict,
+    shared: CrossSimData | None,
+) -> Registration:
+    return promotion.register_run(cfg, tracker, model_uri, evaluation, crosssim, data, provenance, shared)
 
 
 @task(cache_policy=NO_CACHE)
@@ -92,32 +123,6 @@ def start_rollout(cfg: PipelineConfig, version: str) -> str:
     _, said = rollout_actions(cfg).auto_start(version, "retrain flow")
     get_run_logger().info("rollout.auto_start: %s", said)
     return said
-
-
-@task(cache_policy=NO_CACHE)
-def evaluate_adaptation(cfg: PipelineConfig, model_path: Path, result_dir: Path) -> dict:
-    return model_steps.evaluate_adaptation_step(cfg, model_path, result_dir)
-
-
-def _validation_gate(reports: dict[str, ValidationReport], tracker: MlflowTracker) -> None:
-    for site, report in reports.items():
-        tracker.log_artifacts(report.report_json_path.parent, artifact_path=f"validation/{site}")
-        if report.exclusions:  # what reading or de-duplication left out, by reason
-            tracker.log_metrics({f"excluded.{site}.{e.reason}": e.count for e in report.exclusions})
-        for failure in report.warnings:
-            get_run_logger().warning("%s: %s: %s", site, failure.rule, failure.message)
-    blocking = [report for report in reports.values() if not report.success]
-    if blocking:
-        summary = "\n\n".join(report.summary() for report in blocking)
-        raise DataValidationError(f"data validation failed; training did not start.\n{summary}")
-
-
-def _new_run_folder(runs_dir: Path) -> Path:
-    """A folder no other run uses: concurrent runs (a schedule overlapping a manual run) cannot mix files."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    run_dir = runs_dir / f"{stamp}-{(_flow_run_id() or uuid.uuid4().hex)[:8]}"
-    run_dir.mkdir(parents=True, exist_ok=False)
-    return run_dir
 
 
 def _flow_run_id() -> str | None:
@@ -128,7 +133,7 @@ def _flow_run_id() -> str | None:
 
 
 @flow(name="crosssim-retrain", log_prints=True)
-def retrain(config_path: str | None = None, overrides: list[str] | None = None) -> dict:
+def retrain(config_path: str | None = None, overrides: list[str] | None = None) -> RetrainSummary:
     """Retrain on the configured source dataset and evaluate on it and every external site."""
     cfg = load_config(Path(config_path) if config_path else None, overrides or [])
     if cfg.train.resume:
@@ -136,13 +141,13 @@ def retrain(config_path: str | None = None, overrides: list[str] | None = None) 
             "train.resume: a flow run trains in a new run folder, so there is nothing to resume; "
             "resume an interrupted training with `crosssim train --resume`"
         )
-    run_dir = _new_run_folder(cfg.runs.dir)
+    run_dir = sites.new_run_folder(cfg.runs.dir, _flow_run_id() or uuid.uuid4().hex)
     cfg = cfg.in_run_folder(run_dir)
     logger = get_run_logger()
     logger.info("run folder: %s", run_dir)
-    manifests = {site: read_site(cfg, site) for site in data_steps.sites(cfg)}
+    manifests = {site: read_site(cfg, site) for site in sites.sites(cfg)}
     with MlflowTracker(cfg.tracking, run_name="retrain") as tracker:
-        versions = data_steps.data_versions(cfg)
+        versions = sites.data_versions(cfg)
         tags = {f"data_version.{site}": v for site, v in versions.items()}
         tracker.set_tags(tags | {"prefect_flow_run_id": _flow_run_id() or "", "run_folder": str(run_dir)})
         tracker.log_params(cfg.model_dump(mode="json"))
@@ -150,28 +155,19 @@ def retrain(config_path: str | None = None, overrides: list[str] | None = None) 
             site: validate_site(cfg, site, manifest, image_facts(manifest), read)
             for site, (manifest, read) in manifests.items()
         }
-        _validation_gate({site: report for site, (_, report) in checked.items()}, tracker)
+        sites.gate_validation({site: report for site, (_, report) in checked.items()}, tracker, logger.warning)
         for site, (manifest, _) in checked.items():
             prepare_site(cfg, site, manifest)
         trained = train(cfg, tracker)
-        tracker.log_artifact(trained.summary_path, artifact_path="train")
         evaluation = evaluate(cfg, trained.model_path)
-        tracker.log_metrics(_flat_metrics(evaluation))
-        tracker.log_artifacts(cfg.evaluate.output_dir, artifact_path="eval")
-        model, example = model_steps.serving_model(cfg, trained.model_path)
-        model_uri = tracker.log_model(model, name="model", input_example=example)
-        markdown = _summary_markdown(cfg, tracker, trained, evaluation, metrics_table_markdown(evaluation["sets"]), model_uri)
-        summary = {
-            "mlflow_run_id": tracker.run_id,
-            "mlflow_run_url": tracker.run_url,
-            "model_uri": model_uri,
-            "threshold": evaluation["threshold"],
-            "sets": evaluation["sets"],
-            "outputs": str(run_dir),
-        }
-        if cfg.crosssim.enabled:
-            summary["crosssim"] = _crosssim(cfg, trained.model_path, tracker)
-            markdown += "\n\n" + _crosssim_markdown(summary["crosssim"])
+        model_uri = log_source(cfg, tracker, trained, evaluation)
+        shared = crosssim_data(cfg) if cfg.crosssim.enabled else None  # built once: adapt, score, gate, export
+        crosssim = None
+        if shared is not None:  # a diverged adaptation raises: no model
+            result = adapt(cfg, trained.model_path, shared, tracker)
+            scores = score_adaptation(cfg, trained.model_path, result.adapted_path.parent, shared)
+            crosssim = log_adaptation(cfg, tracker, result, scores)
+        registered, rollout = None, None
         if cfg.registry.enabled:
             data = {site: {"version": versions[site], "images": len(checked[site][0])} for site in checked}
             provenance = {
@@ -179,86 +175,21 @@ def retrain(config_path: str | None = None, overrides: list[str] | None = None) 
                 "prefect_flow_run_id": _flow_run_id() or "",
                 "mlflow_run_id": tracker.run_id,
             }
-            summary["registry"] = register(cfg, tracker, summary, data, provenance)
-            markdown += "\n\n" + _registry_markdown(summary["registry"])
+            registered = register(cfg, tracker, model_uri, evaluation, crosssim, data, provenance, shared)
             if cfg.rollout.auto_start:
-                summary["rollout"] = start_rollout(cfg, summary["registry"]["version"])
-                markdown += f"\n\nRollout (rollout.auto_start): {summary['rollout']}"
-        create_markdown_artifact(key="retrain-summary", markdown=markdown, description="CrossSim retraining run")
+                rollout = start_rollout(cfg, registered.version)
+        summary = RetrainSummary(
+            mlflow_run_id=tracker.run_id,
+            mlflow_run_url=tracker.run_url,
+            outputs=run_dir,
+            model=f"{cfg.train.backbone}, {cfg.data.image_size}×{cfg.data.image_size}",
+            model_uri=model_uri,
+            training=trained.state,
+            evaluation=evaluation,
+            crosssim=crosssim,
+            registry=registered,
+            rollout=rollout,
+        )
+        create_markdown_artifact(key="retrain-summary", markdown=summary.markdown(), description="CrossSim retraining run")
         logger.info("MLflow run %s: %s", tracker.run_id, tracker.run_url)
         return summary
-
-
-def _crosssim(cfg: PipelineConfig, model_path: Path, tracker: MlflowTracker) -> dict:
-    """Adapt, score source vs adapted vs student, log the adapted models; a diverged run raises (no model)."""
-    result = adapt(cfg, model_path, tracker)
-    scores = evaluate_adaptation(cfg, model_path, result.adapted_path.parent)
-    tracker.log_artifacts(result.adapted_path.parent, artifact_path="crosssim")
-    for model_name, scored in scores.items():
-        for set_name, values in scored["sets"].items():
-            prefix = f"crosssim.{model_name}.{set_name.replace('/', '_')}"
-            point = values["at_threshold"]
-            tracker.log_metrics({f"{prefix}.{key}": point[key] for key in ("auc", "accuracy", "sensitivity", "specificity")})
-    uris = {}
-    for name, path in (("adapted_model", result.adapted_path), ("student_model", result.student_path)):
-        if path is not None:
-            served, example = model_steps.serving_model_from(load_model(path), cfg.data.image_size)
-            uris[name] = tracker.log_model(served, name=name, input_example=example)
-    return {"models": uris, "scores": scores, "diagnostics": result.diagnostics_path, "gap": result.diagnostics["domain_gap"]}
-
-
-def _crosssim_markdown(crosssim: dict) -> str:
-    lines = ["## CrossSim adaptation", "", "| model | set | n | AUC (95% CI) | sensitivity | specificity |", "|---|---|---|---|---|---|"]
-    for model_name, scored in crosssim["scores"].items():
-        for set_name, values in scored["sets"].items():
-            point = values["at_threshold"]
-            auc = format_with_interval(point["auc"], point["ci"].get("auc"))
-            lines.append(
-                f"| {model_name} | {set_name} | {values['n']} | {auc} | {point['sensitivity']:.3f} | {point['specificity']:.3f} |"
-            )
-    gap = crosssim["gap"]
-    lines += [
-        "",
-        f"Proxy A-distance source↔target: {gap['before']['proxy_a_distance']:.3f} before, "
-        f"{gap['after']['proxy_a_distance']:.3f} after adaptation.",
-        *(f"- `{name}`: `{uri}`" for name, uri in crosssim["models"].items()),
-    ]
-    return "\n".join(lines)
-
-
-def _registry_markdown(registered: dict) -> str:
-    verdict = "passed" if registered["gate_passed"] else "failed"
-    aliases = ", ".join(f"{alias} → v{version}" for alias, version in sorted(registered["aliases"].items()))
-    return "\n".join(
-        [
-            "## Registry",
-            f"- Registered `{registered['name']}` v{registered['version']} as challenger; promotion gate {verdict}",
-            f"- Last action: {registered['decision']}; aliases now: {aliases or 'none'}",
-            "- Review: `crosssim registry review`, then `crosssim registry approve|reject --reviewer NAME --reason TEXT`",
-        ]
-    )
-
-
-def _flat_metrics(evaluation: dict) -> dict[str, float]:
-    metrics = {"threshold": evaluation["threshold"]}
-    for name, result in evaluation["sets"].items():
-        prefix = name.replace("/", "_")
-        for key, value in result["at_threshold"].items():
-            if isinstance(value, (int, float)):
-                metrics[f"{prefix}.{key}"] = float(value)
-    return metrics
-
-
-def _summary_markdown(cfg: PipelineConfig, tracker, trained, evaluation: dict, table: str, model_uri: str) -> str:
-    return "\n".join(
-        [
-            "# CrossSim retraining run",
-            f"- MLflow run: [{tracker.run_id}]({tracker.run_url})",
-            f"- Model: `{model_uri}` ({cfg.train.backbone}, {cfg.data.image_size}×{cfg.data.image_size})",
-            f"- Epochs run: {trained.state.epoch}, best epoch {trained.state.best_epoch} "
-            f"(val AUC {trained.state.best_val_auc:.4f})",
-            f"- Decision threshold {evaluation['threshold']:.4f}, chosen on `{cfg.data.source}/val`",
-            "",
-            table,
-        ]
-    )

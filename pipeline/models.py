@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torchvision import models
 
+from pipeline.augment import PIXEL_MEAN, PIXEL_STD
 from pipeline.errors import TrainingError
 
 NUM_CLASSES = 2
@@ -103,3 +105,10 @@ class PneumoniaProbability(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         logits = self.classifier((pixels - self.mean) / self.std)
         return torch.softmax(logits, dim=1)[:, 1]
+
+
+def servable(classifier: nn.Module, image_size: int) -> tuple[PneumoniaProbability, np.ndarray]:
+    """Any classifier in its serving form (as registered), and an input example for its signature: a batch of 2,
+    so that the batch dimension stays dynamic."""
+    example = np.zeros((2, 1, image_size, image_size), dtype=np.float32)
+    return PneumoniaProbability(classifier.eval(), PIXEL_MEAN, PIXEL_STD).eval(), example

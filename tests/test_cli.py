@@ -113,7 +113,7 @@ def test_run_says_what_to_do_when_prefects_temporary_server_does_not_start(tmp_p
 
 @pytest.mark.parametrize(
     ("module", "kept_out"),
-    [("flows.cli", {"torch", "mlflow", "great_expectations", "prefect"}), ("flows.data_steps", {"torch", "mlflow"})],
+    [("flows.cli", {"torch", "mlflow", "great_expectations", "prefect"}), ("pipeline.retrain.sites", {"torch", "mlflow"})],
 )
 def test_the_cli_and_the_data_stages_do_not_import_what_they_do_not_use(module, kept_out):
     """`crosssim --help` and each DVC stage start a process: torch, MLflow and GX take ~30 s to import here."""
@@ -127,14 +127,18 @@ def test_the_metrics_table_keeps_every_name_and_interval_whole_in_80_columns(mon
     from rich.console import Console
 
     from flows.cli import stages
+    from pipeline.evaluation import Interval, OperatingPoint, ScoredModel, SetEvaluation
 
     narrow = Console(width=80, record=True)
     monkeypatch.setattr(stages, "console", narrow)
-    interval = {"low": 0.412, "high": 0.517}
+    interval = Interval(0.412, 0.517)
     point = {"auc": 0.4827, "sensitivity": 0.7217, "specificity": 0.1552, "accuracy": 0.4401}
-    sets = {name: {"n": 1150, "n_pos": 575, "at_threshold": point | {"ci": dict.fromkeys(point, interval)}}
+    counts = dict(n=1150, n_pos=575, tn=89, fp=486, fn=160, tp=415)
+    at = OperatingPoint(0.5, **point, precision=0.46, f1=0.56, average_precision=0.5, ece=0.1, **counts,
+                        ci=dict.fromkeys(point, interval))  # fmt: skip
+    sets = {name: SetEvaluation(name, 1150, 575, 0, 0.5, 200, at, at, {}, [], {}, {})
             for name in ("kermany-pediatric/test", "nih-cxr8/target-test")}  # fmt: skip
-    stages._print_results(sets)
+    stages._print_results(ScoredModel(0.5, "kermany-pediatric/val", sets), "Evaluation")
     text = narrow.export_text()
     assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
     lines = text.splitlines()

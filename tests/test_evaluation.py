@@ -151,24 +151,26 @@ def test_evaluate_split_reports_subgroups_plots_and_files(tmp_path: Path):
     frame.loc[5:9, "view"] = "LL"  # a view too rare to score
     result = evaluate_split("kermany-pediatric/test", frame, 0.4, FAST, tmp_path)
 
-    assert (result["n"], result["n_unlabelled"]) == (395, 5)
-    assert result["at_threshold"]["threshold"] == 0.4 and result["at_0_5"]["threshold"] == 0.5
-    assert set(result["at_threshold"]["ci"]) >= {"auc", "sensitivity", "specificity", "ece"}
-    rare = result["subgroups"]["view"]["LL"]
+    assert (result.n, result.n_unlabelled) == (395, 5)
+    assert result.at_threshold.threshold == 0.4 and result.at_0_5.threshold == 0.5
+    assert set(result.at_threshold.ci) >= {"auc", "sensitivity", "specificity", "ece"}
+    rare = result.subgroups["view"]["LL"]
     assert (rare["n"], rare["note"]) == (5, "not scored: fewer than 10 images") and "auc" not in rare
-    assert result["subgroups"]["view"]["AP"]["n"] + result["subgroups"]["view"]["PA"]["n"] == 390
-    assert 0.5 < result["subgroups"]["sex"]["F"]["auc"] < 1
-    assert "unknown" in result["subgroups"]["sex"]
+    assert result.subgroups["view"]["AP"]["n"] + result.subgroups["view"]["PA"]["n"] == 390
+    assert 0.5 < result.subgroups["sex"]["F"]["auc"] < 1
+    assert "unknown" in result.subgroups["sex"]
     ages = frame.loc[frame["label"].notna(), "age"]
-    assert list(result["subgroups"]["age_band"]) == ["<18", "18-40", "40-65", "65+", "unknown"]
-    assert result["subgroups"]["age_band"]["18-40"]["n"] == int(ages.isin([18.0, 39.0]).sum())
+    assert list(result.subgroups["age_band"]) == ["<18", "18-40", "40-65", "65+", "unknown"]
+    assert result.subgroups["age_band"]["18-40"]["n"] == int(ages.isin([18.0, 39.0]).sum())
 
     for kind in ("roc", "pr", "calibration", "confusion"):
-        png = Path(result["plots"][kind])
+        png = Path(result.plots[kind])
         assert png.name == f"kermany-pediatric__test_{kind}.png"
         assert png.read_bytes()[:4] == b"\x89PNG"
     written = json.loads((tmp_path / "kermany-pediatric__test_metrics.json").read_text())
-    assert written == result == json.loads(json.dumps(result, allow_nan=False))
+    assert written == result.to_dict() == json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    assert list(written) == ["name", "n", "n_pos", "n_unlabelled", "threshold", "bootstrap_samples", "at_threshold",
+                             "at_0_5", "subgroups", "notes", "plots", "files"]  # fmt: skip
     roc = pd.read_csv(tmp_path / "kermany-pediatric__test_roc.csv")
     assert list(roc.columns) == ["fpr", "tpr", "threshold"]
     assert roc["fpr"].is_monotonic_increasing and roc["tpr"].is_monotonic_increasing
@@ -178,11 +180,18 @@ def test_evaluate_split_reports_subgroups_plots_and_files(tmp_path: Path):
 def test_evaluate_split_without_metadata_or_second_class(tmp_path: Path):
     frame = pd.DataFrame({"label": [0] * 20, "prob": np.linspace(0, 1, 20)})
     result = evaluate_split("normals-only", frame, 0.5, FAST, tmp_path)
-    assert result["at_threshold"]["auc"] is None  # NaN in memory, null in JSON
-    assert any("auc and average_precision are undefined" in note for note in result["notes"])
-    assert result["subgroups"] == {}
-    assert all(Path(path).is_file() for path in result["plots"].values())
+    assert result.at_threshold.auc is None and result.to_dict()["at_threshold"]["auc"] is None  # null in JSON
+    assert any("auc and average_precision are undefined" in note for note in result.notes)
+    assert result.subgroups == {}
+    assert all(Path(path).is_file() for path in result.plots.values())
     assert pd.read_csv(tmp_path / "normals-only_roc.csv").empty
+
+
+def test_a_threshold_that_calls_nothing_pneumonia_leaves_precision_undefined_not_a_crash(tmp_path: Path):
+    frame = pd.DataFrame({"label": [0, 1] * 10, "prob": np.linspace(0.05, 0.45, 20)})  # every score below 0.5
+    result = evaluate_split("cautious", frame, 0.3, FAST, tmp_path)
+    assert result.at_0_5.precision is None and result.at_0_5.tp == 0 and result.at_threshold.precision is not None
+    assert all(Path(path).is_file() for path in result.plots.values())
 
 
 def test_evaluate_split_rejects_bad_predictions(tmp_path: Path):
@@ -199,7 +208,7 @@ def test_evaluate_sites_writes_dvc_metrics_and_summary(tmp_path: Path):
     assert list(results) == list(sets)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     entry = metrics["kermany-pediatric/test"]
-    assert entry["auc"] == results["kermany-pediatric/test"]["at_threshold"]["auc"]
+    assert entry["auc"] == results["kermany-pediatric/test"].at_threshold.auc
     assert entry["threshold"] == 0.45 and entry["at_0_5"]["threshold"] == 0.5
     assert entry["ci"]["auc"]["low"] <= entry["auc"] <= entry["ci"]["auc"]["high"]
     assert (tmp_path / "kermany-pediatric__test_metrics.json").is_file()

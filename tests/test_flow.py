@@ -16,13 +16,15 @@ from prefect.artifacts import Artifact
 from prefect.testing.utilities import prefect_test_harness
 from typer.testing import CliRunner
 
-from flows import cli, model_steps
+from flows import cli
 from flows.cli.options import console as cli_console
-from flows.promotion import actions_for, gate_challenger
 from flows.retrain import retrain
 from flows.rollout import raise_alarm, rollout_analysis
 from pipeline.config import load_config
 from pipeline.errors import DataValidationError
+from pipeline.retrain.data import crosssim_data
+from pipeline.retrain.promotion import actions_for, gate_challenger
+from pipeline.retrain.source import serving_model
 from pipeline.rollout.drift import DriftTest, EstimatedPerformance
 from pipeline.rollout.monitor import DriftCheck
 from pipeline.rollout.outcomes import OutcomeReport, record_outcomes
@@ -88,7 +90,7 @@ def test_retrain_end_to_end_on_real_images(data_dir, tmp_path, monkeypatch):
     summary = retrain(config_path=str(REPO / "params.yaml"), overrides=overrides)
 
     client = _client(tmp_path)
-    run = client.get_run(summary["mlflow_run_id"])
+    run = client.get_run(summary.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["train.epochs"] == "2"
     assert run.data.tags["data_version.kermany-pediatric"].endswith(".dir")
@@ -108,8 +110,8 @@ def test_retrain_end_to_end_on_real_images(data_dir, tmp_path, monkeypatch):
     assert artifact is not None and artifact.type == "markdown"
     assert run.info.run_id in artifact.data and "nih-cxr8" in artifact.data
 
-    model = mlflow.pytorch.load_model(summary["model_uri"])
-    run_dir = Path(summary["outputs"])
+    model = mlflow.pytorch.load_model(summary.model_uri)
+    run_dir = summary.outputs
     assert run_dir.parent == tmp_path / "runs" and run.data.tags["run_folder"] == str(run_dir)
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     assert set(metrics) >= {"kermany-pediatric/test", "nih-cxr8"}
@@ -122,10 +124,15 @@ def test_crosssim_adapt_runs_inside_the_flow_and_lands_in_mlflow(data_dir, tmp_p
     overrides = _overrides(
         tmp_path, data_dir, "data.max_images_per_class=30", "data.image_size=32", "train.epochs=1", "train.batch_size=32"
     )
-    summary = retrain(config_path=str(REPO / "params.yaml"), overrides=overrides)
+    built = []  # the run's CrossSim arrays are built once and passed to adapt, score, gate and export
+    with monkeypatch.context() as patch:
+        patch.setattr("flows.retrain.crosssim_data", lambda cfg: built.append(crosssim_data(cfg)) or built[-1])
+        patch.setattr("pipeline.retrain.promotion.crosssim_data", None)  # a second build would fail here
+        summary = retrain(config_path=str(REPO / "params.yaml"), overrides=overrides)
+    assert len(built) == 1
 
     client = _client(tmp_path)
-    run = client.get_run(summary["mlflow_run_id"])
+    run = client.get_run(summary.mlflow_run_id)
     assert run.data.params["crosssim.alignment"] == "gan"
     artifacts = _artifact_paths(client, run.info.run_id)
     assert {"crosssim/diagnostics.json", "crosssim/tsne_before.png", "crosssim/tsne_after.png"} <= artifacts
@@ -134,17 +141,17 @@ def test_crosssim_adapt_runs_inside_the_flow_and_lands_in_mlflow(data_dir, tmp_p
         assert metric in run.data.metrics, metric
     assert len(client.get_metric_history(run.info.run_id, "adapt.domain_accuracy")) == 2  # steps 10 and 20
     assert len(client.get_metric_history(run.info.run_id, "adapt.loss.classification")) == 2
-    assert set(summary["crosssim"]["scores"]) == {"source", "adapted", "student"}
-    target_test = summary["crosssim"]["scores"]["adapted"]["sets"]["nih-cxr8/target-test"]
-    assert target_test["n"] > 0 and target_test["n_unlabelled"] == 0
+    assert set(summary.crosssim.scores) == {"source", "adapted", "student"}
+    target_test = summary.crosssim.scores["adapted"].sets["nih-cxr8/target-test"]
+    assert target_test.n > 0 and target_test.n_unlabelled == 0
     for name in ("adapted_model", "student_model"):
-        served = mlflow.pytorch.load_model(summary["crosssim"]["models"][name])
+        served = mlflow.pytorch.load_model(summary.crosssim.model_uris[name])
         assert served(torch.rand(2, 1, 32, 32)).shape == (2,)
     assert "CrossSim adaptation" in Artifact.get("retrain-summary").data
 
     # registered as challenger with its lineage, model card and gate verdict (policy: review → pending)
-    registered = summary["registry"]
-    assert registered["version"] == "1" and registered["aliases"] == {"challenger": "1"}
+    registered = summary.registry
+    assert registered.version == "1" and registered.aliases == {"challenger": "1"}
     version = client.get_model_version("crosssim-pneumonia", "1")
     assert version.tags["mlflow_run_id"] == run.info.run_id and version.tags["prefect_flow_run_id"]
     assert version.tags["data_version.nih-cxr8"].endswith(".dir") and version.tags["model_kind"] == "adapted"
@@ -156,14 +163,14 @@ def test_crosssim_adapt_runs_inside_the_flow_and_lands_in_mlflow(data_dir, tmp_p
     assert "## Registry" in Artifact.get("retrain-summary").data
 
     # both versions carry their checked ONNX bundle, logged to the run, found through their tags
-    scores = summary["crosssim"]["scores"]
+    scores = summary.crosssim.scores
     for registered_version, scored in ((version, scores["adapted"]), (student, scores["student"])):
         tags = registered_version.tags
         assert tags["serving.artifact_uri"] == f"runs:/{run.info.run_id}/serving/{registered_version.name}"
         folder = str(tmp_path / registered_version.name)
         local = mlflow.artifacts.download_artifacts(tags["serving.artifact_uri"], dst_path=folder, tracking_uri=client.tracking_uri)
         bundle = read_bundle(local)
-        assert (bundle.image_size, bundle.threshold) == (32, scored["threshold"])
+        assert (bundle.image_size, bundle.threshold) == (32, scored.threshold)
         assert bundle.artifacts["fp32"].sha256 == tags["serving.fp32_sha256"]
         assert bundle.artifacts["fp32"].checks["max_abs_diff"] <= 1e-4
         session = onnx_session(bundle.path_of(local, "fp32"))  # path_of checks the file against its hash
@@ -191,12 +198,12 @@ def test_crosssim_adapt_runs_inside_the_flow_and_lands_in_mlflow(data_dir, tmp_p
 
     # the gate on the same frozen sets with real models: once v1 is champion, v1 again passes (equal scores)
     # and a challenger that inverts the source model's probabilities is blocked (it fails on the source test set)
-    cfg = load_config(REPO / "params.yaml", overrides).in_run_folder(Path(summary["outputs"]))  # the run's sets
-    passed = summary["registry"]["gate_passed"]  # a 20-step model may miss the floors: then approve is an override
+    cfg = load_config(REPO / "params.yaml", overrides).in_run_folder(summary.outputs)  # the run's sets
+    passed = summary.registry.gate_passed  # a 20-step model may miss the floors: then approve is an override
     actions_for(cfg).approve(reviewer="dr. ada", reason="first champion", override_gate=not passed)
     same, _ = gate_challenger(cfg, "models:/crosssim-pneumonia/1")
     assert same.passed and same.compared_with == "champion v1"
-    source_model, example = model_steps.serving_model(cfg, Path(summary["outputs"]) / "train" / "best.pt")
+    source_model, example = serving_model(cfg, summary.outputs / "train" / "best.pt")
     with MlflowTracker(cfg.tracking, run_name="inverted") as tracker:
         inverted = tracker.log_model(Inverted(source_model), "inverted", example)
     worse, scores = gate_challenger(cfg, inverted)
@@ -251,7 +258,7 @@ def test_the_rollout_analysis_flow_reports_and_decides_under_policy_auto(tmp_pat
     overrides = [f"tracking.local_dir={tmp_path / 'mlflow'}", "registry.model_name=cxr", "rollout.policy=auto",
                  f"serve.ledger_path={tmp_path / 'ledger.db'}", "serve.ledger_url=null", "rollout.maturity_hours=0"]  # fmt: skip
     cfg = load_config(REPO / "params.yaml", overrides)
-    assert rollout_analysis(overrides=overrides)["decision"] is None  # nothing runs yet: nothing to do
+    assert rollout_analysis(overrides=overrides).decision is None  # nothing runs yet: nothing to do
     rollouts = champion_and_challenger(cfg)
     rollout = rollouts.start("shadow", "dr. ada", "v2 in shadow")
     ledger = PredictionLedger(f"sqlite:///{tmp_path / 'ledger.db'}")
@@ -263,10 +270,10 @@ def test_the_rollout_analysis_flow_reports_and_decides_under_policy_auto(tmp_pat
     ledger.close()
 
     summary = rollout_analysis(overrides=overrides)
-    assert summary["decision"] == "promote" and summary["carried_out"] == "approve of v2" and summary["labelled"] == 200
+    assert summary.decision == "promote" and summary.carried_out == "approve of v2" and summary.labelled == 200
     assert rollouts.active() is None and rollouts.actions.registry.aliases("cxr") == {"champion": "2"}
     client = _client(tmp_path)
-    run = client.get_run(summary["mlflow_run_id"])
+    run = client.get_run(summary.mlflow_run_id)
     assert run.data.tags["crosssim.rollout_decision"] == "promote" and run.data.metrics["rollout.brier_gain_low"] > 0
     page = Path(client.download_artifacts(run.info.run_id, "rollout/rollout-report.html", str(tmp_path))).read_text()
     assert "<svg" in page and "id='per-site'" in page and "id='roc'" in page and ">promote<" in page

@@ -76,7 +76,7 @@ def test_two_concurrent_runs_each_register_the_weights_they_trained(data_dir, tm
         runs.append(subprocess.Popen(command, cwd=REPO, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         time.sleep(3)
     outputs = [run.communicate(timeout=900)[0] for run in runs]
-    for run, output in zip(runs, outputs):
+    for run, output in zip(runs, outputs, strict=True):
         assert run.returncode == 0, output
 
     client = _client(tmp_path)

@@ -32,8 +32,6 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from typer.testing import CliRunner
 
 from flows import cli
-from flows.model_steps import serving_model_from
-from flows.serve import API_KEY_ENV, build_app
 from pipeline.config import PipelineConfig, load_config
 from pipeline.data.dicom import dataset_pixels, keyed_pseudonym
 from pipeline.data.images import decode_image
@@ -41,6 +39,7 @@ from pipeline.data.prepare import prepare_dataset
 from pipeline.data.readers import read_dataset
 from pipeline.data.scrub import scrub_jpeg, scrub_png
 from pipeline.data.splits import assign_splits
+from pipeline.models import servable
 from pipeline.registry.store import CHALLENGER, CHAMPION, ModelRegistry
 from pipeline.rollout.actions import rollout_actions
 from pipeline.rollout.monitor import drift_checks, model_reference
@@ -49,6 +48,7 @@ from pipeline.serving.export import LoggedBundle, build_bundle, version_tags
 from pipeline.serving.image_store import ImageStore
 from pipeline.serving.ledger import PredictionLedger
 from pipeline.serving.model_source import ModelRef, ModelSource
+from pipeline.serving.service import API_KEY_ENV, build_app
 from pipeline.tracking import MlflowTracker
 from pipeline.training import load_trained_model, train_model
 from tests.conftest import REPO, copy_kermany_subset
@@ -111,7 +111,7 @@ def registered(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Regi
         if label == "v2":
             with torch.no_grad():
                 classifier.head.bias[1] += 1.0
-        model, example = serving_model_from(classifier, SIZE)
+        model, example = servable(classifier, SIZE)
         folder = work / f"bundle-{label}"
         with MlflowTracker(cfg.tracking, run_name=label) as tracker:
             uri = tracker.log_model(model, "model", example)

@@ -12,11 +12,12 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from flows.model_steps import serving_model_from
 from pipeline.config import ExportConfig, load_config
 from pipeline.data.prepare import prepare_dataset
 from pipeline.data.readers import read_dataset
 from pipeline.data.splits import subsample
+from pipeline.evaluation import ScoredModel
+from pipeline.models import servable
 from pipeline.registry.card import CardFacts, model_card
 from pipeline.rollout.drift import DriftReference
 from pipeline.serving.bundle import FP32_FILE, INT8_FILE, MANIFEST, BundleError, read_bundle
@@ -50,7 +51,7 @@ def trained(data_dir, tmp_path_factory) -> Trained:
     training = ["train.epochs=1", "train.batch_size=16", "train.early_stopping_patience=null", "train.warmup_epochs=0.5"]
     cfg = load_config(None, [*training, f"train.output_dir={work / 'train'}"])
     result = train_model(train, cfg, show_progress=False)
-    model, example = serving_model_from(load_trained_model(result.model_path, "resnet18"), SIZE)
+    model, example = servable(load_trained_model(result.model_path, "resnet18"), SIZE)
     # as registration gets it: MLflow saves the model as a torch.export program and loads that program's module
     mlflow.pytorch.save_model(model, str(work / "registered"), input_example=example)
     images = np.asarray(test.images)
@@ -146,8 +147,8 @@ def test_int8_that_loses_auc_is_left_out_with_the_numbers_and_fp32_kept(trained,
     assert tags["serving.int8"] == note.removeprefix("INT8: ") and tags["serving.fp32_sha256"]
     card = model_card(
         CardFacts(
-            name="m", version="1", model="resnet18", lineage={}, data={}, sets={},
-            threshold={"value": 0.42, "chosen_on": "pneumoniamnist/val"}, config={},
+            name="m", version="1", model="resnet18", lineage={}, data={},
+            scored=ScoredModel(0.42, "pneumoniamnist/val", {}), config={},
             serving=[LoggedBundle("m", "runs:/abc/serving/m", bundle)],
         )
     )

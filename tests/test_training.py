@@ -11,15 +11,16 @@ import torch
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.data_steps import prepare_site
 from pipeline.config import load_config
 from pipeline.data.prepare import prepare_dataset
 from pipeline.data.readers import read_dataset
 from pipeline.data.splits import subsample
 from pipeline.errors import TrainingError
 from pipeline.models import build_model
+from pipeline.retrain.sites import prepare_site
 from pipeline.training import train_model
 from pipeline.training.engine import Trainer
+from pipeline.training.loop import NonFiniteLoss
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow  # real training runs: left out of make test-fast
@@ -89,6 +90,20 @@ def test_single_class_training_set_is_refused(mnist_subset, tmp_path):
     with pytest.raises(TrainingError, match="both classes"):
         Trainer(build_model("resnet18"), np.zeros((8, 32, 32), np.uint8), np.ones(8, np.int64),
                 np.zeros((4, 32, 32), np.uint8), np.ones(4, np.int64), cfg.train, cfg.augment, 0)
+
+
+def test_a_non_finite_loss_ends_training_before_it_reaches_the_weights(mnist_subset, tmp_path):
+    cfg = _cfg(tmp_path, "train.epochs=1")
+    images, rows = mnist_subset.subset(mnist_subset.manifest["split"] == "train")
+    model = build_model("resnet18")
+    with torch.no_grad():
+        model.head.weight.fill_(float("nan"))  # every logit NaN from the first batch on
+    before = {name: value.detach().clone() for name, value in model.named_parameters() if name != "head.weight"}
+    trainer = Trainer(model, images, rows["label"].to_numpy(), images[:4], rows["label"].to_numpy()[:4], cfg.train, cfg.augment, 0)
+    with pytest.raises(NonFiniteLoss, match="loss cross-entropy is not finite at epoch 1, batch 0"):
+        trainer.fit()
+    after = dict(trainer.model.named_parameters())
+    assert trainer.state.step == 0 and all(torch.equal(value, after[name]) for name, value in before.items())
 
 
 def test_resume_without_checkpoint_is_a_clear_error(mnist_subset, tmp_path):

@@ -182,11 +182,11 @@ def test_implausible_metadata_warns_naming_rows_and_stays_out_of_subgroups(nih_m
 
     scored = manifest.assign(prob=np.linspace(0.1, 0.9, len(manifest)))
     result = evaluate_split("nih-cxr8/test", scored, 0.5, EvaluateConfig(bootstrap_samples=20), copies_root / "eval")
-    groups = result["subgroups"]
+    groups = result.subgroups
     assert "Q" not in groups["sex"] and "XYZ" not in groups["view"]
     assert groups["sex"]["unknown"]["n"] == groups["view"]["unknown"]["n"] == 1
     assert groups["age_band"]["unknown"]["n"] == 2
-    assert "2 implausible age value(s) counted as unknown" in result["notes"]
+    assert "2 implausible age value(s) counted as unknown" in result.notes
 
 
 def test_colour_alpha_and_16_bit_images_in_a_grayscale_site_are_counted(nih_manifest, copies_root, validation_cfg):

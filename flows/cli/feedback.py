@@ -27,15 +27,12 @@ def import_outcomes(
     conflict (rollout.outcome_sources decides which counts)."""
     from pipeline.rollout.outcome_file import read_outcome_file
     from pipeline.rollout.outcomes import record_outcomes
-    from pipeline.serving.ledger import PredictionLedger, resolve_ledger_url
+    from pipeline.serving.ledger import opened_ledger
 
     cfg = read_config(config, set_)
     reports = read_outcome_file(file, cfg.served_sites(), cfg.ingest, os.environ)
-    ledger = PredictionLedger(resolve_ledger_url(cfg.serve, os.environ))
-    try:
+    with opened_ledger(cfg.serve, os.environ) as ledger:
         results = record_outcomes(ledger, reports, cfg.rollout.outcome_sources)
-    finally:
-        ledger.close()
     counts = Counter(result.status for result in results)
     table = Table(title=f"{file.name}: {len(results)} rows imported")
     for column in ("recorded", "duplicate", "conflict", "predictions labelled"):
@@ -60,18 +57,15 @@ def export_cases(
 
     from pipeline.rollout.export import dataset_patients, export_labelled_cases
     from pipeline.serving.image_store import ImageStore
-    from pipeline.serving.ledger import PredictionLedger, resolve_ledger_url
+    from pipeline.serving.ledger import opened_ledger
 
     cfg = read_config(config, set_)
-    ledger = PredictionLedger(resolve_ledger_url(cfg.serve, os.environ))
-    try:
+    with opened_ledger(cfg.serve, os.environ) as ledger:
         batch = export_labelled_cases(
             ledger, ImageStore(cfg.serve.image_store, cfg.serve.image_retention_days), site, out,
             cfg.rollout.outcome_sources, timedelta(hours=cfg.rollout.maturity_hours),
             dataset_patients(cfg.ingest.data_dir / site), cfg.ingest.allow_known_patients,
         )  # fmt: skip
-    finally:
-        ledger.close()
     console.print(
         f"{batch.cases} labelled served cases of {site} → {batch.folder} ({batch.exported_before} exported before, "
         f"{batch.without_image} without a kept image, {batch.known_patients} held back: patient already in the dataset)"

@@ -41,7 +41,7 @@ def start(
 def status(config: ConfigOption = None, set_: SetOption = None, name: NameOption = None) -> None:
     """The running rollout and, per site, its patients per arm with the sample-ratio check."""
     from pipeline.rollout.assignment import sample_ratio_check
-    from pipeline.serving.ledger import PredictionLedger, resolve_ledger_url
+    from pipeline.serving.ledger import opened_ledger
 
     cfg = read_config(config, set_)
     rollouts = _rollouts(config, set_, name)
@@ -49,11 +49,8 @@ def status(config: ConfigOption = None, set_: SetOption = None, name: NameOption
     if rollout is None:
         console.print(f"{rollouts.name}: no rollout is running")
         return
-    ledger = PredictionLedger(resolve_ledger_url(cfg.serve, os.environ))
-    try:
+    with opened_ledger(cfg.serve, os.environ) as ledger:
         checks = sample_ratio_check(ledger, rollout.rollout_id)
-    finally:
-        ledger.close()
     console.print(f"{rollout.describe()}; policy {rollout.policy}; started {rollout.started_at} by {rollout.started_by}")
     if rollout.recommendation:
         console.print(f"latest analysis ({rollout.recommended_at}): {rollout.recommendation}")
@@ -124,17 +121,12 @@ def analyse(
 ) -> None:
     """Join the rollout's predictions with their matured outcomes and apply the decision rule; under
     rollout.policy auto a promote or roll back is carried out, under review it is recommended."""
-    from pipeline.rollout.analysis import analyse_rollout
-    from pipeline.serving.ledger import PredictionLedger, resolve_ledger_url
+    from pipeline.rollout.run import analyse as analyse_running
 
     cfg = read_config(config, set_)
     rollouts = _rollouts(config, set_, name)
     rollout = rollouts.running()
-    ledger = PredictionLedger(resolve_ledger_url(cfg.serve, os.environ))
-    try:
-        analysis = analyse_rollout(ledger, rollout, cfg.rollout)
-    finally:
-        ledger.close()
+    analysis = analyse_running(cfg, rollout)
     if report is not None:
         from pipeline.rollout.report import render_report
 

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from flows.cli.options import ConfigOption, SetOption, config_path, console, err_console, read_config
 from pipeline.config import ServeConfig
 from pipeline.errors import ConfigError, DataValidationError
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+DRAIN_SECONDS = 20  # SIGTERM: requests in flight get this long to finish (under Kubernetes' default 30 s grace)
 
 
 def ingest(
@@ -94,7 +99,7 @@ def serve(
     """
     import os
 
-    from flows.serve import build_app, run_server
+    from pipeline.serving.service import build_app
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bundle downloads: no bars in the log
     options = {"alias": alias, "version": version, "precision": precision, "host": host, "port": port}
@@ -105,5 +110,16 @@ def serve(
     server, notes = build_app(cfg, os.environ)
     for note in notes:
         console.print(note, highlight=False, markup=False, soft_wrap=True)
-    run_server(server, cfg.serve.host, cfg.serve.port)
+    _run_server(server, cfg.serve.host, cfg.serve.port)
 
+
+def _run_server(app: FastAPI, host: str, port: int) -> None:
+    """uvicorn until SIGINT/SIGTERM: it stops accepting, lets requests in flight finish (up to DRAIN_SECONDS),
+    then the app's shutdown commits the ledger's last rows."""
+    import copy
+
+    import uvicorn
+
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    log_config["loggers"]["crosssim"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=DRAIN_SECONDS, log_config=log_config)

@@ -6,7 +6,7 @@ import signal
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich import box
@@ -15,32 +15,36 @@ from rich.table import Table
 from flows.cli.options import ConfigOption, SetOption, config_path, console, err_console, read_config
 from pipeline.errors import DataValidationError
 
+if TYPE_CHECKING:  # the CLI starts without torch: stages import what they run
+    from pipeline.crosssim.diagnostics import DomainShift
+    from pipeline.evaluation import ScoredModel
 
-def _print_results(sets: dict, title: str = "Evaluation (threshold chosen on the source val split; 95% CI)") -> None:
+
+def _print_results(scored: ScoredModel, title: str) -> None:
     """Per-site metrics at the validation-chosen threshold, with 95% bootstrap CIs: one row per set and metric, so
     that no name or interval is cut in an 80-column terminal."""
     from pipeline.evaluation import format_with_interval
 
-    table = Table(title=title, box=box.SIMPLE_HEAD)
+    table = Table(title=f"{title} (threshold {scored.threshold:.3f} chosen on {scored.threshold_chosen_on}; 95% CI)", box=box.SIMPLE_HEAD)
     table.add_column("set", overflow="fold", min_width=22)  # kermany-pediatric/test on one line
     table.add_column("images (pneumonia)", overflow="fold", max_width=11)
     table.add_column("metric")
     table.add_column("value [95% CI]", no_wrap=True)
-    for name, result in sets.items():
-        point = result["at_threshold"]
+    for name, result in scored.sets.items():
+        point = result.at_threshold
         for index, metric in enumerate(("auc", "sensitivity", "specificity", "accuracy")):
-            shown = (name, f"{result['n']} ({result['n_pos']})") if index == 0 else ("", "")
-            table.add_row(*shown, metric, format_with_interval(point[metric], point["ci"].get(metric)), end_section=metric == "accuracy")
+            shown = (name, f"{result.n} ({result.n_pos})") if index == 0 else ("", "")
+            cell = format_with_interval(point.value(metric), point.interval(metric))
+            table.add_row(*shown, metric, cell, end_section=metric == "accuracy")
     console.print(table)
 
 
-def _print_crosssim(scores: dict, gap: dict, diagnostics_path: Path) -> None:
+def _print_crosssim(scores: dict[str, ScoredModel], gap: DomainShift, diagnostics_path: Path) -> None:
     """Source, adapted and student models side by side on every scored set, and the domain gap."""
     for model_name, scored in scores.items():
-        title = f"{model_name} model (threshold {scored['threshold']:.3f} chosen on {scored['threshold_chosen_on']}; 95% CI)"
-        _print_results(scored["sets"], title)
+        _print_results(scored, f"{model_name} model")
     console.print(
-        f"proxy A-distance {gap['before']['proxy_a_distance']:.3f} → {gap['after']['proxy_a_distance']:.3f}; "
+        f"proxy A-distance {gap.before.proxy_a_distance:.3f} → {gap.after.proxy_a_distance:.3f}; "
         f"diagnostics: {diagnostics_path}"
     )
 
@@ -69,16 +73,16 @@ def validate(
     set_: SetOption = None,
 ) -> None:
     """Check a dataset with the data-quality suite; exit 3 on a blocking failure."""
-    from flows import data_steps
+    from pipeline.retrain import sites
 
     cfg = read_config(config, set_)
     if dataset_dir is not None:
-        targets = {dataset_dir.name: data_steps.read_split(cfg, dataset_dir)}
+        targets = {dataset_dir.name: sites.read_split(cfg, dataset_dir)}
     else:
-        targets = {site: data_steps.load_site(cfg, site) for site in data_steps.sites(cfg)}
+        targets = {site: sites.load_site(cfg, site) for site in sites.sites(cfg)}
     blocked = False
     for site, (manifest, read) in targets.items():
-        _, report = data_steps.validate_site(cfg, site, manifest, read=read)
+        _, report = sites.validate_site(cfg, site, manifest, read=read)
         console.print(report.summary(), highlight=False, markup=False)
         blocked |= not report.success
     if blocked:
@@ -87,12 +91,12 @@ def validate(
 
 def prepare(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Decode/resize every validated site into outputs/prepared/<site> (run `crosssim validate` first)."""
-    from flows import data_steps
+    from pipeline.retrain import sites
 
     cfg = read_config(config, set_)
-    for site in data_steps.sites(cfg):
-        manifest = data_steps.validated_manifest(cfg, site)
-        console.print(f"{site}: {len(manifest)} images → {data_steps.prepare_site(cfg, site, manifest)}")
+    for site in sites.sites(cfg):
+        manifest = sites.validated_manifest(cfg, site)
+        console.print(f"{site}: {len(manifest)} images → {sites.prepare_site(cfg, site, manifest)}")
 
 
 def train(
@@ -103,10 +107,10 @@ def train(
     ] = False,
 ) -> None:
     """Train on the prepared source site (run `crosssim prepare` first)."""
-    from flows import model_steps
+    from pipeline.retrain.source import train_source
 
     cfg = read_config(config, [*(set_ or []), *(["train.resume=true"] if resume else [])])
-    result = model_steps.train_step(cfg)
+    result = train_source(cfg)
     for note in result.notes:
         err_console.print(f"note: {note}", highlight=False, markup=False)
     console.print(f"best val AUC {result.state.best_val_auc:.4f} at epoch {result.state.best_epoch}: {result.model_path}")
@@ -114,22 +118,26 @@ def train(
 
 def evaluate(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Score the trained model on the source test split and every external site."""
-    from flows import model_steps
+    from pipeline.retrain.source import evaluate_source
 
     cfg = read_config(config, set_)
-    result = model_steps.evaluate_step(cfg, cfg.train.output_dir / "best.pt")
-    _print_results(result["sets"])
+    _print_results(evaluate_source(cfg, cfg.train.output_dir / "best.pt"), "Evaluation")
     console.print(f"metrics: {cfg.evaluate.output_dir / 'metrics.json'}")
 
 
 def adapt(config: ConfigOption = None, set_: SetOption = None) -> None:
     """CrossSim: adapt the trained model to crosssim.target, distil it, score all three on target-test."""
-    from flows import model_steps
+    from pipeline.retrain.adaptation import adapt as run_adaptation
+    from pipeline.retrain.adaptation import score_adaptation, trained_image_size
+    from pipeline.retrain.data import crosssim_data
 
     cfg = read_config(config, set_)
-    result = model_steps.adapt_step(cfg, cfg.train.output_dir / "best.pt")
-    scores = model_steps.evaluate_adaptation_step(cfg, cfg.train.output_dir / "best.pt", result.adapted_path.parent)
-    _print_crosssim(scores, result.diagnostics["domain_gap"], result.diagnostics_path)
+    model_path = cfg.train.output_dir / "best.pt"
+    trained_image_size(cfg)  # nothing trained: say so before loading any site
+    data = crosssim_data(cfg)  # once, for adaptation and scoring
+    result = run_adaptation(cfg, model_path, data)
+    scores = score_adaptation(cfg, model_path, result.adapted_path.parent, data)
+    _print_crosssim(scores, result.gap, result.diagnostics_path)
 
 
 def run(config: ConfigOption = None, set_: SetOption = None) -> None:
@@ -155,17 +163,16 @@ def run(config: ConfigOption = None, set_: SetOption = None) -> None:
             highlight=False,
         )
         raise typer.Exit(128 + (signal.SIGTERM if by_sigterm else signal.SIGINT)) from None
-    _print_results(summary["sets"])
-    if "crosssim" in summary:
-        crosssim = summary["crosssim"]
-        _print_crosssim(crosssim["scores"], crosssim["gap"], crosssim["diagnostics"])
-    if "registry" in summary:
-        registered = summary["registry"]
-        verdict = "passed" if registered["gate_passed"] else "failed"
+    _print_results(summary.evaluation, "Evaluation")
+    if summary.crosssim is not None:
+        _print_crosssim(summary.crosssim.scores, summary.crosssim.gap, summary.crosssim.diagnostics_path)
+    if summary.registry is not None:
+        registered = summary.registry
+        verdict = "passed" if registered.gate_passed else "failed"
         console.print(
-            f"registered {registered['name']} v{registered['version']} as challenger; promotion gate {verdict} "
-            f"(last action: {registered['decision']}); see `crosssim registry review`"
+            f"registered {registered.name} v{registered.version} as challenger; promotion gate {verdict} "
+            f"(last action: {registered.decision}); see `crosssim registry review`"
         )
-    console.print(f"\n[bold green]done.[/] MLflow run {summary['mlflow_run_id']}: {summary['mlflow_run_url']}")
-    console.print(f"evaluation outputs: {summary['outputs']}\nmodel: {summary['model_uri']}")
+    console.print(f"\n[bold green]done.[/] MLflow run {summary.mlflow_run_id}: {summary.mlflow_run_url}")
+    console.print(f"evaluation outputs: {summary.outputs}\nmodel: {summary.model_uri}")
     console.print("browse runs: make mlflow-ui   |   flow runs: make prefect-ui")

@@ -114,7 +114,7 @@ class Adapter(DomainLoop):
             optimizer.step()
         self.model.features.train()
 
-    def train_step(self) -> None:
+    def losses(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         source_images, source_labels = self.source.next()
         target_images, target_labels = self.target.next()
         x_source, x_target = self.inputs(source_images), self.inputs(target_images)
@@ -135,8 +135,7 @@ class Adapter(DomainLoop):
         elif self.cfg.alignment == "dann":
             losses["dann"] = self.cfg.adversarial_weight * self.dann_loss(embedded[:n_source], embedded[n_source:])
             self.state.domain_accuracy = self.dann_loss.domain_accuracy
-        total = sum(value for name, value in losses.items() if name != "discriminator")
-        self.optimise(total, losses)
+        return sum(value for name, value in losses.items() if name != "discriminator"), losses
 
     def _classification(self, logits: torch.Tensor, source_labels: torch.Tensor, target_labels: torch.Tensor) -> torch.Tensor:
         """Source CE, plus the CE of the batch's labelled target rows when there are any.

@@ -22,6 +22,24 @@ class DomainGap:
     mean_feature_distance: float  # ‖mean(f_src) − mean(f_tgt)‖₂: cheap, tracked over training
     tsne_plot: Path
 
+    def to_dict(self) -> dict[str, float | str]:
+        return {
+            "proxy_a_distance": self.proxy_a_distance,
+            "mean_feature_distance": self.mean_feature_distance,
+            "tsne_plot": self.tsne_plot.name,
+        }
+
+
+@dataclass(frozen=True)
+class DomainShift:
+    """The gap between source and target features before and after adaptation, on the same probe images."""
+
+    before: DomainGap
+    after: DomainGap
+
+    def to_dict(self) -> dict[str, dict[str, float | str]]:
+        return {"before": self.before.to_dict(), "after": self.after.to_dict()}
+
 
 def domain_gap(source: np.ndarray, target: np.ndarray, title: str, plot_path: Path, seed: int) -> DomainGap:
     """PAD between (N, D) source and (M, D) target features, plus a t-SNE scatter of both."""

@@ -51,7 +51,7 @@ class Distiller(DomainLoop):
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = warmup_cosine(self.optimizer, cfg.steps, warmup_steps=max(1, cfg.steps // 10))
 
-    def train_step(self) -> None:
+    def losses(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         source_images, source_labels = self.source.next()
         target_images, target_labels = self.target.next()
         inputs = torch.cat([self.inputs(source_images), self.inputs(target_images)])
@@ -77,4 +77,4 @@ class Distiller(DomainLoop):
             losses["unlabelled_target"] = self.unlabelled_loss(
                 student_target[~labelled], teacher_target[~labelled]
             ) * int((~labelled).sum()) / n_all
-        self.optimise(sum(losses.values()), losses)
+        return sum(losses.values()), losses

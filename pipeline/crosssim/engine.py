@@ -1,10 +1,10 @@
-"""The step loop shared by adaptation and distillation: two domains, handlers, periodic evaluation.
+"""The step loop shared by adaptation, distillation and fine-tuning: two domains, periodic evaluation.
 
-Like :class:`pipeline.training.engine.Trainer`, the loop only optimises; handlers attach
-model selection, divergence detection, progress and tracking through the events
-``fit_start``, ``step_end``, ``evaluate`` (every ``eval_every`` steps and at the end) and
-``fit_end``. A subclass implements :meth:`DomainLoop.train_step` and says which model is
-being adapted (``self.model``).
+A :class:`pipeline.training.loop.Loop` like the source Trainer (handlers, device, mixed precision, the optimiser
+step, the non-finite-loss policy); handlers attach model selection, divergence detection, progress and tracking
+through the events ``fit_start``, ``step_end``, ``evaluate`` (every ``eval_every`` steps and at the end) and
+``fit_end``. A subclass implements :meth:`DomainLoop.losses` and says which model is being trained
+(``self.model``, ``self.optimizer``, ``self.scheduler``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from torch import nn
 from pipeline.augment import augment_batch, normalise, to_model_input
 from pipeline.crosssim.losses import binary_entropy
 from pipeline.errors import TrainingError
-from pipeline.training.engine import batched_outputs, predict_proba
+from pipeline.training.inference import batched_outputs
+from pipeline.training.loop import Loop, NonFiniteLoss
 
 UNLABELLED = -1
 
@@ -38,12 +39,13 @@ class DomainData:
 
 @dataclass(frozen=True)
 class LoopRuntime:
-    """Where and how a loop runs: device, memory format, augmentation, random stream."""
+    """Where and how a loop runs: device, memory format, augmentation, random stream, mixed precision."""
 
     device: torch.device
     channels_last: bool
     transform: Any  # per-image augmentation (pipeline.augment.build_augmentation) or None
     generator: torch.Generator
+    amp: str = "off"  # train.amp: "auto" is bf16/fp16 on CUDA, fp32 on CPU
 
 
 class DomainBatches:
@@ -102,7 +104,7 @@ class EvaluationSets:
     target_labels: np.ndarray  # UNLABELLED where hidden
 
 
-class DomainLoop:
+class DomainLoop(Loop):
     """Runs ``steps`` optimisation steps on source + target batches, evaluating every ``eval_every``."""
 
     model: nn.Module
@@ -122,24 +124,15 @@ class DomainLoop:
     ) -> None:
         if steps < 1:
             raise TrainingError(f"steps must be ≥ 1, got {steps}")
+        super().__init__(runtime.device, runtime.channels_last, runtime.amp, handlers)
         self.batch_size = batch_size
         self.source = DomainBatches(source, batch_size, runtime.generator, balanced=balance_source)
         self.target = DomainBatches(target, batch_size, runtime.generator)
         self.steps = steps
         self.eval_every = eval_every
         self.evaluation_sets = evaluation
-        self.device = runtime.device
-        self.channels_last = runtime.channels_last
         self.transform = runtime.transform
-        self.memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
-        self.handlers = list(handlers or [])
         self.state = LoopState()
-
-    def emit(self, event: str) -> None:
-        for handler in self.handlers:
-            callback = getattr(handler, f"on_{event}", None)
-            if callback is not None:
-                callback(self)
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 batch → augmented (when configured), normalised model input on the device."""
@@ -150,31 +143,30 @@ class DomainLoop:
         """``network`` applied to un-augmented uint8 images in batches, without gradients."""
         return extract(network, images, self.device, self.channels_last)
 
-    def train_step(self) -> None:
-        """One step; subclasses compute their loss terms and hand them to :meth:`optimise`."""
+    def losses(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One step's loss to minimise and its named terms (for the history); subclasses draw their batches."""
         raise NotImplementedError
 
-    def optimise(self, total: torch.Tensor, losses: dict[str, torch.Tensor]) -> None:
-        """Backward + clipped step of ``self.optimizer``/``self.scheduler``; records every term's value."""
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if self.grad_clip_norm is not None:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
-        self.optimizer.step()
-        self.scheduler.step()
+    def train_step(self) -> None:
+        """The step's losses under autocast, recorded, checked, then backward and the clipped optimiser step."""
+        with self.autocast():
+            total, losses = self.losses()
         self.state.losses = {name: float(value.detach()) for name, value in losses.items()} | {"total": float(total.detach())}
+        self.check_finite(self.state.losses, f"step {self.state.step + 1}")
+        self.backward(total)
+        self.apply_gradients(self.optimizer, self.scheduler, self.model.parameters(), self.grad_clip_norm)
 
     def fit(self) -> LoopState:
         self.emit("fit_start")
         self.evaluate()  # step 0: the starting point every later evaluation is compared with
         started, images = time.perf_counter(), 0
         while self.state.step < self.steps and self.state.stop_reason is None:
-            self.train_step()
+            try:
+                self.train_step()
+            except NonFiniteLoss as stop:  # recorded, not raised: the stage writes its diagnostics, then fails
+                self.state.stop_reason = str(stop)
             self.state.step += 1
             images += 2 * self.batch_size
-            bad = [name for name, value in self.state.losses.items() if not math.isfinite(value)]
-            if bad:
-                self.state.stop_reason = f"loss {', '.join(bad)} is not finite at step {self.state.step}"
             self.emit("step_end")
             if self.state.stop_reason is None and (
                 self.state.step % self.eval_every == 0 or self.state.step == self.steps
@@ -205,7 +197,7 @@ class DomainLoop:
         return {}
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        return predict_proba(self.model, images, self.device, self.channels_last)
+        return self.probabilities(self.model, images)
 
 
 def extract(network: nn.Module, images: np.ndarray, device: torch.device, channels_last: bool) -> torch.Tensor:

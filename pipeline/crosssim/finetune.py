@@ -99,7 +99,7 @@ class ConsistencyFinetuner(DomainLoop):
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=train.weight_decay)
         self.scheduler = warmup_cosine(self.optimizer, steps)
 
-    def train_step(self) -> None:
+    def losses(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images, labels = self.source.next()
         self.model.train()
         losses = {"classification": self.criterion(self.model(self.inputs(images)), labels.to(self.device))}
@@ -109,4 +109,4 @@ class ConsistencyFinetuner(DomainLoop):
             weak = self.model(normalise(augment_batch(batch, self.transform)))
         strong = self.model(normalise(augment_batch(batch, self.strong)))
         losses["consistency"] = self.weight * self.consistency(weak, strong)
-        self.optimise(sum(losses.values()), losses)
+        return sum(losses.values()), losses

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from pipeline.training.progress import LoopProgressBase
 
 LOG_EVERY = 10  # steps between history rows / tracker points
 
@@ -132,48 +132,27 @@ class HistoryRecorder:
             self.tracker.log_metrics(finite, step=loop.state.step)
 
 
-class LoopProgress:
-    """Rich progress bar over steps with the last total loss and discriminator accuracy; where the output is not a
-    terminal (CI, a Prefect worker), one line per tenth of the loop instead."""
+class LoopProgress(LoopProgressBase):
+    """A CrossSim loop's progress: steps, the last total loss and discriminator accuracy; one line per tenth of the
+    loop without a terminal."""
+
+    shown = "loss {task.fields[loss]:.4f}  D acc {task.fields[acc]:.2f}"
 
     def __init__(self, description: str, enabled: bool = True, console: Console | None = None) -> None:
+        super().__init__(enabled, console)
         self.description = description
-        self.enabled = enabled
-        self.console = console or Console()
-        self._progress: Progress | None = None
-        self._task = None
-        self._started = 0.0
+        self.label = f"[bold]{description}"
 
-    def on_fit_start(self, loop) -> None:
-        self._started = time.monotonic()
-        if not self.enabled or not self.console.is_terminal:
-            return
-        self._progress = Progress(
-            TextColumn(f"[bold]{self.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}  D acc {task.fields[acc]:.2f}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=self.console,
-        )
-        self._task = self._progress.add_task(self.description, total=loop.steps, loss=math.nan, acc=math.nan)
-        self._progress.start()
+    def extent(self, loop) -> tuple[int, int]:
+        return loop.steps, 0
 
-    def on_step_end(self, loop) -> None:
+    def fields(self, loop) -> dict[str, Any]:
+        return {"loss": loop.state.losses.get("total", math.nan), "acc": loop.state.domain_accuracy}
+
+    def line(self, loop, event: str) -> str | None:
+        if event != "step_end" or loop.state.step % max(1, loop.steps // 10):
+            return None
+        accuracy = loop.state.domain_accuracy  # nan in the loops without a discriminator
+        shown = f"  D acc {accuracy:.2f}" if math.isfinite(accuracy) else ""
         loss = loop.state.losses.get("total", math.nan)
-        if self._progress is not None:
-            self._progress.update(self._task, advance=1, loss=loss, acc=loop.state.domain_accuracy)
-        elif self.enabled and loop.state.step % max(1, loop.steps // 10) == 0:
-            accuracy = loop.state.domain_accuracy  # nan in the loops without a discriminator
-            shown = f"  D acc {accuracy:.2f}" if math.isfinite(accuracy) else ""
-            self.console.print(
-                f"{self.description}: step {loop.state.step}/{loop.steps}  loss {loss:.4f}{shown}  "
-                f"{time.monotonic() - self._started:.0f} s",
-                highlight=False,
-                markup=False,
-            )
-
-    def on_fit_end(self, loop) -> None:
-        if self._progress is not None:
-            self._progress.stop()
+        return f"{self.description}: step {loop.state.step}/{loop.steps}  loss {loss:.4f}{shown}"

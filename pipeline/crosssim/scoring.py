@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -19,8 +18,8 @@ from torch import nn
 from pipeline.config import EvaluateConfig
 from pipeline.crosssim.engine import UNLABELLED
 from pipeline.crosssim.stage import DomainData
-from pipeline.evaluation import choose_threshold, evaluate_sites
-from pipeline.training.engine import predict_proba
+from pipeline.evaluation import ScoredModel, choose_threshold, evaluate_sites
+from pipeline.training.inference import predict_proba
 
 
 def decision_threshold(
@@ -42,12 +41,12 @@ def evaluate_models(
     out_dir: Path,
     device: torch.device,
     seed: int,
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, ScoredModel]:
     """For each model: threshold by the rule above, then every test set (images + manifest rows with labels).
 
     Files go to ``out_dir/<model>/`` (see :func:`pipeline.evaluation.evaluate_sites`).
     """
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, ScoredModel] = {}
     for name, model in models.items():
         model = model.to(device).eval()
         threshold, chosen_on = decision_threshold(model, source_val, target_train, device)
@@ -56,5 +55,5 @@ def evaluate_models(
             for set_name, (images, rows) in test_sets.items()
         }
         sets = evaluate_sites(predictions, threshold, cfg, out_dir / name, seed=seed)
-        results[name] = {"threshold": threshold, "threshold_chosen_on": chosen_on, "sets": sets}
+        results[name] = ScoredModel(threshold, chosen_on, sets)
     return results

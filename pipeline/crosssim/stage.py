@@ -22,7 +22,7 @@ import torch
 from pipeline.augment import build_augmentation
 from pipeline.config import PipelineConfig
 from pipeline.crosssim.adapt import Adapter, recalibrate_batchnorm
-from pipeline.crosssim.diagnostics import domain_gap
+from pipeline.crosssim.diagnostics import DomainShift, domain_gap
 from pipeline.crosssim.distill import Distiller
 from pipeline.crosssim.engine import UNLABELLED, DomainData, EvaluationSets, LoopRuntime, LoopState
 from pipeline.crosssim.finetune import ConsistencyFinetuner, finetune_on_labels
@@ -52,7 +52,8 @@ class CrossSimResult:
     adapted_path: Path
     student_path: Path | None
     diagnostics_path: Path
-    diagnostics: dict[str, Any]
+    diagnostics: dict[str, Any]  # what diagnostics.json holds: histories, selection, the rule, the configuration
+    gap: DomainShift
 
 
 def check_inputs(
@@ -125,7 +126,7 @@ def run_crosssim(
     device = select_device(cfg.train.device)
     channels_last = cfg.train.channels_last != "off"
     transform = build_augmentation(cfg.augment) if settings.augment else None
-    runtime = LoopRuntime(device, channels_last, transform, generator)
+    runtime = LoopRuntime(device, channels_last, transform, generator, cfg.train.amp)
     evaluation = EvaluationSets(source_val.images, source_val.labels, target_train.images, target_train.labels)
     rng = np.random.default_rng(cfg.seed)
     probe_source = _sample(source_val, settings.diagnostics_samples, rng)
@@ -166,7 +167,7 @@ def run_crosssim(
     )
     state = adapter.fit()
     diagnostics["adapt"] = {"history": state.history, "steps_run": state.step, "stop_reason": state.stop_reason}
-    diagnostics["domain_gap"] = {"before": _gap(before)}
+    diagnostics["domain_gap"] = {"before": before.to_dict()}
     if state.stop_reason is not None:
         _fail(output_dir, diagnostics, f"adaptation stopped: {state.stop_reason}", tracker)
     selector.restore_best(adapter)
@@ -177,7 +178,7 @@ def run_crosssim(
     after = domain_gap(
         adapter.embed(probe_source), adapter.embed(probe_target), "after adaptation", output_dir / "tsne_after.png", cfg.seed
     )
-    diagnostics["domain_gap"]["after"] = _gap(after)
+    diagnostics["domain_gap"]["after"] = after.to_dict()
     adapted = adapter.model.eval()
 
     student_path = None
@@ -215,7 +216,7 @@ def run_crosssim(
                 "crosssim.feature_distance_after": after.mean_feature_distance,
             }
         )  # the folder itself is logged by the caller once scores are added to it
-    return CrossSimResult(adapted_path, student_path, diagnostics_path, diagnostics)
+    return CrossSimResult(adapted_path, student_path, diagnostics_path, diagnostics, DomainShift(before, after))
 
 
 def _finetune(
@@ -249,14 +250,6 @@ def _finetune(
     )
     state = loop.fit()
     return loop.model.eval(), state
-
-
-def _gap(gap) -> dict[str, Any]:
-    return {
-        "proxy_a_distance": gap.proxy_a_distance,
-        "mean_feature_distance": gap.mean_feature_distance,
-        "tsne_plot": gap.tsne_plot.name,
-    }
 
 
 def _write(output_dir: Path, diagnostics: dict[str, Any]) -> Path:

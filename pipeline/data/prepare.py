@@ -40,6 +40,11 @@ class PreparedDataset:
         mask = np.asarray(mask, dtype=bool)
         return self.images[mask], self.manifest[mask].reset_index(drop=True)
 
+    def images_of(self, rows: pd.DataFrame) -> np.ndarray:
+        """The images of ``rows`` (matched by image_id), in their order."""
+        positions = pd.Index(self.manifest["image_id"]).get_indexer(rows["image_id"])
+        return np.asarray(self.images[positions])
+
 
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()

@@ -21,10 +21,15 @@ from pipeline.evaluation.report import (
     safe_name,
     summary_table,
 )
+from pipeline.evaluation.results import Interval, OperatingPoint, ScoredModel, SetEvaluation
 
 __all__ = [
     "CI_METRICS",
     "EvaluationError",
+    "Interval",
+    "OperatingPoint",
+    "ScoredModel",
+    "SetEvaluation",
     "binary_metrics",
     "bootstrap_ci",
     "bootstrap_cis",

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from sklearn.calibration import calibration_curve
 
 # Operating points marked on the curves: label -> (x, y) in the plot's coordinates.
-Points = dict[str, tuple[float, float]]
+Points = dict[str, tuple[float | None, float | None]]  # None: undefined at that threshold
 _SIZE = (4.5, 4.0)
 _DPI = 100
 
@@ -88,7 +88,7 @@ def _figure():
 
 def _mark(ax, points: Points) -> None:
     for label, (x, y) in points.items():
-        if np.isfinite(x) and np.isfinite(y):
+        if x is not None and y is not None and np.isfinite(x) and np.isfinite(y):  # None: undefined at this threshold
             ax.plot([x], [y], marker="o", ls="none", label=label)
 
 

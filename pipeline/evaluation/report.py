@@ -9,8 +9,8 @@ Every set is reported at the threshold chosen on the validation split (``at_thre
 - from ``evaluate_sites``: ``metrics.json`` (DVC metrics, set name -> numbers), ``roc.csv`` (every
   set's ROC points with a ``set`` column), ``summary.csv`` and ``summary.md``.
 
-Undefined numbers (AUC of a one-class set, ...) are NaN in memory and ``null`` in returned dicts
-and JSON files, which must stay strict JSON for DVC and other readers.
+Results are the dataclasses of :mod:`pipeline.evaluation.results`. Undefined numbers (AUC of a one-class set,
+...) are None there and ``null`` in the JSON files, which must stay strict JSON for DVC and other readers.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from pipeline.config import EvaluateConfig
 from pipeline.data.manifest import implausible
 from pipeline.evaluation import plots
 from pipeline.evaluation.metrics import EvaluationError, binary_metrics, bootstrap_cis, check_inputs
+from pipeline.evaluation.results import Interval, OperatingPoint, SetEvaluation, jsonable
 
 DEFAULT_THRESHOLD = 0.5
 MIN_SUBGROUP_IMAGES = 10
@@ -49,7 +50,7 @@ def safe_name(name: str) -> str:
 
 def evaluate_split(
     name: str, frame: pd.DataFrame, threshold: float, cfg: EvaluateConfig, out_dir: Path, *, seed: int = 0
-) -> dict[str, Any]:
+) -> SetEvaluation:
     """Metrics (with bootstrap CIs) at ``threshold`` and at 0.5, subgroups, plots and files of one set.
 
     ``frame`` needs ``label`` (0/1; rows without one are left out and counted) and ``prob`` (probability
@@ -60,7 +61,7 @@ def evaluate_split(
 
 def evaluate_sites(
     predictions: Mapping[str, pd.DataFrame], threshold: float, cfg: EvaluateConfig, out_dir: Path, *, seed: int = 0
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, SetEvaluation]:
     """``evaluate_split`` for every named set, plus the combined files; returns set name -> result."""
     if not predictions:
         raise EvaluationError("no prediction sets to evaluate")
@@ -71,7 +72,7 @@ def evaluate_sites(
             raise EvaluationError(f"set names {stems[stem]!r} and {name!r} would share the file name {stem!r}")
         stems[stem] = name
     out_dir = Path(out_dir)
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, SetEvaluation] = {}
     roc_tables = []
     for name, frame in predictions.items():
         results[name], roc = _evaluate(name, frame, threshold, cfg, out_dir, seed)
@@ -84,41 +85,41 @@ def evaluate_sites(
     return results
 
 
-def summary_table(results: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+def summary_table(results: Mapping[str, SetEvaluation]) -> pd.DataFrame:
     """One row per set: metrics at the chosen threshold with CI bounds, and sensitivity/specificity at 0.5."""
     rows = []
     for name, result in results.items():
-        point = result["at_threshold"]
-        row: dict[str, Any] = {"set": name, "n": result["n"], "n_pos": result["n_pos"]}
-        row["threshold"] = result["threshold"]
+        point = result.at_threshold
+        row: dict[str, Any] = {"set": name, "n": result.n, "n_pos": result.n_pos, "threshold": result.threshold}
         for metric in SUMMARY_METRICS:
-            interval = point["ci"].get(metric, {})
-            row[metric] = point[metric]
-            row[f"{metric}_low"] = interval.get("low")
-            row[f"{metric}_high"] = interval.get("high")
-        row["sensitivity_at_0_5"] = result["at_0_5"]["sensitivity"]
-        row["specificity_at_0_5"] = result["at_0_5"]["specificity"]
+            interval = point.interval(metric) or Interval(None, None)
+            row[metric] = point.value(metric)
+            row[f"{metric}_low"] = interval.low
+            row[f"{metric}_high"] = interval.high
+        row["sensitivity_at_0_5"] = result.at_0_5.sensitivity
+        row["specificity_at_0_5"] = result.at_0_5.specificity
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def metrics_table_markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
-    """A markdown table of ``evaluate_sites`` results for reports: value [95% CI] at the chosen threshold."""
-    header = ["set", "images (pneumonia)", "threshold", *SUMMARY_METRICS]
+def metrics_table_markdown(results: Mapping[str, SetEvaluation], metrics: tuple[str, ...] = SUMMARY_METRICS) -> str:
+    """The markdown table of evaluation results (summary.md, the flow's summary, model cards): value [95% CI] at
+    the chosen threshold."""
+    header = ["set", "images (pneumonia)", "threshold", *metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, result in results.items():
-        point = result["at_threshold"]
-        cells = [name, f"{result['n']} ({result['n_pos']})", f"{result['threshold']:.3f}"]
-        cells += [format_with_interval(point[metric], point["ci"].get(metric)) for metric in SUMMARY_METRICS]
+        point = result.at_threshold
+        cells = [name, f"{result.n} ({result.n_pos})", f"{result.threshold:.3f}"]
+        cells += [format_with_interval(point.value(metric), point.interval(metric)) for metric in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("At the threshold chosen on validation (Youden's J); 95% stratified bootstrap CIs in brackets.")
+    lines.append("At the decision threshold (Youden's J, chosen on validation data, never on the set reported); 95% stratified bootstrap CIs in brackets.")
     return "\n".join(lines)
 
 
 def _evaluate(
     name: str, frame: pd.DataFrame, threshold: float, cfg: EvaluateConfig, out_dir: Path, seed: int
-) -> tuple[dict[str, Any], pd.DataFrame]:
+) -> tuple[SetEvaluation, pd.DataFrame]:
     missing = [column for column in ("label", "prob") if column not in frame.columns]
     if missing:
         raise EvaluationError(f"{name}: predictions lack column(s) {', '.join(missing)}")
@@ -131,37 +132,39 @@ def _evaluate(
     except EvaluationError as error:
         raise EvaluationError(f"{name}: {error}") from None
 
-    result: dict[str, Any] = {
-        "name": name,
-        "n": int(y.size),
-        "n_pos": int(y.sum()),
-        "n_unlabelled": len(frame) - len(labelled),
-        "threshold": float(threshold),
-        "bootstrap_samples": cfg.bootstrap_samples,
-    }
     operating_points = {"at_threshold": float(threshold), "at_0_5": DEFAULT_THRESHOLD}
     # One set of resamples serves both thresholds, so their intervals are paired and computed once.
     intervals = bootstrap_cis(
         y, s, list(operating_points.values()), cfg.bootstrap_samples, seed, n_bins=cfg.calibration_bins
     )
+    points = {}
     for (key, point_threshold), interval in zip(operating_points.items(), intervals, strict=True):
         metrics = binary_metrics(y, s, point_threshold, n_bins=cfg.calibration_bins)
-        notes += [note for note in metrics.pop("notes") if note not in notes]
-        metrics["ci"] = {metric: {"low": low, "high": high} for metric, (low, high) in interval.items()}
-        result[key] = metrics
-    result["subgroups"], subgroup_notes = _subgroups(labelled, y, s, threshold, cfg.calibration_bins)
-    result["notes"] = notes + subgroup_notes
+        notes += [note for note in metrics["notes"] if note not in notes]
+        points[key] = OperatingPoint.from_metrics(metrics, interval)
+    subgroups, subgroup_notes = _subgroups(labelled, y, s, threshold, cfg.calibration_bins)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / safe_name(name)
     roc = _roc_points(y, s)
     roc_csv = stem.with_name(f"{stem.name}_roc.csv")
     roc.to_csv(roc_csv, index=False)
-    result["plots"] = _plots(name, y, s, result, cfg.calibration_bins, stem)
-    metrics_json = stem.with_name(f"{stem.name}_metrics.json")
-    result["files"] = {"metrics": metrics_json, "roc_csv": roc_csv}
-    result = _jsonable(result)
-    metrics_json.write_text(json.dumps(result, indent=2, allow_nan=False))
+    chosen, at_0_5 = points["at_threshold"], points["at_0_5"]
+    result = SetEvaluation(
+        name=name,
+        n=int(y.size),
+        n_pos=int(y.sum()),
+        n_unlabelled=len(frame) - len(labelled),
+        threshold=float(threshold),
+        bootstrap_samples=cfg.bootstrap_samples,
+        at_threshold=chosen,
+        at_0_5=at_0_5,
+        subgroups=jsonable(subgroups),
+        notes=notes + subgroup_notes,
+        plots=_plots(name, y, s, chosen, at_0_5, cfg.calibration_bins, stem),
+        files={"metrics": stem.with_name(f"{stem.name}_metrics.json"), "roc_csv": roc_csv},
+    )
+    result.files["metrics"].write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False))
     return result, roc
 
 
@@ -177,25 +180,24 @@ def _roc_points(y: np.ndarray, s: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": thresholds})
 
 
-def _plots(name: str, y: np.ndarray, s: np.ndarray, result: dict[str, Any], n_bins: int, stem: Path) -> dict[str, Path]:
-    chosen, default = result["at_threshold"], result["at_0_5"]
-    title = f"{name} (n={result['n']}, pneumonia {result['n_pos']})"
-    labels = {f"threshold {chosen['threshold']:.3f} (val)": chosen, f"threshold {DEFAULT_THRESHOLD}": default}
+def _plots(
+    name: str, y: np.ndarray, s: np.ndarray, chosen: OperatingPoint, default: OperatingPoint, n_bins: int, stem: Path
+) -> dict[str, Path]:
+    title = f"{name} (n={chosen.n}, pneumonia {chosen.n_pos})"
+    labels = {f"threshold {chosen.threshold:.3f} (val)": chosen, f"threshold {DEFAULT_THRESHOLD}": default}
     paths = {kind: stem.with_name(f"{stem.name}_{kind}.png") for kind in ("roc", "pr", "calibration", "confusion")}
-    if 0 < result["n_pos"] < result["n"]:
+    if 0 < chosen.n_pos < chosen.n:
         fpr, tpr, _ = roc_curve(y, s)
-        roc_marks = {label: (1 - m["specificity"], m["sensitivity"]) for label, m in labels.items()}
-        plots.plot_roc(fpr, tpr, chosen["auc"], roc_marks, title, paths["roc"])
+        roc_marks = {label: (1 - m.specificity, m.sensitivity) for label, m in labels.items()}
+        plots.plot_roc(fpr, tpr, chosen.auc, roc_marks, title, paths["roc"])
         precision, recall, _ = precision_recall_curve(y, s)
-        pr_marks = {label: (m["sensitivity"], m["precision"]) for label, m in labels.items()}
-        prevalence = result["n_pos"] / result["n"]
-        plots.plot_pr(recall, precision, chosen["average_precision"], prevalence, pr_marks, title, paths["pr"])
+        pr_marks = {label: (m.sensitivity, m.precision) for label, m in labels.items()}
+        plots.plot_pr(recall, precision, chosen.average_precision, chosen.n_pos / chosen.n, pr_marks, title, paths["pr"])
     else:
         for kind in ("roc", "pr"):
             plots.plot_message("undefined: only one class in this set", title, paths[kind])
-    plots.plot_reliability(y, s, n_bins, chosen["ece"], title, paths["calibration"])
-    counts = (chosen["tn"], chosen["fp"], chosen["fn"], chosen["tp"])
-    plots.plot_confusion(*counts, chosen["threshold"], title, paths["confusion"])
+    plots.plot_reliability(y, s, n_bins, chosen.ece, title, paths["calibration"])
+    plots.plot_confusion(chosen.tn, chosen.fp, chosen.fn, chosen.tp, chosen.threshold, title, paths["confusion"])
     return paths
 
 
@@ -256,31 +258,17 @@ def _group_metrics(y: np.ndarray, s: np.ndarray, threshold: float, n_bins: int) 
     return metrics
 
 
-def _dvc_entry(result: Mapping[str, Any]) -> dict[str, Any]:
+def _dvc_entry(result: SetEvaluation) -> dict[str, Any]:
     """The set's numbers at the chosen threshold (with CIs) and, without CIs, at 0.5."""
-    at_0_5 = {key: value for key, value in result["at_0_5"].items() if key not in ("ci", "n", "n_pos")}
-    return {**result["at_threshold"], "at_0_5": at_0_5}
+    numbers = result.to_dict()
+    at_0_5 = {key: value for key, value in numbers["at_0_5"].items() if key not in ("ci", "n", "n_pos")}
+    return {**numbers["at_threshold"], "at_0_5": at_0_5}
 
 
-def format_with_interval(value: float | None, interval: Mapping[str, float | None] | None) -> str:
+def format_with_interval(value: float | None, interval: Interval | None) -> str:
     """``0.921 [0.894, 0.945]``; ``n/a`` for an undefined value; no brackets without an interval."""
     if value is None:
         return "n/a"
-    if not interval or interval.get("low") is None or interval.get("high") is None:
+    if interval is None or interval.low is None or interval.high is None:
         return f"{value:.3f}"
-    return f"{value:.3f} [{interval['low']:.3f}, {interval['high']:.3f}]"
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain Python for json: numpy scalars unwrapped, paths as strings, NaN/inf as None (strict JSON)."""
-    if isinstance(value, Mapping):
-        return {str(key): _jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+    return f"{value:.3f} [{interval.low:.3f}, {interval.high:.3f}]"

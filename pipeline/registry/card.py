@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the export needs torch and ONNX Runtime; reviewing and deciding do not
+    from pipeline.crosssim.diagnostics import DomainShift
+    from pipeline.evaluation import ScoredModel
     from pipeline.serving.export import LoggedBundle
 
 INTENDED_USE = (
@@ -26,6 +28,9 @@ LIMITS = [
 ]
 
 
+CARD_METRICS = ("auc", "sensitivity", "specificity", "ece")
+
+
 @dataclass(frozen=True)
 class CardFacts:
     """Everything a card states; gathered by the flow from the run it registers."""
@@ -35,17 +40,16 @@ class CardFacts:
     model: str  # what the registered network is, e.g. "CrossSim-adapted resnet18, 64×64"
     lineage: dict[str, str]  # data versions, git commit, flow run, MLflow run, parent models
     data: dict[str, dict[str, Any]]  # site → {"version": md5, "images": n, ...}
-    sets: dict[str, dict[str, Any]]  # set name → evaluation result (pipeline.evaluation)
-    threshold: dict[str, Any]  # {"value": t, "chosen_on": "..."}
+    scored: ScoredModel  # the registered model's threshold and its evaluation on every held-out set
     config: dict[str, Any]
-    crosssim: dict[str, Any] | None = None  # domain gap before/after
+    crosssim: DomainShift | None = None  # domain gap before/after
     gate: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     serving: list[LoggedBundle] | None = None  # the deployable artifacts; None: export switched off
 
 
 def model_card(facts: CardFacts) -> str:
-    from pipeline.evaluation import format_with_interval  # imports torch: only cards need it, not review notes
+    from pipeline.evaluation import metrics_table_markdown  # imports torch: only cards need it, not review notes
 
     lines = [
         f"# Model card: {facts.name} v{facts.version}",
@@ -63,18 +67,13 @@ def model_card(facts: CardFacts) -> str:
         "|---|---|---|",
         *(f"| {site} | `{info.get('version', '?')}` | {info.get('images', '?')} |" for site, info in facts.data.items()),
         "",
-        f"## Metrics (threshold {facts.threshold['value']:.4f}, chosen on {facts.threshold['chosen_on']}; 95% bootstrap CI)",
-        "| set | n (pneumonia) | AUC | sensitivity | specificity | ECE |",
-        "|---|---|---|---|---|---|",
+        f"## Metrics (threshold {facts.scored.threshold:.4f}, chosen on {facts.scored.threshold_chosen_on}; 95% bootstrap CI)",
+        metrics_table_markdown(facts.scored.sets, CARD_METRICS),
     ]
-    for name, result in facts.sets.items():
-        point = result["at_threshold"]
-        cells = [format_with_interval(point[m], point["ci"].get(m)) for m in ("auc", "sensitivity", "specificity", "ece")]
-        lines.append(f"| {name} | {result['n']} ({result['n_pos']}) | " + " | ".join(cells) + " |")
     lines += ["", "### Subgroups (at the same threshold)", "| set | grouping | group | n | AUC | sensitivity | specificity |"]
     lines.append("|---|---|---|---|---|---|---|")
-    for name, result in facts.sets.items():
-        for grouping, groups in (result.get("subgroups") or {}).items():
+    for name, result in facts.scored.sets.items():
+        for grouping, groups in result.subgroups.items():
             for group, metrics in groups.items():
                 if "note" in metrics:
                     lines.append(f"| {name} | {grouping} | {group} | {metrics['n']} | {metrics['note']} | | |")
@@ -86,12 +85,12 @@ def model_card(facts: CardFacts) -> str:
     lines += ["", "## Calibration", "Expected calibration error (ECE, L1, equal-width bins) per set is in the metrics table; "
               "reliability diagrams are in the run's `eval/` artifacts."]
     if facts.crosssim is not None:
-        before, after = facts.crosssim["before"], facts.crosssim["after"]
+        before, after = facts.crosssim.before, facts.crosssim.after
         lines += [
             "",
             "## CrossSim diagnostics",
-            f"- Proxy A-distance source↔target features: {before['proxy_a_distance']:.3f} before, {after['proxy_a_distance']:.3f} after",
-            f"- Mean-feature distance: {before['mean_feature_distance']:.3f} before, {after['mean_feature_distance']:.3f} after",
+            f"- Proxy A-distance source↔target features: {before.proxy_a_distance:.3f} before, {after.proxy_a_distance:.3f} after",
+            f"- Mean-feature distance: {before.mean_feature_distance:.3f} before, {after.mean_feature_distance:.3f} after",
         ]
     if facts.gate is not None:
         lines += ["", f"## Promotion gate (vs {facts.gate['compared_with']}): {'passed' if facts.gate['passed'] else 'failed'}"]

@@ -1,4 +1,4 @@
-"""The FastAPI app of ``crosssim serve`` (``create_app``); ``flows/serve.py`` builds its dependencies and runs it.
+"""The FastAPI app of ``crosssim serve`` (``create_app``); ``pipeline/serving/service.py`` builds its dependencies.
 
 A prediction: in one decoding thread the upload is decoded and checked (``uploads``) and its de-identified image
 stored; it is queued for the micro-batcher, scored by the version being served, its ledger row committed; only

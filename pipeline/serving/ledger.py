@@ -210,6 +210,16 @@ exported_cases = sa.Table(
 _ROW_FIELDS = tuple(field.name for field in fields(PredictionRow))
 
 
+@contextmanager
+def opened_ledger(serve: ServeConfig, environ: Mapping[str, str]) -> Iterator[PredictionLedger]:
+    """The configured ledger for one ``with`` block (a CLI command, a flow step), closed (committed) after it."""
+    ledger = PredictionLedger(resolve_ledger_url(serve, environ))
+    try:
+        yield ledger
+    finally:
+        ledger.close()
+
+
 class PredictionLedger:
     """The ``predictions`` table behind a group-commit writer thread. Use from any event loop or thread."""
 

@@ -1,8 +1,8 @@
-"""A small supervised training engine: the loop only trains; handlers attach the rest.
+"""Supervised training of the source model: epochs over a labelled set, validation AUC after each.
 
-Handlers (checkpointing, early stopping, progress, experiment tracking) are objects
-with any of ``on_fit_start``, ``on_step_end``, ``on_epoch_end``, ``on_fit_end``
-taking the trainer, in the spirit of MONAI's engine + handlers.
+The :class:`Trainer` is a :class:`pipeline.training.loop.Loop` (handlers, device, mixed precision, the optimiser
+step, the non-finite-loss policy); its handlers (checkpointing, early stopping, progress, tracking) attach through
+``fit_start``, ``step_end``, ``epoch_end`` and ``fit_end``.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +21,7 @@ from torchmetrics.functional.classification import binary_auroc
 from pipeline.augment import augment_batch, build_augmentation, normalise, to_model_input
 from pipeline.config import AugmentConfig, TrainConfig
 from pipeline.errors import TrainingError
+from pipeline.training.loop import Loop
 from pipeline.training.schedule import warmup_cosine
 
 
@@ -50,14 +49,6 @@ def select_device(name: str) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
-    if choice == "off" or (choice == "auto" and device.type != "cuda"):
-        return None  # CPU autocast is slower than fp32 for these convnets
-    if choice == "fp16" or (choice == "auto" and not torch.cuda.is_bf16_supported()):
-        return torch.float16
-    return torch.bfloat16
-
-
 def class_weights(labels: torch.Tensor) -> torch.Tensor:
     """Inverse class frequency, normalised so a balanced set gets weight 1 per class."""
     counts = torch.bincount(labels, minlength=2).float()
@@ -66,7 +57,7 @@ def class_weights(labels: torch.Tensor) -> torch.Tensor:
     return counts.sum() / (2 * counts)
 
 
-class Trainer:
+class Trainer(Loop):
     """Trains ``model`` on uint8 image arrays (N, H, W) with 0/1 labels."""
 
     def __init__(
@@ -86,13 +77,9 @@ class Trainer:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         seed_everything(seed)
+        super().__init__(select_device(cfg.device), cfg.channels_last in ("on", "auto"), cfg.amp, handlers)
         self.cfg = cfg
-        self.device = select_device(cfg.device)
-        self.channels_last = cfg.channels_last == "on" or cfg.channels_last == "auto"
-        self.amp_dtype = _amp_dtype(cfg.amp, self.device)
-        self.model = model.to(self.device)
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = model.to(self.device, memory_format=self.memory_format)
         self.train_images = torch.from_numpy(np.ascontiguousarray(train_images))
         self.train_labels = torch.as_tensor(np.asarray(train_labels, dtype=np.int64))
         self.val_images = torch.from_numpy(np.ascontiguousarray(val_images))
@@ -108,25 +95,14 @@ class Trainer:
         total_steps = self.steps_per_epoch * cfg.epochs
         warmup_steps = min(int(cfg.warmup_epochs * self.steps_per_epoch), max(total_steps - 1, 0))
         self.scheduler = warmup_cosine(self.optimizer, total_steps, warmup_steps)
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.state = TrainState()
-        self.handlers = list(handlers or [])
 
     def _batches_per_epoch(self) -> int:
         full, rest = divmod(len(self.train_images), self.cfg.batch_size)
         return full + (1 if rest >= 2 else 0)  # a batch of one breaks BatchNorm: it is dropped
 
-    def _emit(self, event: str) -> None:
-        for handler in self.handlers:
-            callback = getattr(handler, f"on_{event}", None)
-            if callback is not None:
-                callback(self)
-
-    def _autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
-
     def fit(self) -> TrainState:
-        self._emit("fit_start")
+        self.emit("fit_start")
         while self.state.epoch < self.cfg.epochs and not self.state.should_stop:
             started = time.perf_counter()
             train_loss, images = self._train_epoch()
@@ -145,8 +121,8 @@ class Trainer:
                     "train_images_per_second": self.state.train_images_per_second,
                 }
             )
-            self._emit("epoch_end")
-        self._emit("fit_end")
+            self.emit("epoch_end")
+        self.emit("fit_end")
         return self.state
 
     def _train_epoch(self) -> tuple[float, int]:
@@ -161,37 +137,22 @@ class Trainer:
             inputs = to_model_input(self.train_images[rows], self.device, self.channels_last)
             inputs = normalise(augment_batch(inputs, self.transform))
             targets = self.train_labels[rows].to(self.device, non_blocking=True)
-            with self._autocast():
+            with self.autocast():
                 loss = self.criterion(self.model(inputs), targets)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"training diverged: loss is {loss.item()} at epoch {self.state.epoch + 1}, batch {index}")
-            (self.scaler.scale(loss / accum) if self.scaler else loss / accum).backward()
-            if (index + 1) % accum == 0 or index + 1 == batches:
-                self._optimizer_step()
             self.state.last_loss = loss.item()
+            self.check_finite({"cross-entropy": self.state.last_loss}, f"epoch {self.state.epoch + 1}, batch {index}")
+            self.backward(loss / accum)
+            if (index + 1) % accum == 0 or index + 1 == batches:
+                self.apply_gradients(self.optimizer, self.scheduler, self.model.parameters(), self.cfg.grad_clip_norm)
+                self.state.step += 1
             total_loss += self.state.last_loss * len(rows)
             seen += len(rows)
-            self._emit("step_end")
+            self.emit("step_end")
         return total_loss / seen, seen
 
-    def _optimizer_step(self) -> None:
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        if self.cfg.grad_clip_norm:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip_norm)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.state.step += 1
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor | np.ndarray, batch_size: int = 256) -> np.ndarray:
+    def predict(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
         """Probability of pneumonia for each uint8 image."""
-        return predict_proba(self.model, images, self.device, self.channels_last, batch_size, self._autocast)
+        return self.probabilities(self.model, images)
 
     def checkpoint(self) -> dict[str, Any]:
         return {
@@ -217,44 +178,3 @@ class Trainer:
         np.random.set_state(checkpoint["numpy_rng"])
         random.setstate(checkpoint["python_rng"])
         self.state = TrainState(**checkpoint["state"])
-
-
-@torch.no_grad()
-def batched_outputs(
-    network: nn.Module | Callable[[torch.Tensor], torch.Tensor],
-    images: torch.Tensor | np.ndarray,
-    device: torch.device,
-    channels_last: bool = True,
-    batch_size: int = 256,
-    autocast: Callable[[], AbstractContextManager] | None = None,
-) -> Iterator[torch.Tensor]:
-    """``network``'s outputs on uint8 images (N, H, W), one batch at a time, without gradients: the batched
-    inference of every loop. Each batch is copied out of ``images`` on its own, so a memory-mapped set is never
-    read whole."""
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size]
-        batch = torch.from_numpy(np.array(batch)) if isinstance(batch, np.ndarray) else batch
-        inputs = normalise(to_model_input(batch, device, channels_last))
-        with autocast() if autocast is not None else nullcontext():
-            outputs = network(inputs)
-        yield outputs
-
-
-@torch.no_grad()
-def predict_proba(
-    model: nn.Module,
-    images: torch.Tensor | np.ndarray,
-    device: torch.device,
-    channels_last: bool = True,
-    batch_size: int = 256,
-    autocast: Callable[[], AbstractContextManager] | None = None,
-) -> np.ndarray:
-    """Softmax probability of class 1 for uint8 images (N, H, W), in eval mode."""
-    was_training = model.training
-    model.eval()
-    outputs = [
-        torch.softmax(logits.float(), dim=1)[:, 1].cpu()
-        for logits in batched_outputs(model, images, device, channels_last, batch_size, autocast)
-    ]
-    model.train(was_training)
-    return torch.cat(outputs).numpy() if outputs else np.zeros(0, dtype=np.float32)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from pipeline.training.progress import LoopProgressBase
 
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
@@ -59,59 +58,27 @@ class EarlyStopping:
             trainer.state.should_stop = True
 
 
-class ProgressBar:
-    """Rich progress bar over optimizer batches, showing loss and the last validation AUC. Where the output is not
-    a terminal (CI, a Prefect worker, a log file) a bar would only be drawn once, at the end: there each epoch
-    prints one line instead."""
+class ProgressBar(LoopProgressBase):
+    """Source training's progress: optimizer batches over all epochs, the last loss and validation AUC; one line
+    per epoch without a terminal."""
 
-    def __init__(self, enabled: bool = True, console: Console | None = None) -> None:
-        self.enabled = enabled
-        self.console = console or Console()
-        self._progress: Progress | None = None
-        self._task = None
-        self._started = 0.0
+    label = "[bold]epoch {task.fields[epoch]}"
+    shown = "loss {task.fields[loss]:.4f}  val AUC {task.fields[auc]}"
 
-    def on_fit_start(self, trainer) -> None:
-        self._started = time.monotonic()
-        if not self.enabled or not self.console.is_terminal:
-            return
-        self._progress = Progress(
-            TextColumn("[bold]epoch {task.fields[epoch]}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}  val AUC {task.fields[auc]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=self.console,
-            transient=False,
-        )
-        total = trainer._batches_per_epoch() * trainer.cfg.epochs
-        done = trainer._batches_per_epoch() * trainer.state.epoch
-        self._task = self._progress.add_task(
-            "train", total=total, completed=done, epoch=trainer.state.epoch + 1, loss=float("nan"), auc="-"
-        )
-        self._progress.start()
+    def extent(self, trainer) -> tuple[int, int]:
+        batches = trainer._batches_per_epoch()
+        return batches * trainer.cfg.epochs, batches * trainer.state.epoch
 
-    def on_step_end(self, trainer) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, advance=1, loss=trainer.state.last_loss)
+    def fields(self, trainer) -> dict[str, Any]:
+        state = trainer.state
+        auc = f"{state.history[-1]['val_auc']:.4f}" if state.history else "-"
+        return {"epoch": min(state.epoch + 1, trainer.cfg.epochs), "loss": state.last_loss, "auc": auc}
 
-    def on_epoch_end(self, trainer) -> None:
+    def line(self, trainer, event: str) -> str | None:
+        if event != "epoch_end":
+            return None
         row = trainer.state.history[-1]
-        if self._progress is not None:
-            shown_epoch = min(trainer.state.epoch + 1, trainer.cfg.epochs)
-            self._progress.update(self._task, epoch=shown_epoch, auc=f"{row['val_auc']:.4f}")
-        elif self.enabled:
-            self.console.print(
-                f"epoch {trainer.state.epoch}/{trainer.cfg.epochs}  train loss {row['train_loss']:.4f}  "
-                f"val AUC {row['val_auc']:.4f}  {time.monotonic() - self._started:.0f} s",
-                highlight=False,
-                markup=False,
-            )
-
-    def on_fit_end(self, trainer) -> None:
-        if self._progress is not None:
-            self._progress.stop()
+        return f"epoch {trainer.state.epoch}/{trainer.cfg.epochs}  train loss {row['train_loss']:.4f}  val AUC {row['val_auc']:.4f}"
 
 
 class MetricsLogger:

@@ -1,4 +1,4 @@
-"""Registration and the promotion gate as run at the end of the retraining flow (and by the CLI).
+"""Registration and the promotion gate: the last stage of a retraining run.
 
     challenger = the run's deployable model (CrossSim-adapted when adaptation ran, else the source model)
     scores     = challenger and champion on the same frozen evaluation sets, per site (gate_sets)
@@ -19,13 +19,15 @@ from typing import Any
 import mlflow.pytorch
 import numpy as np
 
-from flows import model_steps
 from pipeline.config import PipelineConfig
 from pipeline.data.prepare import open_prepared, prepare_dataset
+from pipeline.evaluation import ScoredModel
 from pipeline.registry.card import CardFacts, model_card
 from pipeline.registry.gate import GateDecision, decide, score_set
 from pipeline.registry.review import Decision, actions_for, student_name
 from pipeline.registry.store import CHAMPION, ModelRegistry
+from pipeline.retrain.adaptation import AdaptationOutcome
+from pipeline.retrain.data import CrossSimData, crosssim_data
 from pipeline.serving.export import LoggedBundle, build_bundle, version_tags
 from pipeline.serving.runtime import torch_probabilities
 from pipeline.tracking import resolve_tracking_uri
@@ -33,15 +35,17 @@ from pipeline.tracking import resolve_tracking_uri
 IMAGE_SIZE_TAG = "image_size"
 
 
-def gate_sets(cfg: PipelineConfig, image_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def gate_sets(
+    cfg: PipelineConfig, image_size: int, shared: CrossSimData | None = None
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The frozen evaluation sets: source test, and each external site's labelled images (for the
     CrossSim target only its held-out target-test: adaptation saw the rest), prepared at ``image_size``
-    since a champion may have been trained at another size."""
+    since a champion may have been trained at another size. ``shared``: the run's CrossSim split, if built."""
     source = open_prepared(cfg.data.prepared_site(cfg.data.source))
     rows = {f"{cfg.data.source}/test": source.manifest[source.manifest["split"] == "test"]}
     for site in cfg.data.external:
         if cfg.crosssim.enabled and site == cfg.crosssim.target:
-            rows[f"{site}/target-test"] = model_steps.crosssim_data(cfg).target_test[1]
+            rows[f"{site}/target-test"] = (shared or crosssim_data(cfg, source)).target_test[1]
         else:
             external = open_prepared(cfg.data.prepared_site(site))
             rows[site] = external.manifest[external.manifest["label"].notna()]
@@ -59,27 +63,30 @@ def score_registered(model_uri: str, sets: dict[str, tuple[np.ndarray, np.ndarra
 
 
 def gate_challenger(
-    cfg: PipelineConfig, challenger_uri: str, sets: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+    cfg: PipelineConfig,
+    challenger_uri: str,
+    sets: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    shared: CrossSimData | None = None,
 ) -> tuple[GateDecision, dict[str, Any]]:
     """Score challenger and champion on the same sets and apply the gate; returns the decision and both scores.
 
     ``sets``: the frozen sets at ``data.image_size`` when the caller has them already (gate_sets).
     """
     registry = ModelRegistry(resolve_tracking_uri(cfg.tracking))
-    sets = sets if sets is not None else gate_sets(cfg, cfg.data.image_size)  # loading every site is the slow part
+    sets = sets if sets is not None else gate_sets(cfg, cfg.data.image_size, shared)  # loading sites is the slow part
     challenger = score_registered(challenger_uri, sets, cfg.registry.specificity)
     champion_version = registry.find(cfg.registry.model_name, CHAMPION)
     champion, label = None, None
     if champion_version is not None:
         size = int(champion_version.tags.get(IMAGE_SIZE_TAG, cfg.data.image_size))
-        champion_sets = sets if size == cfg.data.image_size else gate_sets(cfg, size)
+        champion_sets = sets if size == cfg.data.image_size else gate_sets(cfg, size, shared)
         champion = score_registered(f"models:/{cfg.registry.model_name}@{CHAMPION}", champion_sets, cfg.registry.specificity)
         label = f"champion v{champion_version.version}"
     decision = decide(challenger, champion, cfg.registry, label)
     return decision, {"challenger": challenger, "champion": champion}
 
 
-def export_images(cfg: PipelineConfig) -> tuple[np.ndarray, np.ndarray]:
+def export_images(cfg: PipelineConfig, shared: CrossSimData | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The golden images (the first ``golden_images`` source-test images by image_id: frozen) and the INT8
     calibration images (spread over source-val and, with CrossSim, its target-train: never a gate set)."""
     settings = cfg.serve.export
@@ -87,10 +94,10 @@ def export_images(cfg: PipelineConfig) -> tuple[np.ndarray, np.ndarray]:
     test = source.manifest[source.manifest["split"] == "test"].sort_values("image_id").head(settings.golden_images)
     pools = [source.subset(source.manifest["split"] == "val")[0]]
     if cfg.crosssim.enabled:
-        pools.append(model_steps.crosssim_data(cfg).target_train.images)
+        pools.append((shared or crosssim_data(cfg, source)).target_train.images)
     share = settings.calibration_images // len(pools)
     calibration = [pool[np.linspace(0, len(pool) - 1, min(share, len(pool))).astype(int)] for pool in pools]
-    return model_steps.images_of(source, test), np.concatenate(calibration)
+    return source.images_of(test), np.concatenate(calibration)
 
 
 @dataclass(frozen=True)
@@ -105,11 +112,15 @@ class Deployable:
 
 
 def export_bundles(
-    cfg: PipelineConfig, tracker, models: list[Deployable], sets: dict[str, tuple[np.ndarray, np.ndarray]]
+    cfg: PipelineConfig,
+    tracker,
+    models: list[Deployable],
+    sets: dict[str, tuple[np.ndarray, np.ndarray]],
+    shared: CrossSimData | None = None,
 ) -> list[LoggedBundle]:
     """Each model's serving bundle, logged to the run under ``serving/<name>/``; INT8 is checked on the gate's
     frozen ``sets``."""
-    golden, calibration = export_images(cfg)
+    golden, calibration = export_images(cfg, shared)
     logged = []
     for model in models:
         with tempfile.TemporaryDirectory(prefix="crosssim-serving-") as folder:
@@ -130,19 +141,37 @@ def export_bundles(
     return logged
 
 
-def register_run(
-    cfg: PipelineConfig, tracker, run: dict[str, Any], data: dict[str, dict[str, Any]], provenance: dict[str, str]
-) -> dict[str, Any]:
-    """Gate, card and register the run's model; returns what happened (for the flow summary).
+@dataclass(frozen=True)
+class Registration:
+    """What registering a run's model did: its version, the gate's verdict, the last action and the aliases now."""
 
-    ``run`` is the retrain flow's summary, ``data`` site → {"version", "images"}, ``provenance``
-    git_commit / prefect_flow_run_id / mlflow_run_id: all become version tags (the lineage).
+    name: str
+    version: str
+    gate_passed: bool
+    decision: str
+    aliases: dict[str, str]
+
+
+def register_run(
+    cfg: PipelineConfig,
+    tracker,
+    model_uri: str,
+    evaluation: ScoredModel,
+    crosssim: AdaptationOutcome | None,
+    data: dict[str, dict[str, Any]],
+    provenance: dict[str, str],
+    shared: CrossSimData | None = None,
+) -> Registration:
+    """Gate, card and register the run's deployable model (the adapted one when adaptation ran, else the source
+    model at ``model_uri``).
+
+    ``data``: site → {"version", "images"}; ``provenance``: git_commit / prefect_flow_run_id / mlflow_run_id; all
+    become version tags (the lineage). ``shared``: the run's CrossSim split, when it has one.
     """
-    crosssim = run.get("crosssim")
-    challenger_uri = crosssim["models"]["adapted_model"] if crosssim else run["model_uri"]
-    student_uri = crosssim["models"].get("student_model") if crosssim else None
-    frozen = gate_sets(cfg, cfg.data.image_size)  # the gate's sets, and the sets the INT8 artifacts are checked on
-    decision, scores = gate_challenger(cfg, challenger_uri, frozen)
+    challenger_uri = crosssim.adapted_uri if crosssim else model_uri
+    student_uri = crosssim.student_uri if crosssim else None
+    frozen = gate_sets(cfg, cfg.data.image_size, shared)  # the gate's sets, and the sets INT8 is checked on
+    decision, scores = gate_challenger(cfg, challenger_uri, frozen, shared)
     tracker.log_dict(decision.to_dict() | {"scores": scores}, "registry/gate.json")
     tracker.log_metrics(
         {
@@ -153,26 +182,24 @@ def register_run(
         }
     )
     # the registered model's own numbers: the adapted model's when adaptation ran, not the source model's
-    sets = crosssim["scores"]["adapted"]["sets"] if crosssim else run["sets"]
-    threshold = crosssim["scores"]["adapted"] if crosssim else run
-    chosen_on = threshold.get("threshold_chosen_on", f"{cfg.data.source}/val")
+    scored = crosssim.scores["adapted"] if crosssim else evaluation
     bundles = None
     if cfg.serve.export.enabled:
         deployables = [
-            Deployable(cfg.registry.model_name, challenger_uri, cfg.train.backbone, threshold["threshold"], chosen_on)
+            Deployable(cfg.registry.model_name, challenger_uri, cfg.train.backbone, scored.threshold, scored.threshold_chosen_on)
         ]
         if student_uri is not None:  # the student answers at its own threshold, chosen by the same rule
-            student = crosssim["scores"]["student"]
+            student = crosssim.scores["student"]
             deployables.append(
                 Deployable(
                     student_name(cfg.registry.model_name),
                     student_uri,
                     cfg.crosssim.distill.student_backbone,
-                    student["threshold"],
-                    student["threshold_chosen_on"],
+                    student.threshold,
+                    student.threshold_chosen_on,
                 )
             )
-        bundles = export_bundles(cfg, tracker, deployables, frozen)
+        bundles = export_bundles(cfg, tracker, deployables, frozen, shared)
     kind = f"CrossSim-adapted {cfg.train.backbone}" if crosssim else cfg.train.backbone
     tags = {
         **{f"data_version.{site}": info["version"] for site, info in data.items()},
@@ -180,7 +207,7 @@ def register_run(
         IMAGE_SIZE_TAG: str(cfg.data.image_size),
         "backbone": cfg.train.backbone,
         "model_kind": "adapted" if crosssim else "source",
-        "parent_model": run["model_uri"] if crosssim else "",
+        "parent_model": model_uri if crosssim else "",
     }
 
     def card(version: str) -> str:
@@ -191,10 +218,9 @@ def register_run(
                 model=f"{kind}, input {cfg.data.image_size}×{cfg.data.image_size} grayscale",
                 lineage={key: value for key, value in tags.items() if value and key not in (IMAGE_SIZE_TAG, "backbone")},
                 data=data,
-                sets=sets,
-                threshold={"value": threshold["threshold"], "chosen_on": chosen_on},
+                scored=scored,
                 config=cfg.model_dump(mode="json", include={"data", "augment", "train", "crosssim"}),
-                crosssim=crosssim["gap"] if crosssim else None,
+                crosssim=crosssim.gap if crosssim else None,
                 gate=decision.to_dict(),
                 serving=bundles,
             )
@@ -208,11 +234,4 @@ def register_run(
     serving_tags = {logged.name: version_tags(logged) for logged in bundles or []}
     registered: Decision = actions.register_challenger(challenger_uri, tags, card, student_uri, own_tags=serving_tags)
     decided = actions.record_gate(registered.version, decision, cfg.registry.policy)
-    return {
-        "name": cfg.registry.model_name,
-        "version": registered.version,
-        "gate_passed": decision.passed,
-        "decision": decided.action,
-        "aliases": decided.aliases,
-    }
-
+    return Registration(cfg.registry.model_name, registered.version, decision.passed, decided.action, decided.aliases)

@@ -1,4 +1,5 @@
-"""``crosssim serve``: the registry's model behind the FastAPI app (pipeline.serving.app), run by uvicorn.
+"""The serving stage: the registry's model, ledger, image store and rollout behind the FastAPI app
+(pipeline.serving.app), assembled from the configuration; ``crosssim serve`` runs it under uvicorn.
 
 Everything is resolved and loaded before the server starts, so a missing model, artifact or weak secret is a
 clear message and exit 2, never a half-started server.
@@ -6,11 +7,9 @@ clear message and exit 2, never a half-started server.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 
 import sqlalchemy as sa
-import uvicorn
 from fastapi import FastAPI
 
 from pipeline.config import PipelineConfig
@@ -25,7 +24,6 @@ from pipeline.tracking import resolve_tracking_uri
 
 API_KEY_ENV = "CROSSSIM_API_KEY"
 MIN_API_KEY_CHARS = 16
-DRAIN_SECONDS = 20  # SIGTERM: requests in flight get this long to finish (under Kubernetes' default 30 s grace)
 
 
 def build_app(cfg: PipelineConfig, environ: Mapping[str, str]) -> tuple[FastAPI, list[str]]:
@@ -81,11 +79,3 @@ def build_app(cfg: PipelineConfig, environ: Mapping[str, str]) -> tuple[FastAPI,
     else:
         notes.append(f"admin routes on: POST /v1/admin/reload and POST /v1/feedback with header {API_KEY_HEADER}")
     return app, notes
-
-
-def run_server(app: FastAPI, host: str, port: int) -> None:
-    """uvicorn until SIGINT/SIGTERM: it stops accepting, lets requests in flight finish (up to DRAIN_SECONDS),
-    then the app's shutdown commits the ledger's last rows."""
-    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    log_config["loggers"]["crosssim"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
-    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=DRAIN_SECONDS, log_config=log_config)

@@ -1,8 +1,8 @@
-"""The data stages run against the project's output layout, shared by the CLI, DVC and Prefect.
+"""The data stages (read, validate, prepare each site) against a run's output layout: CLI, DVC and Prefect.
 
-Kept apart from :mod:`flows.model_steps` so that ``crosssim validate`` and ``crosssim prepare``
-(and DVC, which runs each stage in its own process) do not import torch and MLflow, and
-``prepare`` not Great Expectations either (validation imports it when it runs):
+Kept apart from the model stages so that ``crosssim validate`` and ``crosssim prepare`` (and DVC, which runs
+each stage in its own process) do not import torch and MLflow, and ``prepare`` not Great Expectations either
+(validation imports it when it runs):
 
     outputs/validation/<site>/   validation.json + GX Data Docs + manifest.csv (the accepted rows)
     outputs/prepared/<site>/     images.npy + manifest.csv (hard links into the content-keyed cache)
@@ -14,6 +14,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -122,3 +124,26 @@ def prepare_site(cfg: PipelineConfig, site: str, manifest: pd.DataFrame) -> Path
 def data_versions(cfg: PipelineConfig) -> dict[str, str]:
     """DVC md5 of each input dataset folder: the data version recorded with a run."""
     return {site: dataset_version(site_dir(cfg, site)) for site in sites(cfg)}
+
+
+def new_run_folder(runs_dir: Path, run_id: str) -> Path:
+    """A folder no other run uses: concurrent runs (a schedule overlapping a manual run) cannot mix files."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    run_dir = runs_dir / f"{stamp}-{run_id[:8]}"
+    run_dir.mkdir(parents=True, exist_ok=False)
+    return run_dir
+
+
+def gate_validation(reports: dict[str, ValidationReport], tracker, warn: Callable[[str], object]) -> None:
+    """Each site's validation report and exclusions into the run's tracker, its warnings to ``warn``; a blocking
+    failure anywhere raises DataValidationError (training does not start)."""
+    for site, report in reports.items():
+        tracker.log_artifacts(report.report_json_path.parent, artifact_path=f"validation/{site}")
+        if report.exclusions:  # what reading or de-duplication left out, by reason
+            tracker.log_metrics({f"excluded.{site}.{e.reason}": e.count for e in report.exclusions})
+        for failure in report.warnings:
+            warn(f"{site}: {failure.rule}: {failure.message}")
+    blocking = [report for report in reports.values() if not report.success]
+    if blocking:
+        summary = "\n\n".join(report.summary() for report in blocking)
+        raise DataValidationError(f"data validation failed; training did not start.\n{summary}")

@@ -302,7 +302,8 @@ def test_semi_supervised_fine_tuning_learns_consistency_on_the_unlabelled_target
     some_labels = DomainData("target-train", target.images, np.where(hidden, UNLABELLED, target.labels))
     evaluation = EvaluationSets(domains["source_val"].images, domains["source_val"].labels, target.images, some_labels.labels)
     runtime = LoopRuntime(torch.device("cpu"), False, None, torch.Generator().manual_seed(0))
-    loop = ConsistencyFinetuner(source_model, some_labels, 2.0, 4, 3e-4, cfg.train, cfg.augment, evaluation, runtime)
+    settings = cfg.crosssim.model_copy(update={"label_consistency_weight": 2.0, "label_finetune_steps": 4})
+    loop = ConsistencyFinetuner(source_model, some_labels, settings, cfg.train, cfg.augment, evaluation, runtime)
     before = [p.clone() for p in source_model.parameters()]
     loop.fit()
     assert loop.state.step == 4 and set(loop.state.losses) == {"classification", "consistency", "total"}
@@ -312,10 +313,10 @@ def test_semi_supervised_fine_tuning_learns_consistency_on_the_unlabelled_target
     assert any(not torch.equal(a, b) for a, b in zip(before, loop.model.parameters(), strict=True))
 
     with pytest.raises(DatasetError, match="needs unlabelled images too"):
-        ConsistencyFinetuner(source_model, target, 1.0, 2, 3e-4, cfg.train, cfg.augment, evaluation, runtime)
+        ConsistencyFinetuner(source_model, target, settings, cfg.train, cfg.augment, evaluation, runtime)
     one_class = DomainData("target-train", target.images[:6], np.array([0, 0, UNLABELLED, UNLABELLED, UNLABELLED, UNLABELLED]))
     with pytest.raises(DatasetError, match="both classes"):
-        ConsistencyFinetuner(source_model, one_class, 1.0, 2, 3e-4, cfg.train, cfg.augment, evaluation, runtime)
+        ConsistencyFinetuner(source_model, one_class, settings, cfg.train, cfg.augment, evaluation, runtime)
 
 
 def test_bad_inputs_are_refused_before_anything_is_written(domains, source_model, tmp_path):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.config import DistillConfig
+from pipeline.config import CrossSimConfig
 from pipeline.crosssim.engine import UNLABELLED, DomainData, DomainLoop, EvaluationSets, LoopRuntime
 from pipeline.crosssim.losses import DistillationLoss
 from pipeline.models import build_model
@@ -23,7 +23,11 @@ from pipeline.training.schedule import warmup_cosine
 
 
 class Distiller(DomainLoop):
-    """Trains a fresh ``cfg.student_backbone`` from ``teacher``; ``self.model`` is the student."""
+    """Trains a fresh ``settings.distill.student_backbone`` from ``teacher``; ``self.model`` is the student.
+
+    Batches and evaluations as in adaptation (``settings.batch_size``, ``settings.eval_every``); steps, optimiser and
+    losses from ``settings.distill``.
+    """
 
     def __init__(
         self,
@@ -31,14 +35,12 @@ class Distiller(DomainLoop):
         source: DomainData,
         target: DomainData,
         evaluation: EvaluationSets,
-        cfg: DistillConfig,
-        batch_size: int,
-        eval_every: int,
+        settings: CrossSimConfig,
         runtime: LoopRuntime,
         handlers: list[Any] | None = None,
-        source_label_weight: float = 1.0,
     ) -> None:
-        super().__init__(source, target, batch_size, cfg.steps, eval_every, evaluation, runtime, handlers)
+        cfg = settings.distill
+        super().__init__(source, target, settings.batch_size, cfg.steps, settings.eval_every, evaluation, runtime, handlers)
         self.cfg = cfg
         self.teacher = teacher.to(self.device, memory_format=self.memory_format).eval()
         self.teacher.requires_grad_(False)
@@ -46,7 +48,7 @@ class Distiller(DomainLoop):
         self.labelled_loss = DistillationLoss(cfg.alpha, cfg.temperature)
         self.unlabelled_loss = DistillationLoss(cfg.alpha, cfg.temperature, cfg.pseudo_label_threshold)
         self.soft_loss = DistillationLoss(0.0, cfg.temperature)  # T²·KL alone
-        self.source_weight = source_label_weight if (target.labels != UNLABELLED).any() else 1.0
+        self.source_weight = settings.source_label_weight if (target.labels != UNLABELLED).any() else 1.0
         self.grad_clip_norm = cfg.grad_clip_norm
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = warmup_cosine(self.optimizer, cfg.steps, warmup_steps=max(1, cfg.steps // 10))

@@ -153,6 +153,7 @@ class DomainLoop(Loop):
             total, losses = self.losses()
         self.state.losses = {name: float(value.detach()) for name, value in losses.items()} | {"total": float(total.detach())}
         self.check_finite(self.state.losses, f"step {self.state.step + 1}")
+        self.optimizer.zero_grad(set_to_none=True)  # gradients another fit left behind (the head warm-up's) do not count
         self.backward(total)
         self.apply_gradients(self.optimizer, self.scheduler, self.model.parameters(), self.grad_clip_norm)
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from pipeline.augment import augment_batch, build_strong_augmentation, normalise, to_model_input
-from pipeline.config import AugmentConfig, TrainConfig
+from pipeline.config import AugmentConfig, CrossSimConfig, TrainConfig
 from pipeline.crosssim.engine import UNLABELLED, DomainData, DomainLoop, EvaluationSets, LoopRuntime
 from pipeline.crosssim.losses import AugmentationConsistencyLoss
 from pipeline.errors import DatasetError
@@ -59,8 +59,10 @@ def finetune_on_labels(
 
 
 class ConsistencyFinetuner(DomainLoop):
-    """CE on ``data``'s labelled rows + ``weight``·consistency on its unlabelled ones, for ``steps``
-    steps; after :meth:`fit`, ``self.model`` (a copy of ``source_model``) is the result.
+    """CE on ``data``'s labelled rows + ``label_consistency_weight``·consistency on its unlabelled ones, for
+    ``label_finetune_steps`` steps from ``label_finetune_lr`` (``settings``: the CrossSim section); after :meth:`fit`,
+    ``self.model`` (a copy of ``source_model``) is the result. It batches, smooths labels, decays and clips as
+    source training does (``train``): it is supervised training of the same network, on other images.
 
     Its two streams are the labelled rows (``source`` of the loop) and the unlabelled rows
     (``target``). Each step: CE (label smoothing as in training) on an augmented labelled
@@ -73,9 +75,7 @@ class ConsistencyFinetuner(DomainLoop):
         self,
         source_model: Classifier,
         data: DomainData,
-        weight: float,
-        steps: int,
-        lr: float,
+        settings: CrossSimConfig,
         train: TrainConfig,
         augment: AugmentConfig,
         evaluation: EvaluationSets,
@@ -89,14 +89,15 @@ class ConsistencyFinetuner(DomainLoop):
             DomainData(f"{data.name} ({kind})", data.images[rows], data.labels[rows])
             for kind, rows in (("labelled", labelled), ("unlabelled", ~labelled))
         )
+        steps = settings.label_finetune_steps
         super().__init__(labelled_rows, unlabelled_rows, train.batch_size, steps, steps, evaluation, runtime, handlers)
         self.model = copy.deepcopy(source_model).to(self.device, memory_format=self.memory_format)
-        self.weight = weight
+        self.weight = settings.label_consistency_weight
         self.strong = build_strong_augmentation(augment)
         self.grad_clip_norm = train.grad_clip_norm
         self.criterion = nn.CrossEntropyLoss(label_smoothing=train.label_smoothing)
         self.consistency = AugmentationConsistencyLoss()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=train.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=settings.label_finetune_lr, weight_decay=train.weight_decay)
         self.scheduler = warmup_cosine(self.optimizer, steps)
 
     def losses(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

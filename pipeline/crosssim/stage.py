@@ -191,12 +191,9 @@ def run_crosssim(
             source_train,
             target_train,
             evaluation,
-            settings.distill,
-            settings.batch_size,
-            settings.eval_every,
+            settings,
             runtime,
             [distill_selector, HistoryRecorder("distill", tracker), LoopProgress("distil", show_progress)],
-            source_label_weight=settings.source_label_weight,
         )
         distill_state = distiller.fit()
         diagnostics["distill"] = {"history": distill_state.history, "steps_run": distill_state.step}
@@ -236,18 +233,7 @@ def _finetune(
         lr = settings.label_finetune_lr
         return finetune_on_labels(source_model, target_train, steps, lr, cfg.train, cfg.augment, cfg.seed), None
     handlers = [HistoryRecorder("label_finetune", tracker), LoopProgress("fine-tune + consistency", show_progress)]
-    loop = ConsistencyFinetuner(
-        source_model,
-        target_train,
-        settings.label_consistency_weight,
-        settings.label_finetune_steps,
-        settings.label_finetune_lr,
-        cfg.train,
-        cfg.augment,
-        evaluation,
-        runtime,
-        handlers,
-    )
+    loop = ConsistencyFinetuner(source_model, target_train, settings, cfg.train, cfg.augment, evaluation, runtime, handlers)
     state = loop.fit()
     return loop.model.eval(), state
 

@@ -132,6 +132,27 @@ def test_gan_alignment_moves_features_and_pushes_the_discriminator_towards_chanc
     assert late_opposed < late_unopposed - 0.03, (late_opposed, late_unopposed)
 
 
+def test_a_step_ignores_gradients_that_earlier_code_left_on_the_model(domains, source_model, tmp_path):
+    """The head warm-up leaves gradients on the mapping head; the first adaptation step must not apply them."""
+    cfg = _cfg(tmp_path, "crosssim.steps=1", "crosssim.eval_every=1")
+    evaluation = EvaluationSets(
+        domains["source_val"].images, domains["source_val"].labels, domains["target_train"].images, domains["target_train"].labels
+    )
+
+    def one_step(cleared: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        runtime = LoopRuntime(torch.device("cpu"), False, None, torch.Generator().manual_seed(0))
+        adapter = Adapter(source_model, domains["source_train"], domains["target_train"], evaluation, cfg.crosssim, runtime)
+        assert any(p.grad is not None for p in adapter.model.head.parameters())  # what the warm-up left
+        if cleared:
+            adapter.optimizer.zero_grad(set_to_none=True)
+        adapter.fit()
+        return adapter.model.state_dict()
+
+    left, cleared = one_step(cleared=False), one_step(cleared=True)
+    assert all(torch.equal(left[name], cleared[name]) for name in left)
+
+
 def test_adapt_stage_writes_models_and_diagnostics(domains, source_model, tmp_path):
     cfg = _cfg(tmp_path, "crosssim.alignment=dann")
     result = _run(cfg, source_model, domains)

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.evaluation import ScoredModel, format_with_interval, metrics_table_markdown
+from pipeline.evaluation import ScoredModel, metrics_table_markdown
 from pipeline.retrain.adaptation import AdaptationOutcome
 from pipeline.retrain.promotion import Registration
 from pipeline.training import TrainState
+
+CROSSSIM_METRICS = ("auc", "sensitivity", "specificity")
 
 
 @dataclass(frozen=True)
@@ -46,12 +48,14 @@ class RetrainSummary:
 
 
 def crosssim_markdown(outcome: AdaptationOutcome) -> str:
-    lines = ["## CrossSim adaptation", "", "| model | set | n | AUC (95% CI) | sensitivity | specificity |", "|---|---|---|---|---|---|"]
+    lines = ["## CrossSim adaptation"]
     for model_name, scored in outcome.scores.items():
-        for set_name, result in scored.sets.items():
-            point = result.at_threshold
-            auc = format_with_interval(point.auc, point.interval("auc"))
-            lines.append(f"| {model_name} | {set_name} | {result.n} | {auc} | {_number(point.sensitivity)} | {_number(point.specificity)} |")
+        lines += [
+            "",
+            f"### {model_name} model (threshold {scored.threshold:.3f}, chosen on `{scored.threshold_chosen_on}`)",
+            "",
+            metrics_table_markdown(scored.sets, CROSSSIM_METRICS),
+        ]
     gap = outcome.gap
     lines += [
         "",
@@ -72,7 +76,3 @@ def registry_markdown(registered: Registration) -> str:
             "- Review: `crosssim registry review`, then `crosssim registry approve|reject --reviewer NAME --reason TEXT`",
         ]
     )
-
-
-def _number(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"

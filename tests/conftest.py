@@ -10,6 +10,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# One intra-op thread per process (set before torch is imported, inherited by the runs the tests start): the suite
+# keeps both cores busy with its two workers and their subprocesses, and there more threads per process only add
+# synchronisation on these small models. Export OMP_NUM_THREADS to choose otherwise.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:

@@ -14,7 +14,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ import torch
 from pipeline.augment import build_augmentation
 from pipeline.config import PipelineConfig
 from pipeline.crosssim.adapt import Adapter, recalibrate_batchnorm
-from pipeline.crosssim.diagnostics import DomainShift, domain_gap
+from pipeline.crosssim.diagnostics import DomainGap, DomainShift, domain_gap
 from pipeline.crosssim.distill import Distiller
 from pipeline.crosssim.engine import UNLABELLED, DomainData, EvaluationSets, LoopRuntime, LoopState
 from pipeline.crosssim.finetune import ConsistencyFinetuner, finetune_on_labels
@@ -104,6 +104,42 @@ def _sample(data: DomainData, count: int, rng: np.random.Generator) -> np.ndarra
     return np.asarray(data.images[rows])
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    """What every step of a CrossSim run reads."""
+
+    source_train: DomainData
+    source_val: DomainData
+    target_train: DomainData
+    evaluation: EvaluationSets
+    runtime: LoopRuntime
+    cfg: PipelineConfig
+    tracker: Any
+    show_progress: bool
+
+
+class _Diagnostics:
+    """diagnostics.json, one section per step as the run goes; written at the end, or at a failure (when no model
+    may be left in the folder)."""
+
+    def __init__(self, output_dir: Path, tracker, **head: Any) -> None:
+        self.output_dir, self.tracker, self.sections = output_dir, tracker, dict(head)
+
+    def fail(self, message: str) -> NoReturn:
+        self.sections["failure"] = message
+        for model_file in (ADAPTED_MODEL, STUDENT_MODEL):
+            (self.output_dir / model_file).unlink(missing_ok=True)
+        path = self.write()
+        if self.tracker is not None:
+            self.tracker.log_artifacts(self.output_dir, artifact_path="crosssim")
+        raise AdaptationDivergedError(message, path)
+
+    def write(self) -> Path:
+        path = self.output_dir / DIAGNOSTICS
+        path.write_text(json.dumps(self.sections, indent=2, default=str))
+        return path
+
+
 def run_crosssim(
     source_model: Classifier,
     model_image_size: int,
@@ -114,7 +150,8 @@ def run_crosssim(
     tracker=None,
     show_progress: bool = True,
 ) -> CrossSimResult:
-    """Adapt ``source_model`` to ``target_train``'s images, then distil it; see the package docs."""
+    """Adapt ``source_model`` to ``target_train``'s images (after fine-tuning it on their labels, when there are
+    some), then distil it; see the package docs."""
     settings = cfg.crosssim
     check_inputs(source_train, source_val, target_train, model_image_size, settings.labelled_fraction > 0)
     check_model_input(source_model, model_image_size)
@@ -122,98 +159,106 @@ def run_crosssim(
     shutil.rmtree(output_dir, ignore_errors=True)  # no stale model from an earlier run may go forward
     output_dir.mkdir(parents=True)
     seed_everything(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    device = select_device(cfg.train.device)
-    channels_last = cfg.train.channels_last != "off"
     transform = build_augmentation(cfg.augment) if settings.augment else None
-    runtime = LoopRuntime(device, channels_last, transform, generator, cfg.train.amp)
+    runtime = LoopRuntime(
+        select_device(cfg.train.device), cfg.train.channels_last != "off", transform, torch.Generator().manual_seed(cfg.seed), cfg.train.amp
+    )
     evaluation = EvaluationSets(source_val.images, source_val.labels, target_train.images, target_train.labels)
+    inputs = _Inputs(source_train, source_val, target_train, evaluation, runtime, cfg, tracker, show_progress)
     rng = np.random.default_rng(cfg.seed)
-    probe_source = _sample(source_val, settings.diagnostics_samples, rng)
-    probe_target = _sample(target_train, settings.diagnostics_samples, rng)
-    diagnostics: dict[str, Any] = {"alignment": settings.alignment, "config": settings.model_dump(mode="json")}
-    labelled = int((target_train.labels != UNLABELLED).sum())
-    if labelled and settings.label_finetune_steps:
-        source_model, finetune_state = _finetune(
-            source_model, target_train, cfg, evaluation, runtime, tracker, show_progress
-        )
-        diagnostics["label_finetune"] = {
-            "labelled_images": labelled,
-            "steps": settings.label_finetune_steps,
-            "consistency_weight": 0.0 if finetune_state is None else settings.label_consistency_weight,
-        }
-        if finetune_state is not None:
-            diagnostics["label_finetune"]["history"] = finetune_state.history
-            if finetune_state.stop_reason is not None:
-                _fail(output_dir, diagnostics, f"label fine-tuning stopped: {finetune_state.stop_reason}", tracker)
-
-    selector = ModelSelector(settings.selection_tolerance)
-    adapter = Adapter(
-        source_model,
-        source_train,
-        target_train,
-        evaluation,
-        settings,
-        runtime,
-        [
-            selector,
-            DivergenceDetector(settings.collapse_patience),
-            HistoryRecorder("adapt", tracker),
-            LoopProgress(f"adapt ({settings.alignment})", show_progress),
-        ],
-    )
-    before = domain_gap(
-        adapter.embed(probe_source), adapter.embed(probe_target), "before adaptation", output_dir / "tsne_before.png", cfg.seed
-    )
-    state = adapter.fit()
-    diagnostics["adapt"] = {"history": state.history, "steps_run": state.step, "stop_reason": state.stop_reason}
-    diagnostics["domain_gap"] = {"before": before.to_dict()}
-    if state.stop_reason is not None:
-        _fail(output_dir, diagnostics, f"adaptation stopped: {state.stop_reason}", tracker)
-    selector.restore_best(adapter)
-    if settings.target_batchnorm:
-        recalibrate_batchnorm(adapter.model, target_train.images, device, channels_last)
-    diagnostics["adapt"]["selected"] = selector.best
-    diagnostics["selection_rule"] = selector.rule
-    after = domain_gap(
-        adapter.embed(probe_source), adapter.embed(probe_target), "after adaptation", output_dir / "tsne_after.png", cfg.seed
-    )
-    diagnostics["domain_gap"]["after"] = after.to_dict()
-    adapted = adapter.model.eval()
-
-    student_path = None
-    if settings.distill.enabled:
-        # the student is gated on the teacher's source-val AUC, not on its own random start
-        teacher_auc = selector.best["source_val_auc"] if selector.best else selector.reference_auc
-        distill_selector = ModelSelector(settings.selection_tolerance, reference_auc=teacher_auc)
-        distiller = Distiller(
-            adapted,
-            source_train,
-            target_train,
-            evaluation,
-            settings,
-            runtime,
-            [distill_selector, HistoryRecorder("distill", tracker), LoopProgress("distil", show_progress)],
-        )
-        distill_state = distiller.fit()
-        diagnostics["distill"] = {"history": distill_state.history, "steps_run": distill_state.step}
-        if distill_state.stop_reason is not None:
-            _fail(output_dir, diagnostics, f"distillation stopped: {distill_state.stop_reason}", tracker)
-        distill_selector.restore_best(distiller)
-        diagnostics["distill"]["selected"] = distill_selector.best
-        student_path = save_model(distiller.model.eval(), output_dir / STUDENT_MODEL)
+    probes = (_sample(source_val, settings.diagnostics_samples, rng), _sample(target_train, settings.diagnostics_samples, rng))
+    diagnostics = _Diagnostics(output_dir, tracker, alignment=settings.alignment, config=settings.model_dump(mode="json"))
+    start = _label_finetune(source_model, inputs, diagnostics)
+    adapted, selector, shift = _adapt(start, inputs, probes, diagnostics)
+    student_path = _distil(adapted, selector, inputs, diagnostics) if settings.distill.enabled else None
     adapted_path = save_model(adapted, output_dir / ADAPTED_MODEL)
-    diagnostics_path = _write(output_dir, diagnostics)
+    diagnostics_path = diagnostics.write()
     if tracker is not None:
         tracker.log_metrics(
             {
-                "crosssim.pad_before": before.proxy_a_distance,
-                "crosssim.pad_after": after.proxy_a_distance,
-                "crosssim.feature_distance_before": before.mean_feature_distance,
-                "crosssim.feature_distance_after": after.mean_feature_distance,
+                "crosssim.pad_before": shift.before.proxy_a_distance,
+                "crosssim.pad_after": shift.after.proxy_a_distance,
+                "crosssim.feature_distance_before": shift.before.mean_feature_distance,
+                "crosssim.feature_distance_after": shift.after.mean_feature_distance,
             }
         )  # the folder itself is logged by the caller once scores are added to it
-    return CrossSimResult(adapted_path, student_path, diagnostics_path, diagnostics, DomainShift(before, after))
+    return CrossSimResult(adapted_path, student_path, diagnostics_path, diagnostics.sections, shift)
+
+
+def _label_finetune(source_model: Classifier, inputs: _Inputs, diagnostics: _Diagnostics) -> Classifier:
+    """The model adaptation starts from: ``source_model`` fine-tuned on the labelled target images when the run has
+    some (and ``label_finetune_steps``), else ``source_model``."""
+    settings = inputs.cfg.crosssim
+    labelled = int((inputs.target_train.labels != UNLABELLED).sum())
+    if not (labelled and settings.label_finetune_steps):
+        return source_model
+    model, state = _finetune(
+        source_model, inputs.target_train, inputs.cfg, inputs.evaluation, inputs.runtime, inputs.tracker, inputs.show_progress
+    )
+    section = {
+        "labelled_images": labelled,
+        "steps": settings.label_finetune_steps,
+        "consistency_weight": 0.0 if state is None else settings.label_consistency_weight,
+    }
+    diagnostics.sections["label_finetune"] = section
+    if state is not None:
+        section["history"] = state.history
+        if state.stop_reason is not None:
+            diagnostics.fail(f"label fine-tuning stopped: {state.stop_reason}")
+    return model
+
+
+def _adapt(
+    start: Classifier, inputs: _Inputs, probes: tuple[np.ndarray, np.ndarray], diagnostics: _Diagnostics
+) -> tuple[Classifier, ModelSelector, DomainShift]:
+    """Adaptation from ``start``: the selected model (target BatchNorm statistics when configured), its selector,
+    and the domain gap before and after on the probe images."""
+    settings, output_dir, seed = inputs.cfg.crosssim, diagnostics.output_dir, inputs.cfg.seed
+    selector = ModelSelector(settings.selection_tolerance)
+    handlers = [
+        selector,
+        DivergenceDetector(settings.collapse_patience),
+        HistoryRecorder("adapt", inputs.tracker),
+        LoopProgress(f"adapt ({settings.alignment})", inputs.show_progress),
+    ]
+    adapter = Adapter(start, inputs.source_train, inputs.target_train, inputs.evaluation, settings, inputs.runtime, handlers)
+
+    def gap(when: str) -> DomainGap:
+        source, target = (adapter.embed(images) for images in probes)
+        return domain_gap(source, target, f"{when} adaptation", output_dir / f"tsne_{when}.png", seed)
+
+    before = gap("before")
+    state = adapter.fit()
+    section = {"history": state.history, "steps_run": state.step, "stop_reason": state.stop_reason}
+    diagnostics.sections["adapt"] = section
+    diagnostics.sections["domain_gap"] = {"before": before.to_dict()}
+    if state.stop_reason is not None:
+        diagnostics.fail(f"adaptation stopped: {state.stop_reason}")
+    selector.restore_best(adapter)
+    if settings.target_batchnorm:
+        recalibrate_batchnorm(adapter.model, inputs.target_train.images, inputs.runtime.device, inputs.runtime.channels_last)
+    section["selected"] = selector.best
+    diagnostics.sections["selection_rule"] = selector.rule
+    after = gap("after")
+    diagnostics.sections["domain_gap"]["after"] = after.to_dict()
+    return adapter.model.eval(), selector, DomainShift(before, after)
+
+
+def _distil(teacher: Classifier, teacher_selector: ModelSelector, inputs: _Inputs, diagnostics: _Diagnostics) -> Path:
+    """The distilled student, saved; gated on the teacher's source-val AUC, not on its own random start."""
+    settings = inputs.cfg.crosssim
+    best = teacher_selector.best
+    selector = ModelSelector(settings.selection_tolerance, reference_auc=best["source_val_auc"] if best else teacher_selector.reference_auc)
+    handlers = [selector, HistoryRecorder("distill", inputs.tracker), LoopProgress("distil", inputs.show_progress)]
+    distiller = Distiller(teacher, inputs.source_train, inputs.target_train, inputs.evaluation, settings, inputs.runtime, handlers)
+    state = distiller.fit()
+    section = {"history": state.history, "steps_run": state.step}
+    diagnostics.sections["distill"] = section
+    if state.stop_reason is not None:
+        diagnostics.fail(f"distillation stopped: {state.stop_reason}")
+    selector.restore_best(distiller)
+    section["selected"] = selector.best
+    return save_model(distiller.model.eval(), diagnostics.output_dir / STUDENT_MODEL)
 
 
 def _finetune(
@@ -236,20 +281,3 @@ def _finetune(
     loop = ConsistencyFinetuner(source_model, target_train, settings, cfg.train, cfg.augment, evaluation, runtime, handlers)
     state = loop.fit()
     return loop.model.eval(), state
-
-
-def _write(output_dir: Path, diagnostics: dict[str, Any]) -> Path:
-    path = output_dir / DIAGNOSTICS
-    path.write_text(json.dumps(diagnostics, indent=2, default=str))
-    return path
-
-
-def _fail(output_dir: Path, diagnostics: dict[str, Any], message: str, tracker) -> None:
-    diagnostics["failure"] = message
-    for model_file in (ADAPTED_MODEL, STUDENT_MODEL):
-        (output_dir / model_file).unlink(missing_ok=True)
-    path = _write(output_dir, diagnostics)
-    if tracker is not None:
-        tracker.log_artifacts(output_dir, artifact_path="crosssim")
-    raise AdaptationDivergedError(message, path)
-

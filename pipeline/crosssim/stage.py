@@ -192,9 +192,7 @@ def _label_finetune(source_model: Classifier, inputs: _Inputs, diagnostics: _Dia
     labelled = int((inputs.target_train.labels != UNLABELLED).sum())
     if not (labelled and settings.label_finetune_steps):
         return source_model
-    model, state = _finetune(
-        source_model, inputs.target_train, inputs.cfg, inputs.evaluation, inputs.runtime, inputs.tracker, inputs.show_progress
-    )
+    model, state = _finetune(source_model, inputs)
     section = {
         "labelled_images": labelled,
         "steps": settings.label_finetune_steps,
@@ -261,23 +259,18 @@ def _distil(teacher: Classifier, teacher_selector: ModelSelector, inputs: _Input
     return save_model(distiller.model.eval(), diagnostics.output_dir / STUDENT_MODEL)
 
 
-def _finetune(
-    source_model: Classifier,
-    target_train: DomainData,
-    cfg: PipelineConfig,
-    evaluation: EvaluationSets,
-    runtime: LoopRuntime,
-    tracker,
-    show_progress: bool,
-) -> tuple[Classifier, LoopState | None]:
+def _finetune(source_model: Classifier, inputs: _Inputs) -> tuple[Classifier, LoopState | None]:
     """The labelled fine-tuning adaptation starts from, and its loop's state when it was semi-supervised
     (some target images unlabelled and ``label_consistency_weight`` > 0), else None (plain fine-tuning)."""
+    cfg, target_train = inputs.cfg, inputs.target_train
     settings = cfg.crosssim
     if settings.label_consistency_weight == 0 or (target_train.labels != UNLABELLED).all():
         steps = settings.label_finetune_steps
         lr = settings.label_finetune_lr
         return finetune_on_labels(source_model, target_train, steps, lr, cfg.train, cfg.augment, cfg.seed), None
-    handlers = [HistoryRecorder("label_finetune", tracker), LoopProgress("fine-tune + consistency", show_progress)]
-    loop = ConsistencyFinetuner(source_model, target_train, settings, cfg.train, cfg.augment, evaluation, runtime, handlers)
+    handlers = [HistoryRecorder("label_finetune", inputs.tracker), LoopProgress("fine-tune + consistency", inputs.show_progress)]
+    loop = ConsistencyFinetuner(
+        source_model, target_train, settings, cfg.train, cfg.augment, inputs.evaluation, inputs.runtime, handlers
+    )
     state = loop.fit()
     return loop.model.eval(), state

@@ -109,6 +109,12 @@ class TrainConfig(_Section):
     channels_last: Literal["auto", "on", "off"] = "auto"
     device: str = Field(default="auto", description="auto (cuda when present, else cpu), or cpu, cuda, cuda:N, mps.")
     num_threads: int | None = Field(default=None, ge=1)
+    processes: int = Field(
+        default=1,
+        ge=1,
+        description="Data-parallel training processes on this machine (one per GPU, or CPU processes); "
+        "batch_size is their global batch. Under torchrun its --nproc-per-node decides instead.",
+    )
     output_dir: Path = Path("outputs/train")
     resume: bool = False
 

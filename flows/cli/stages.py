@@ -106,11 +106,15 @@ def train(
         bool, typer.Option("--resume", help="Continue from last.pt (same config; train.epochs may be raised).")
     ] = False,
 ) -> None:
-    """Train on the prepared source site (run `crosssim prepare` first)."""
+    """Train on the prepared source site (run `crosssim prepare` first). Under torchrun
+    (`torchrun --nproc-per-node N --no-python crosssim train ...`) the N processes train data-parallel."""
     from pipeline.retrain.source import train_source
+    from pipeline.training.distributed import ranks_from_environment
 
     cfg = read_config(config, [*(set_ or []), *(["train.resume=true"] if resume else [])])
     result = train_source(cfg)
+    if not ranks_from_environment().is_main:
+        return  # rank 0 reports for all
     for note in result.notes:
         err_console.print(f"note: {note}", highlight=False, markup=False)
     console.print(f"best val AUC {result.state.best_val_auc:.4f} at epoch {result.state.best_epoch}: {result.model_path}")

@@ -18,13 +18,31 @@ from pipeline.data.prepare import PreparedDataset, open_prepared
 from pipeline.evaluation import ScoredModel, choose_threshold, evaluate_sites
 from pipeline.models import PneumoniaProbability, servable
 from pipeline.training import TrainResult, load_trained_model, train_model
+from pipeline.training.distributed import Ranks, ranks_from_environment
 from pipeline.training.engine import select_device
+from pipeline.training.handlers import log_epoch
 from pipeline.training.inference import predict_proba
+from pipeline.training.launch import launch
 
 
 def train_source(cfg: PipelineConfig, tracker=None, show_progress: bool = True) -> TrainResult:
-    """Train on the prepared source site (``crosssim prepare`` or the flow's prepare tasks made it)."""
+    """Train on the prepared source site (``crosssim prepare`` or the flow's prepare tasks made it).
+
+    With ``train.processes`` > 1 (and not already under torchrun) the training runs in that many data-parallel
+    processes; their epochs reach ``tracker`` when they have finished (a tracker's run lives in this process)."""
+    if cfg.train.processes > 1 and not ranks_from_environment().distributed:
+        ranks_needed = Ranks(world_size=cfg.train.processes)
+        ranks_needed.per_rank_batch(cfg.train.batch_size)  # an uneven split fails here, before any process starts
+        result = launch(cfg.train.processes, train_rank, cfg, show_progress)
+        for row in result.state.history if tracker is not None else []:
+            log_epoch(tracker, row)
+        return result
     return train_model(open_prepared(cfg.data.prepared_site(cfg.data.source)), cfg, tracker, show_progress)
+
+
+def train_rank(cfg: PipelineConfig, show_progress: bool) -> TrainResult:
+    """One of the data-parallel training processes (rank 0 shows the progress)."""
+    return train_model(open_prepared(cfg.data.prepared_site(cfg.data.source)), cfg, show_progress=show_progress)
 
 
 def evaluate_source(cfg: PipelineConfig, model_path: Path) -> ScoredModel:

@@ -12,7 +12,8 @@ from pipeline.config import PipelineConfig
 from pipeline.data.prepare import PreparedDataset
 from pipeline.errors import TrainingError
 from pipeline.models import Classifier, build_model
-from pipeline.training.engine import Trainer, TrainState, seed_everything
+from pipeline.training.distributed import Ranks, process_group
+from pipeline.training.engine import Trainer, TrainState, seed_everything, select_device
 from pipeline.training.handlers import LAST_CHECKPOINT, Checkpointer, EarlyStopping, MetricsLogger, ProgressBar
 from pipeline.training.resume import load_for_resume, run_config
 
@@ -39,7 +40,17 @@ def train_model(
 
     With ``train.resume``, continue from last.pt if it was trained with this configuration
     (see :mod:`pipeline.training.resume`); it is checked before anything is written.
+
+    Under ``torchrun`` every process calls this and they train together (:mod:`pipeline.training.distributed`);
+    rank 0 alone writes the checkpoints and the summary, logs to ``tracker`` and shows progress.
     """
+    with process_group(select_device(cfg.train.device)) as ranks:
+        return _train(prepared, cfg, ranks, tracker, show_progress, extra_handlers or [])
+
+
+def _train(
+    prepared: PreparedDataset, cfg: PipelineConfig, ranks: Ranks, tracker, show_progress: bool, extra_handlers: list
+) -> TrainResult:
     manifest = prepared.manifest
     train_images, train_rows = prepared.subset(manifest["split"] == "train")
     val_images, val_rows = prepared.subset(manifest["split"] == "val")
@@ -47,12 +58,12 @@ def train_model(
     record = run_config(cfg, prepared)
     resumed, notes = load_for_resume(output_dir / LAST_CHECKPOINT, record) if cfg.train.resume else (None, [])
     checkpointer = Checkpointer(output_dir, record)
-    handlers: list = [checkpointer, ProgressBar(show_progress)]
-    if cfg.train.early_stopping_patience:
-        handlers.append(EarlyStopping(cfg.train.early_stopping_patience))
-    if tracker is not None:
-        handlers.append(MetricsLogger(tracker))
-    handlers.extend(extra_handlers or [])
+    handlers: list = [EarlyStopping(cfg.train.early_stopping_patience)] if cfg.train.early_stopping_patience else []
+    if ranks.is_main:
+        handlers += [checkpointer, ProgressBar(show_progress)]
+        if tracker is not None:
+            handlers.append(MetricsLogger(tracker))
+    handlers.extend(extra_handlers)
     seed_everything(cfg.seed)  # before the model is built: its initial weights depend on it
     trainer = Trainer(
         build_model(cfg.train.backbone, cfg.train.pretrained_weights),
@@ -64,6 +75,7 @@ def train_model(
         cfg.augment,
         cfg.seed,
         handlers,
+        ranks,
     )
     if resumed is not None:
         trainer.restore(resumed)
@@ -75,13 +87,15 @@ def train_model(
         "best_epoch": state.best_epoch,
         "best_val_auc": state.best_val_auc,
         "train_images_per_second": state.train_images_per_second,
+        "processes": ranks.world_size,
         "n_train": len(train_rows),
         "n_val": len(val_rows),
         "history": state.history,
         "resume_notes": notes,
     }
     summary_path = output_dir / "train_summary.json"
-    summary_path.write_text(json.dumps(summary, indent=2))
+    if ranks.is_main:
+        summary_path.write_text(json.dumps(summary, indent=2))
     return TrainResult(checkpointer.best, checkpointer.last, summary_path, state, tuple(notes))
 
 

@@ -3,6 +3,10 @@
 The :class:`Trainer` is a :class:`pipeline.training.loop.Loop` (handlers, device, mixed precision, the optimiser
 step, the non-finite-loss policy); its handlers (checkpointing, early stopping, progress, tracking) attach through
 ``fit_start``, ``step_end``, ``epoch_end`` and ``fit_end``.
+
+Under ``torchrun`` it trains data-parallel (:mod:`pipeline.training.distributed`): the model is wrapped in
+DistributedDataParallel, each rank takes its share of every global batch, and the epoch's numbers (loss, images/s,
+validation AUC) are those of all ranks together.
 """
 
 from __future__ import annotations
@@ -10,17 +14,21 @@ from __future__ import annotations
 import math
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 from torchmetrics.functional.classification import binary_auroc
 
 from pipeline.augment import augment_batch, build_augmentation, normalise, to_model_input
 from pipeline.config import AugmentConfig, TrainConfig
 from pipeline.errors import TrainingError
+from pipeline.training.distributed import Ranks
 from pipeline.training.loop import Loop
 from pipeline.training.schedule import warmup_cosine
 
@@ -71,15 +79,29 @@ class Trainer(Loop):
         augment: AugmentConfig,
         seed: int,
         handlers: list[Any] | None = None,
+        ranks: Ranks = Ranks(),
     ) -> None:
         if len(train_images) < 2 or len(val_images) == 0:
             raise TrainingError(f"need ≥2 training and ≥1 validation images (got {len(train_images)}, {len(val_images)})")
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         seed_everything(seed)
-        super().__init__(select_device(cfg.device), cfg.channels_last in ("on", "auto"), cfg.amp, handlers)
+        device = ranks.device(select_device(cfg.device))
+        super().__init__(device, cfg.channels_last in ("on", "auto"), cfg.amp, handlers)
         self.cfg = cfg
+        self.seed = seed
+        self.ranks = ranks
+        self.rank_batch = ranks.per_rank_batch(cfg.batch_size)
         self.model = model.to(self.device, memory_format=self.memory_format)
+        # DDP copies rank 0's weights to every rank here and averages the gradients in backward
+        self.forward = (
+            DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+            if ranks.distributed
+            else self.model
+        )
+        self.sampler = DistributedSampler(
+            range(len(train_images)), num_replicas=ranks.world_size, rank=ranks.rank, shuffle=True, seed=seed
+        )
         self.train_images = torch.from_numpy(np.ascontiguousarray(train_images))
         self.train_labels = torch.as_tensor(np.asarray(train_labels, dtype=np.int64))
         self.val_images = torch.from_numpy(np.ascontiguousarray(val_images))
@@ -89,7 +111,6 @@ class Trainer(Loop):
             weight=None if weights is None else weights.to(self.device), label_smoothing=cfg.label_smoothing
         )
         self.transform = build_augmentation(augment)
-        self.generator = torch.Generator().manual_seed(seed)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.steps_per_epoch = math.ceil(self._batches_per_epoch() / cfg.grad_accum_steps)
         total_steps = self.steps_per_epoch * cfg.epochs
@@ -98,7 +119,7 @@ class Trainer(Loop):
         self.state = TrainState()
 
     def _batches_per_epoch(self) -> int:
-        full, rest = divmod(len(self.train_images), self.cfg.batch_size)
+        full, rest = divmod(len(self.sampler), self.rank_batch)  # the same on every rank: the sampler pads
         return full + (1 if rest >= 2 else 0)  # a batch of one breaks BatchNorm: it is dropped
 
     def fit(self) -> TrainState:
@@ -106,9 +127,9 @@ class Trainer(Loop):
         while self.state.epoch < self.cfg.epochs and not self.state.should_stop:
             started = time.perf_counter()
             train_loss, images = self._train_epoch()
-            self.state.train_images_per_second = images / (time.perf_counter() - started)
-            val_probs = self.predict(self.val_images)
-            val_auc = float(binary_auroc(torch.from_numpy(val_probs), self.val_labels))
+            mean_seconds = self.ranks.sum(time.perf_counter() - started)[0] / self.ranks.world_size
+            self.state.train_images_per_second = images / mean_seconds
+            val_auc = float(binary_auroc(torch.from_numpy(self._validation_probabilities()), self.val_labels))
             self.state.epoch += 1
             if val_auc > self.state.best_val_auc:
                 self.state.best_val_auc, self.state.best_epoch = val_auc, self.state.epoch
@@ -122,33 +143,45 @@ class Trainer(Loop):
                 }
             )
             self.emit("epoch_end")
+            self.state.should_stop = self.ranks.main_decides(self.state.should_stop)
         self.emit("fit_end")
         return self.state
 
     def _train_epoch(self) -> tuple[float, int]:
+        """One pass over this rank's share of the data; (mean loss, images) over all ranks."""
         self.model.train()
-        order = torch.randperm(len(self.train_images), generator=self.generator)
+        self.sampler.set_epoch(self.state.epoch)  # the same permutation on every rank, a new one each epoch
+        order = torch.tensor(list(self.sampler))
+        torch.manual_seed(self.ranks.epoch_seed(self.seed, self.state.epoch))  # the augmentation's draws
         accum = self.cfg.grad_accum_steps
         batches = self._batches_per_epoch()
         total_loss, seen = 0.0, 0
         self.optimizer.zero_grad(set_to_none=True)
         for index in range(batches):
-            rows = order[index * self.cfg.batch_size : (index + 1) * self.cfg.batch_size]
+            rows = order[index * self.rank_batch : (index + 1) * self.rank_batch]
             inputs = to_model_input(self.train_images[rows], self.device, self.channels_last)
             inputs = normalise(augment_batch(inputs, self.transform))
             targets = self.train_labels[rows].to(self.device, non_blocking=True)
-            with self.autocast():
-                loss = self.criterion(self.model(inputs), targets)
-            self.state.last_loss = loss.item()
-            self.check_finite({"cross-entropy": self.state.last_loss}, f"epoch {self.state.epoch + 1}, batch {index}")
-            self.backward(loss / accum)
-            if (index + 1) % accum == 0 or index + 1 == batches:
+            stepping = (index + 1) % accum == 0 or index + 1 == batches
+            # between optimiser steps the ranks need not average gradients: DDP then only accumulates them
+            with self.autocast(), (nullcontext() if stepping or not self.ranks.distributed else self.forward.no_sync()):
+                loss = self.criterion(self.forward(inputs), targets)
+                self.state.last_loss = loss.item()
+                self.check_finite({"cross-entropy": self.state.last_loss}, f"epoch {self.state.epoch + 1}, batch {index}")
+                self.backward(loss / accum)
+            if stepping:
                 self.apply_gradients(self.optimizer, self.scheduler, self.model.parameters(), self.cfg.grad_clip_norm)
                 self.state.step += 1
             total_loss += self.state.last_loss * len(rows)
             seen += len(rows)
             self.emit("step_end")
-        return total_loss / seen, seen
+        total_loss, seen = self.ranks.sum(total_loss, seen)
+        return total_loss / seen, int(seen)
+
+    def _validation_probabilities(self) -> np.ndarray:
+        """P(pneumonia) of every validation image; each rank scores every N-th one."""
+        rows = np.arange(self.ranks.rank, len(self.val_images), self.ranks.world_size)
+        return self.ranks.gather(self.predict(self.val_images[rows]), rows, len(self.val_images))
 
     def predict(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
         """Probability of pneumonia for each uint8 image."""
@@ -160,10 +193,6 @@ class Trainer(Loop):
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
-            "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "numpy_rng": np.random.get_state(),
-            "python_rng": random.getstate(),
             "state": self.state.__dict__.copy(),
         }
 
@@ -173,8 +202,4 @@ class Trainer(Loop):
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         if self.scaler and checkpoint["scaler"]:
             self.scaler.load_state_dict(checkpoint["scaler"])
-        self.generator.set_state(checkpoint["generator"])
-        torch.set_rng_state(checkpoint["torch_rng"])
-        np.random.set_state(checkpoint["numpy_rng"])
-        random.setstate(checkpoint["python_rng"])
         self.state = TrainState(**checkpoint["state"])

@@ -88,6 +88,11 @@ class MetricsLogger:
         self.tracker = tracker
 
     def on_epoch_end(self, trainer) -> None:
-        record = dict(trainer.state.history[-1])
-        epoch = int(record.pop("epoch"))
-        self.tracker.log_metrics(record, step=epoch)
+        log_epoch(self.tracker, trainer.state.history[-1])
+
+
+def log_epoch(tracker, row: dict[str, float]) -> None:
+    """One epoch's row of the training history into ``tracker``, at its epoch as the step."""
+    record = dict(row)
+    epoch = int(record.pop("epoch"))
+    tracker.log_metrics(record, step=epoch)

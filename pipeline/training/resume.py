@@ -3,8 +3,9 @@
 ``last.pt`` records the run's configuration (:func:`run_config`); a resume compares it with the
 current one and refuses on any difference, listing each. Two kinds of keys are exempt:
 
-- where the run happens, not what it learns: ``train.device``, ``num_threads``, ``output_dir``
-  (and ``resume`` itself);
+- where the run happens, not what it learns: ``train.device``, ``num_threads``, ``processes``, ``output_dir``
+  (and ``resume`` itself): a run may resume on another number of processes (torchrun's included), since the data
+  order and augmentation draws depend on the seed and the epoch only;
 - ``train.epochs`` may be raised to train longer. The warm-up + cosine learning-rate schedule is
   then stretched to the new length, so the result differs from a run set to that many epochs from
   the start; the note returned says so.
@@ -22,7 +23,7 @@ from pipeline.config import PipelineConfig
 from pipeline.data.prepare import PreparedDataset
 from pipeline.errors import TrainingError
 
-RUNTIME_KEYS = ("train.device", "train.num_threads", "train.output_dir", "train.resume")
+RUNTIME_KEYS = ("train.device", "train.num_threads", "train.processes", "train.output_dir", "train.resume")
 EPOCHS = "train.epochs"
 
 

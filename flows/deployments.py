@@ -9,21 +9,32 @@
   on a drop folder would pick up a half-copied export: the sender (or an automation) starts one
   run per complete batch with ``site`` and ``folder``.
 
-They are served (``prefect.serve``) rather than deployed to a work pool: the serving process
-registers both with the Prefect API in $PREFECT_API_URL, polls for their runs (scheduled or
-triggered) and runs each in a subprocess, so there is no pool or worker to set up. Entrypoints
-are module paths (``flows.retrain.retrain``): a run imports the installed project, whatever the
-directory the serving process was started from.
+Two ways to run them:
+
+- ``crosssim serve-flows`` (one machine): served with ``prefect.serve``; the serving process registers them with
+  the Prefect API in $PREFECT_API_URL, polls for their runs (scheduled or triggered) and runs each in a subprocess,
+  so there is no pool or worker to set up.
+- ``crosssim deploy`` (a team, a cluster): registered on the work pool ``schedule.work_pool``; ``prefect worker
+  start --pool NAME`` processes (a process pool) or a Kubernetes worker (one pod per flow run, from the pool's
+  base job template in infra/prefect/) run them, as many workers as wanted, on other machines than the server's.
+
+Entrypoints are module paths (``flows.retrain.retrain``): a run imports the installed project, whatever the
+directory its process was started from.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from uuid import UUID
 
 from prefect import serve
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.deployments.runner import RunnerDeployment
+from prefect.exceptions import ObjectNotFound
 from prefect.schedules import Cron
 from prefect.types.entrypoint import EntrypointType
+from prefect.workers.process import ProcessWorker
 
 from flows.ingest import ingest
 from flows.retrain import retrain
@@ -82,3 +93,22 @@ def serve_deployments(cfg: PipelineConfig, deployments: list[RunnerDeployment]) 
     """Register and serve until interrupted; on shutdown Prefect pauses the deployments, so no run
     is scheduled while nothing would execute it (serving again resumes them)."""
     serve(*deployments, limit=cfg.schedule.max_concurrent_runs)
+
+
+def deploy_to_pool(cfg: PipelineConfig, deployments: list[RunnerDeployment]) -> tuple[str, list[UUID]]:
+    """Register (or update) the deployments on the work pool ``schedule.work_pool``; (the pool's type, their ids).
+
+    A missing pool is created as a process pool with Prefect's default job template and
+    ``schedule.max_concurrent_runs`` as its concurrency limit; an existing one (e.g. the Kubernetes pool created
+    from infra/prefect/kubernetes-base-job-template.json) is used as it is."""
+    pool = cfg.schedule.work_pool
+    with get_client(sync_client=True) as client:
+        try:
+            pool_type = client.read_work_pool(pool).type
+        except ObjectNotFound:
+            template = ProcessWorker.get_default_base_job_template()
+            created = WorkPoolCreate(
+                name=pool, type="process", base_job_template=template, concurrency_limit=cfg.schedule.max_concurrent_runs
+            )
+            pool_type = client.create_work_pool(work_pool=created).type
+    return pool_type, [deployment.apply(work_pool_name=pool) for deployment in deployments]

@@ -138,13 +138,18 @@ def retrain(config_path: str | None = None, overrides: list[str] | None = None) 
     cfg = load_config(Path(config_path) if config_path else None, overrides or [])
     if cfg.train.resume:
         raise ConfigError(
-            "train.resume: a flow run trains in a new run folder, so there is nothing to resume; "
-            "resume an interrupted training with `crosssim train --resume`"
+            "train.resume: a flow run trains in a new run folder, so there is nothing to resume; a retried flow run "
+            "(`prefect flow-run retry ID`) resumes its training by itself, and `crosssim train --resume` resumes a "
+            "training started with `crosssim train`"
         )
-    run_dir = sites.new_run_folder(cfg.runs.dir, _flow_run_id() or uuid.uuid4().hex)
+    run_dir, rerun = sites.run_folder(cfg.runs.dir, _flow_run_id() or uuid.uuid4().hex)
     cfg = cfg.in_run_folder(run_dir)
     logger = get_run_logger()
     logger.info("run folder: %s", run_dir)
+    if rerun:
+        cfg = sites.resuming(cfg)
+        resumes = "training resumes from its checkpoint" if cfg.train.resume else "no checkpoint: training starts anew"
+        logger.info("a rerun of this flow run: %s", resumes)
     manifests = {site: read_site(cfg, site) for site in sites.sites(cfg)}
     with MlflowTracker(cfg.tracking, run_name="retrain") as tracker:
         versions = sites.data_versions(cfg)

@@ -290,6 +290,12 @@ class ScheduleConfig(_Section):
         ge=1,
         description="Flow runs the serving process executes at once (each in its own run folder; they share the cores).",
     )
+    work_pool: str = Field(
+        default="process",
+        min_length=1,
+        description="The Prefect work pool `crosssim deploy` puts the deployments on; missing, it is created as a "
+        "process pool (a Kubernetes pool is created from infra/prefect/kubernetes-base-job-template.json).",
+    )
 
     @field_validator("timezone")
     @classmethod

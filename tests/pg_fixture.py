@@ -24,6 +24,7 @@ import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +54,19 @@ class PostgresServer:
 
     @property
     def url(self) -> str:
-        return f"postgresql+psycopg://{SERVER_USER}@127.0.0.1:{self.port}/postgres"
+        return self.database_url("postgres")
+
+    def database_url(self, database: str, driver: str = "psycopg") -> str:
+        """SQLAlchemy URL of ``database`` (``driver`` asyncpg for Prefect's server)."""
+        return f"postgresql+{driver}://{SERVER_USER}@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, database: str) -> str:
+        """A new, empty database (as a team's DBA creates one per service); its psycopg URL."""
+        import psycopg
+
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user={SERVER_USER} dbname=postgres", autocommit=True) as db:
+            db.execute(f'CREATE DATABASE "{database}"')
+        return self.database_url(database)
 
     @property
     def data_dir(self) -> Path:
@@ -91,6 +104,13 @@ def _free_port() -> int:
 
 @pytest.fixture()
 def postgres_server() -> Iterator[PostgresServer]:
+    with running_postgres() as server:
+        yield server
+
+
+@contextmanager
+def running_postgres() -> Iterator[PostgresServer]:
+    """A fresh cluster, started; stopped and deleted after the block (skips the test when it cannot run)."""
     bin_dir = find_postgres_bin()
     if bin_dir is None:
         pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install postgresql")

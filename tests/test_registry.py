@@ -152,6 +152,36 @@ def test_a_failure_between_alias_moves_leaves_the_registry_as_it_was(cfg, monkey
     assert actions.registry.aliases("cxr") == {CHAMPION: "1", CHALLENGER: "2"}  # no decision without its record
 
 
+def test_a_registration_that_fails_half_way_leaves_no_version(cfg):
+    uris = _logged_models(cfg, 1)
+    actions = actions_for(cfg)
+
+    def card_of_a_lost_connection(version: str) -> str:
+        raise ConnectionError("tracking server went away")
+
+    with pytest.raises(ConnectionError):
+        actions.register_challenger(uris[0], {}, card_of_a_lost_connection, student_uri=uris[0])
+    assert actions.registry.versions("cxr") == [] and actions.registry.aliases("cxr") == {}
+
+
+def test_a_long_model_card_is_fitted_to_the_registry_limit_keeping_every_heading(cfg):
+    from pipeline.registry.card import DESCRIPTION_LIMIT, FULL_CARD, fit_description, gate_override_note
+
+    config = "## Training configuration\n```json\n" + '{"x": 1}\n' * 800 + "```\n"
+    card = f"# Model card: cxr v1\n\n## Metrics\n| set | auc |\n\n{config}"
+    note = gate_override_note("dr. ada", "needed now", ["auc below the champion's"], "audit/1.json")
+    fitted = fit_description(f"{card}\n{note}")
+    assert len(fitted) <= DESCRIPTION_LIMIT < len(card)
+    assert "## Metrics\n| set | auc |" in fitted and "## Training configuration\n(left out here" in fitted
+    assert FULL_CARD in fitted and fitted.endswith(note)  # the later note stays whole
+    assert fit_description(note) == note
+
+    uris = _logged_models(cfg, 1)
+    actions = actions_for(cfg)
+    actions.register_challenger(uris[0], {}, lambda version: card)
+    assert actions.registry.version("cxr", "1").description == fit_description(card)
+
+
 def test_registry_cli_review_decide_and_lineage(cfg, tmp_path):
     uris = _logged_models(cfg, 1)
     actions = actions_for(cfg)

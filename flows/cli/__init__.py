@@ -1,7 +1,7 @@
 """``crosssim``: the command line. Each command lives in a small module; this one puts them on one app.
 
     stages.py    validate, prepare, train, evaluate, adapt, run
-    services.py  ingest, serve-flows, serve
+    services.py  ingest, serve-flows, deploy, serve
     registry.py  crosssim registry …      rollout.py  crosssim rollout …      feedback.py  crosssim feedback …
     options.py   the shared options, config reading and the one error handler
 """
@@ -22,6 +22,7 @@ app = typer.Typer(
 for command in (stages.validate, stages.prepare, stages.train, stages.evaluate, stages.adapt, stages.run, services.ingest):
     app.command()(command)
 app.command("serve-flows")(services.serve_flows)
+app.command()(services.deploy)
 app.command(epilog=services.serve_help())(services.serve)
 app.add_typer(registry_app, name="registry")
 app.add_typer(feedback_app, name="feedback")

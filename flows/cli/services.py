@@ -70,6 +70,30 @@ def serve_flows(config: ConfigOption = None, set_: SetOption = None) -> None:
     serve_deployments(cfg, deployments)
 
 
+def deploy(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Register the three deployments on the work pool schedule.work_pool of $PREFECT_API_URL (a process pool is
+    created when missing); workers of the pool run them: `prefect worker start --pool NAME`."""
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.deployments import ANALYSIS, INGEST, RETRAIN, build_deployments, deploy_to_pool
+
+    if not PREFECT_API_URL.value():
+        raise ConfigError(
+            "PREFECT_API_URL is not set: deployments live on a Prefect server; export PREFECT_API_URL=http://HOST:4200/api"
+        )
+    cfg_path = config_path(config)
+    cfg = read_config(cfg_path, set_)
+    pool_type, _ = deploy_to_pool(cfg, build_deployments(cfg, cfg_path, set_ or []))
+    pool = cfg.schedule.work_pool
+    console.print(
+        f"deployed on work pool {pool!r} ({pool_type}) of {PREFECT_API_URL.value()}: {RETRAIN}, {ANALYSIS}, {INGEST}\n"
+        f"start a worker: prefect worker start --pool {pool}\n"
+        f"run one now:    prefect deployment run {RETRAIN}",
+        highlight=False,
+        markup=False,
+    )
+
+
 def _yaml_value(value: object) -> str:
     return "null" if value is None else str(value)
 

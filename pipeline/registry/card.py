@@ -139,6 +139,27 @@ def _checks(precision: str, checks: dict[str, float]) -> str:
     return "AUC vs PyTorch: " + "; ".join(deltas)
 
 
+DESCRIPTION_LIMIT = 5000  # characters: MLflow's SQL stores keep a version's description in a VARCHAR(5000)
+FULL_CARD = "registry/model_card.md"  # the whole card, an artifact of the version's run
+
+
+def fit_description(text: str, limit: int = DESCRIPTION_LIMIT) -> str:
+    """``text`` within ``limit`` characters for the registry: its largest ``## `` sections (the training
+    configuration first, as a rule) are replaced by a pointer to the full card until it fits. Every heading, the
+    title and later notes (a gate override's) stay; a text that fits is returned as it is."""
+    head, *sections = text.split("\n## ")
+    sections = [f"## {section}" for section in sections]
+    while len(text) > limit and sections:
+        largest = max(range(len(sections)), key=lambda index: len(sections[index]))
+        title = sections[largest].split("\n", 1)[0]
+        shortened = f"{title}\n(left out here for the registry's {limit}-character limit: see `{FULL_CARD}`)\n"
+        if len(shortened) >= len(sections[largest]):
+            break  # nothing left to gain by shortening sections
+        sections[largest] = shortened
+        text = "\n".join([head, *sections])
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def gate_override_note(reviewer: str, reason: str, failures: list[str], audit_artifact: str) -> str:
     """The card section saying that a reviewer promoted this version although the promotion gate rejected it."""
     return "\n".join(

@@ -75,17 +75,26 @@ class RegistryActions:
         bundle), set when the version is created, so whoever follows the alias finds them there.
         """
         own_tags = own_tags or {}
-        version = str(self.registry.register(self.name, model_uri, {**tags, **own_tags.get(self.name, {})}).version)
-        self.registry.describe(self.name, version, card(version))
-        moves: dict[str, dict[str, str | None]] = {self.name: {CHALLENGER: version}}
-        if student_uri is not None:
-            parent = {"parent_model": f"models:/{self.name}/{version}"}
-            student_tags = {**tags, **parent, **own_tags.get(self.student, {})}
-            student = str(self.registry.register(self.student, student_uri, student_tags).version)
-            self.registry.describe(self.student, student, f"Distilled student of {self.name} v{version}.\n\n{card(version)}")
-            self.registry.set_version_tags(self.name, version, {STUDENT_TAG: student})
-            moves[self.student] = {CHALLENGER: student}
-        return self.apply("register", version, actor, "new model from a retraining run", moves, {"model_uri": model_uri})
+        created: list[tuple[str, str]] = []  # deleted again if anything fails: no half-registered version stays
+        try:
+            version = str(self.registry.register(self.name, model_uri, {**tags, **own_tags.get(self.name, {})}).version)
+            created.append((self.name, version))
+            self.registry.describe(self.name, version, card(version))
+            moves: dict[str, dict[str, str | None]] = {self.name: {CHALLENGER: version}}
+            if student_uri is not None:
+                parent = {"parent_model": f"models:/{self.name}/{version}"}
+                student_tags = {**tags, **parent, **own_tags.get(self.student, {})}
+                student = str(self.registry.register(self.student, student_uri, student_tags).version)
+                created.append((self.student, student))
+                described = f"Distilled student of {self.name} v{version}.\n\n{card(version)}"
+                self.registry.describe(self.student, student, described)
+                self.registry.set_version_tags(self.name, version, {STUDENT_TAG: student})
+                moves[self.student] = {CHALLENGER: student}
+            return self.apply("register", version, actor, "new model from a retraining run", moves, {"model_uri": model_uri})
+        except BaseException:
+            for name, number in reversed(created):
+                self.registry.delete_version(name, number)
+            raise
 
     def record_gate(self, version: str, decision: GateDecision, policy: str, actor: str = "promotion gate") -> Decision:
         """The gate's verdict on ``version``: tags, an audit entry, and under ``auto`` the promotion or rejection."""

@@ -12,6 +12,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import PipelineError
+from pipeline.registry.card import fit_description
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -55,7 +56,12 @@ class ModelRegistry:
         )
 
     def describe(self, name: str, version: str, description: str) -> None:
-        self.client.update_model_version(name, version, description=description)
+        """Set a version's description, fitted to what every MLflow store keeps (SQLite would keep more, PostgreSQL
+        refuses it)."""
+        self.client.update_model_version(name, version, description=fit_description(description))
+
+    def delete_version(self, name: str, version: str) -> None:
+        self.client.delete_model_version(name, version)
 
     def version(self, name: str, ref: str) -> ModelVersion:
         """``ref`` is a version number or an alias; a clear error when neither exists."""

@@ -126,12 +126,27 @@ def data_versions(cfg: PipelineConfig) -> dict[str, str]:
     return {site: dataset_version(site_dir(cfg, site)) for site in sites(cfg)}
 
 
-def new_run_folder(runs_dir: Path, run_id: str) -> Path:
-    """A folder no other run uses: concurrent runs (a schedule overlapping a manual run) cannot mix files."""
+def run_folder(runs_dir: Path, run_id: str) -> tuple[Path, bool]:
+    """(the run's folder, whether it is a rerun's). A folder no other run uses, so concurrent runs (a schedule
+    overlapping a manual run) cannot mix files; a rerun of the same flow run (Prefect's retry of a crashed or
+    failed run keeps its id) gets its earlier folder back, with the training checkpoint it left."""
+    earlier = sorted(runs_dir.glob(f"*-{run_id[:8]}")) if runs_dir.is_dir() else []
+    if earlier:
+        return earlier[-1], True
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     run_dir = runs_dir / f"{stamp}-{run_id[:8]}"
     run_dir.mkdir(parents=True, exist_ok=False)
-    return run_dir
+    return run_dir, False
+
+
+def resuming(cfg: PipelineConfig) -> PipelineConfig:
+    """A rerun's configuration: training continues from the checkpoint the earlier attempt left in the run folder
+    (when it got that far); ``train.resume`` still refuses a checkpoint of another configuration."""
+    from pipeline.training.handlers import LAST_CHECKPOINT  # torch: not loaded by the commands that only validate
+
+    if not (cfg.train.output_dir / LAST_CHECKPOINT).is_file():
+        return cfg
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"resume": True})})
 
 
 def gate_validation(reports: dict[str, ValidationReport], tracker, warn: Callable[[str], object]) -> None:

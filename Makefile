@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 # The ephemeral server of `crosssim run` gets 20 s to start by default: too short on a busy 2-core machine.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: setup chromium run test test-fast bench-source bench-crosssim bench-serve bench-rollout bench-smoke data dvc-repro mlflow-ui prefect-ui clean
+.PHONY: setup chromium run test test-fast bench-source bench-crosssim bench-gpu-train bench-serve bench-rollout bench-smoke data dvc-repro mlflow-ui prefect-ui clean
 
 # Bytecode compiled at install: with PYTHONDONTWRITEBYTECODE set, every command would otherwise recompile
 # MLflow, Prefect and torch's Python (a `crosssim registry list` took 7 s instead of 3).
@@ -47,6 +47,10 @@ bench-source: setup
 bench-crosssim: setup
 	$(PY) benchmarks/crosssim_kermany_nih.py $(BENCH_ARGS)
 
+# Training throughput on a CUDA GPU: ResNet-50 at 224×224, AMP + channels_last (BENCH_ARGS=--processes N: N GPUs).
+bench-gpu-train: setup
+	$(PY) benchmarks/gpu_train.py $(BENCH_ARGS)
+
 # crosssim serve (ONNX Runtime FP32/INT8) vs mlflow models serve vs PyTorch eager on the registry's champion
 # (else challenger): run `make run` first. ≤ 15 min on 2 CPU cores.
 bench-serve: setup
@@ -61,6 +65,7 @@ bench-smoke: setup
 	$(PY) benchmarks/source_pneumoniamnist.py --smoke
 	$(PY) benchmarks/crosssim_kermany_nih.py --smoke
 	$(PY) benchmarks/rollout.py --smoke
+	$(PY) benchmarks/gpu_train.py --smoke
 
 # Put the datasets under DVC: copy them from FROM into data/raw, `dvc add data` (→ data.dvc), push to the remote.
 FROM ?= ../shared/data

@@ -24,13 +24,19 @@ directory its process was started from.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from uuid import UUID
 
 from prefect import serve
+from prefect.automations import Automation
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.objects import StateType
 from prefect.deployments.runner import RunnerDeployment
+from prefect.events.actions import ChangeFlowRunState
+from prefect.events.schemas.automations import EventTrigger, Posture
+from prefect.events.schemas.events import ResourceSpecification
 from prefect.exceptions import ObjectNotFound
 from prefect.schedules import Cron
 from prefect.types.entrypoint import EntrypointType
@@ -98,17 +104,57 @@ def serve_deployments(cfg: PipelineConfig, deployments: list[RunnerDeployment]) 
 def deploy_to_pool(cfg: PipelineConfig, deployments: list[RunnerDeployment]) -> tuple[str, list[UUID]]:
     """Register (or update) the deployments on the work pool ``schedule.work_pool``; (the pool's type, their ids).
 
-    A missing pool is created as a process pool with Prefect's default job template and
-    ``schedule.max_concurrent_runs`` as its concurrency limit; an existing one (e.g. the Kubernetes pool created
-    from infra/prefect/kubernetes-base-job-template.json) is used as it is."""
+    A missing pool is created as a process pool: Prefect's default job template with flow-run heartbeats every
+    ``schedule.heartbeat_seconds``, and ``schedule.max_concurrent_runs`` as its concurrency limit. An existing
+    pool (e.g. the Kubernetes pool created from infra/prefect/kubernetes-base-job-template.json) is used as it is.
+    The automation that marks silent flow runs Crashed is created or updated with them."""
     pool = cfg.schedule.work_pool
     with get_client(sync_client=True) as client:
         try:
             pool_type = client.read_work_pool(pool).type
         except ObjectNotFound:
             template = ProcessWorker.get_default_base_job_template()
+            heartbeat = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(cfg.schedule.heartbeat_seconds)}
+            template["variables"]["properties"]["env"]["default"] = heartbeat
             created = WorkPoolCreate(
                 name=pool, type="process", base_job_template=template, concurrency_limit=cfg.schedule.max_concurrent_runs
             )
             pool_type = client.create_work_pool(work_pool=created).type
-    return pool_type, [deployment.apply(work_pool_name=pool) for deployment in deployments]
+    ids = [deployment.apply(work_pool_name=pool) for deployment in deployments]
+    _crash_silent_runs(cfg.schedule.crashed_after_seconds)
+    return pool_type, ids
+
+
+CRASH_SILENT_RUNS = "crosssim: crash silent flow runs"
+FINAL_STATES = ("Completed", "Failed", "Cancelled", "Crashed")
+
+
+def _crash_silent_runs(after_seconds: int) -> None:
+    """Prefect's zombie detection: a flow run whose heartbeats stop (its worker killed, its machine lost) without a
+    final state is marked Crashed after ``after_seconds``; `prefect flow-run retry` then reruns it and the retrain
+    flow resumes its training. Without it such a run would show Running for ever."""
+    automation = Automation(
+        name=CRASH_SILENT_RUNS,
+        description=f"Flow runs silent for {after_seconds} s are marked Crashed (created by `crosssim deploy`).",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", *(f"prefect.flow-run.{state}" for state in FINAL_STATES)},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=after_seconds),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {after_seconds} s: its worker or machine was lost "
+                "(`prefect flow-run retry ID` resumes it)",
+            )
+        ],
+    )
+    with get_client(sync_client=True) as client:
+        for existing in client.read_automations_by_name(CRASH_SILENT_RUNS):
+            client.delete_automation(existing.id)
+    automation.create()
+

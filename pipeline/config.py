@@ -296,6 +296,24 @@ class ScheduleConfig(_Section):
         description="The Prefect work pool `crosssim deploy` puts the deployments on; missing, it is created as a "
         "process pool (a Kubernetes pool is created from infra/prefect/kubernetes-base-job-template.json).",
     )
+    heartbeat_seconds: int = Field(
+        default=30, ge=30, description="Flow runs of a process pool created by `crosssim deploy` report alive this often."
+    )
+    crashed_after_seconds: int = Field(
+        default=90,
+        ge=60,
+        description="A flow run silent this long (its worker or machine was lost) is marked Crashed by the automation "
+        "`crosssim deploy` creates; `prefect flow-run retry` then resumes it.",
+    )
+
+    @model_validator(mode="after")
+    def _silence_outlasts_heartbeats(self) -> ScheduleConfig:
+        if self.crashed_after_seconds < 2 * self.heartbeat_seconds:
+            raise ValueError(
+                f"crashed_after_seconds ({self.crashed_after_seconds}) must be at least two heartbeats "
+                f"(2 × heartbeat_seconds = {2 * self.heartbeat_seconds}): one late heartbeat must not crash a run"
+            )
+        return self
 
     @field_validator("timezone")
     @classmethod

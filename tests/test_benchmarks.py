@@ -62,6 +62,13 @@ def test_bench_source_smoke_writes_its_table(data_dir, tmp_path):
     assert report["throughput_ratio"] > 0
 
 
+def test_bench_gpu_train_smoke_writes_its_throughput(data_dir, tmp_path):
+    report = run_smoke("gpu_train.py", data_dir, tmp_path)
+    assert report["train_images_per_second"] > 0 and len(report["per_epoch_images_per_second"]) == 2
+    assert report["target_images_per_second"] == 3000 and report["target_met"] is False  # a CPU is far below it
+    assert report["seed"] == 42 and "resnet18, 32x32" in report["model"]
+
+
 def test_bench_crosssim_smoke_writes_every_variant(data_dir, tmp_path):
     report = run_smoke("crosssim_kermany_nih.py", data_dir, tmp_path)
     assert report["seeds"] == [42] and [run["seed"] for run in report["per_seed"]] == [42]

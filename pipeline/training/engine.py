@@ -164,8 +164,9 @@ class Trainer(Loop):
             targets = self.train_labels[rows].to(self.device, non_blocking=True)
             stepping = (index + 1) % accum == 0 or index + 1 == batches
             # between optimiser steps the ranks need not average gradients: DDP then only accumulates them
-            with self.autocast(), (nullcontext() if stepping or not self.ranks.distributed else self.forward.no_sync()):
-                loss = self.criterion(self.forward(inputs), targets)
+            with nullcontext() if stepping or not self.ranks.distributed else self.forward.no_sync():
+                with self.autocast():
+                    loss = self.criterion(self.forward(inputs), targets)
                 self.state.last_loss = loss.item()
                 self.check_finite({"cross-entropy": self.state.last_loss}, f"epoch {self.state.epoch + 1}, batch {index}")
                 self.backward(loss / accum)

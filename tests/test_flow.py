@@ -85,6 +85,7 @@ def test_retrain_end_to_end_on_real_images(data_dir, tmp_path, monkeypatch):
         "data.image_size=64",
         "train.epochs=2",
         "train.batch_size=32",
+        "train.processes=2",  # the training task trains data-parallel (two Gloo processes here)
         "crosssim.enabled=false",  # the next test covers adaptation inside the flow
     )
     summary = retrain(config_path=str(REPO / "params.yaml"), overrides=overrides)
@@ -115,6 +116,7 @@ def test_retrain_end_to_end_on_real_images(data_dir, tmp_path, monkeypatch):
     assert run_dir.parent == tmp_path / "runs" and run.data.tags["run_folder"] == str(run_dir)
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     assert set(metrics) >= {"kermany-pediatric/test", "nih-cxr8"}
+    assert json.loads((run_dir / "train" / "train_summary.json").read_text())["processes"] == 2
     probabilities = model(torch.rand(3, 1, 64, 64))
     assert probabilities.shape == (3,) and ((probabilities >= 0) & (probabilities <= 1)).all()
 

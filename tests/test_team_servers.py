@@ -1,15 +1,14 @@
 """The team set-up on loopback, nothing mocked: one PostgreSQL server holding MLflow's store and Prefect's
 database, an MLflow tracking server on it with its own artifact root, a Prefect server on it, a process work pool
-and a `prefect worker`. What a hospital group's team runs (README "From one machine to a cluster"):
+and `prefect worker`s. What a hospital group's team runs (README "From one machine to a cluster"):
 
-- `crosssim run` logs to the MLflow server and registers there; the flow run is in the Prefect server's database;
-- `crosssim deploy` puts the deployments on the work pool; `prefect deployment run` starts them and the worker
-  runs them to completion (retraining, rollout analysis);
-- a worker killed mid-training leaves the flow run crashed; `prefect flow-run retry` on a new worker resumes the
-  training from the run folder's checkpoint;
-- PostgreSQL restarted under a running `crosssim run`: the MLflow server answers 503 meanwhile and MLflow's client
-  retries; the Prefect server on the same PostgreSQL reconnects by itself; the run completes, its model registered
-  once and its flow run Completed.
+- `crosssim run` logs to the MLflow server and registers there, through a PostgreSQL restart in the middle of the
+  run; the flow run is in the Prefect server's database;
+- `crosssim deploy` puts the deployments on the work pool; `prefect deployment run` starts them and workers run
+  them; a worker lost mid-training leaves its flow run to the zombie automation (Crashed), and `prefect flow-run
+  retry` on another worker resumes the training from the run folder's checkpoint.
+
+Two tests, each doing several things, because every start of these servers and every flow run costs CI minutes.
 """
 
 from __future__ import annotations
@@ -107,20 +106,39 @@ def _tables(postgres: PostgresServer, database: str) -> set[str]:
     return {name for (name,) in rows}
 
 
-def test_crosssim_run_logs_and_registers_on_the_team_servers(team, tmp_path):
+def test_crosssim_run_logs_and_registers_on_the_team_servers_through_a_postgres_restart(team, tmp_path):
+    """PostgreSQL is stopped for 3 s as soon as the run has opened its MLflow run: the MLflow server answers 503
+    meanwhile, MLflow's client retries, the Prefect server reconnects by itself."""
+    client = team.mlflow()
+    runs_before = len(_all_runs(client))
+    restarted = threading.Event()
+
+    def restart_when_the_run_has_started() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and len(_all_runs(client)) == runs_before:
+            time.sleep(0.5)
+        team.postgres.stop()  # the run's next requests (tags, validation reports) meet no database
+        time.sleep(3)
+        team.postgres.start()
+        restarted.set()
+
+    restarter = threading.Thread(target=restart_when_the_run_has_started)
+    restarter.start()
     command = [str(BIN / "crosssim"), "run", "--config", str(REPO / "params.yaml"), *_settings(team, tmp_path, "train.epochs=1")]
     done = subprocess.run(command, env=team.env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    restarter.join()
+    assert restarted.is_set() and "OperationalError" in (team.logs / "mlflow.log").read_text()  # it met no database
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    challenger = team.mlflow().get_model_version_by_alias(MODEL, "challenger")
-    run = team.mlflow().get_run(challenger.run_id)
+
+    (version,) = client.search_model_versions(f"name = '{MODEL}'")  # registered once
+    assert version.status == "READY" and client.get_model_version_by_alias(MODEL, "challenger").version == version.version
+    run = client.get_run(version.run_id)
     assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith("mlflow-artifacts:")  # served by it
     assert any((team.logs / "artifacts").rglob("MLmodel"))  # in the server's artifact root, not the project
     assert not (tmp_path / "mlflow").exists()
     assert {"runs", "registered_models", "model_versions"} <= _tables(team.postgres, "mlflow")
     assert {"flow_run", "deployment", "work_pool"} <= _tables(team.postgres, "prefect")
-    with temporary_settings({PREFECT_API_URL: team.prefect_url}), get_client(sync_client=True) as client:
-        flow_run = client.read_flow_run(run.data.tags["prefect_flow_run_id"])
-    assert flow_run.state.is_completed()  # recorded in Prefect's PostgreSQL database
+    assert _state(team, run.data.tags["prefect_flow_run_id"]).is_completed()  # in Prefect's PostgreSQL database
 
 
 @pytest.fixture(scope="module")
@@ -163,42 +181,40 @@ def _final_state(team: Team, flow_run_id: str, timeout: float, log: Path):
     return _wait_for(lambda: (state := _state(team, flow_run_id)).is_final() and state, timeout, "flow run end", log)
 
 
-def test_the_worker_runs_the_retrain_and_rollout_analysis_deployments(team, deployed):
-    retrain = _deployment_run(team, RETRAIN, [*_settings(team, deployed)[1::2], "train.epochs=1"])
-    state = _final_state(team, retrain, 600, team.logs / "worker-first.log")
-    assert state.is_completed(), f"{state}\n{(team.logs / 'worker-first.log').read_text()[-3000:]}"
-    version = team.mlflow().get_model_version_by_alias(MODEL, "challenger")
-    assert version.tags["prefect_flow_run_id"] == retrain
-
-    analysis = _deployment_run(team, ANALYSIS, [f"registry.model_name={MODEL}"])
-    state = _final_state(team, analysis, 120, team.logs / "worker-first.log")
-    assert state.is_completed(), f"{state}\n{(team.logs / 'worker-first.log').read_text()[-3000:]}"
-
-
-def test_a_worker_killed_mid_training_crashes_the_run_and_a_retry_resumes_it(team, deployed, tmp_path):
-    overrides = [*_settings(team, tmp_path)[1::2], "train.epochs=4", "train.early_stopping_patience=null"]
+def test_deployments_run_on_workers_and_a_lost_workers_run_resumes_when_retried(team, deployed):
+    """`prefect deployment run` of the retraining; its worker is lost (SIGKILL of the worker and the run: a lost
+    machine) after the first epoch. While the automation `crosssim deploy` made waits for the missing heartbeats,
+    a new worker runs the rollout analysis; the retraining is then marked Crashed, `prefect flow-run retry` reruns it
+    on the new worker, which resumes the training from the run folder's checkpoint and registers the model."""
+    overrides = [*_settings(team, deployed)[1::2], "train.epochs=4", "train.early_stopping_patience=null"]
     flow_run = _deployment_run(team, RETRAIN, overrides)
-    checkpoints = tmp_path / "runs"
+    checkpoints = deployed / "runs"
     _wait_for(lambda: any(checkpoints.glob("*/train/last.pt")), 300, "the first epoch's checkpoint", team.logs / "worker-first.log")
     _lose_every_worker(team)
-    state = _final_state(team, flow_run, CRASHED_AFTER + 90, team.logs / "worker-first.log")
-    assert state.is_crashed() and "no heartbeat" in state.message, state  # the automation `crosssim deploy` made
     (train_dir,) = checkpoints.glob("*/train")
     done_before = _epoch(train_dir)
     assert 1 <= done_before < 4
 
     replacement = _start_worker(team, "replacement")
+    log = team.logs / "worker-replacement.log"
     try:
+        analysis = _deployment_run(team, ANALYSIS, [f"registry.model_name={MODEL}"])
+        state = _final_state(team, analysis, 180, log)
+        assert state.is_completed(), f"{state}\n{log.read_text()[-3000:]}"
+
+        state = _final_state(team, flow_run, CRASHED_AFTER + 90, team.logs / "worker-first.log")
+        assert state.is_crashed() and "no heartbeat" in state.message, state
         retry = subprocess.run([str(BIN / "prefect"), "flow-run", "retry", flow_run], env=team.env, capture_output=True, text=True, timeout=120)
         assert retry.returncode == 0, retry.stdout + retry.stderr
-        state = _final_state(team, flow_run, 600, team.logs / "worker-replacement.log")
-        assert state.is_completed(), f"{state}\n{(team.logs / 'worker-replacement.log').read_text()[-3000:]}"
+        state = _final_state(team, flow_run, 600, log)
+        assert state.is_completed(), f"{state}\n{log.read_text()[-3000:]}"
     finally:
         _stop(replacement)
     assert _epoch(train_dir) == 4 and len(list(checkpoints.iterdir())) == 1  # the same run folder, trained on
-    retried = team.mlflow().get_run(team.mlflow().get_model_version_by_alias(MODEL, "challenger").run_id)
-    steps = [m.step for m in team.mlflow().get_metric_history(retried.info.run_id, "val_auc")]
-    assert steps and min(steps) == done_before + 1  # the retry trained only the epochs the crash had left
+    challenger = team.mlflow().get_model_version_by_alias(MODEL, "challenger")
+    assert challenger.tags["prefect_flow_run_id"] == flow_run
+    steps = [m.step for m in team.mlflow().get_metric_history(challenger.run_id, "val_auc")]
+    assert min(steps) == done_before + 1  # the retry trained only the epochs the crash had left
 
 
 def _epoch(train_dir: Path) -> int:
@@ -220,36 +236,6 @@ def _lose_every_worker(team: Team) -> None:
                     doomed.kill()
         except psutil.Error:  # gone meanwhile, or not ours to read
             continue
-
-
-def test_a_postgres_restart_during_a_run_is_retried_and_the_model_registered_once(team, tmp_path):
-    settings = _settings(team, tmp_path, "train.epochs=2", f"registry.model_name={MODEL}-restart")
-    command = [str(BIN / "crosssim"), "run", "--config", str(REPO / "params.yaml"), *settings]
-    restarted = threading.Event()
-    client = team.mlflow()
-    runs_before = len(_all_runs(client))
-
-    def restart_when_the_run_has_started() -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and len(_all_runs(client)) == runs_before:
-            time.sleep(0.5)
-        team.postgres.stop()  # the run's next requests (tags, validation reports) meet no database
-        time.sleep(3)
-        team.postgres.start()
-        restarted.set()
-
-    restarter = threading.Thread(target=restart_when_the_run_has_started)
-    restarter.start()
-    done = subprocess.run(command, env=team.env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    restarter.join()
-    assert restarted.is_set()
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    versions = client.search_model_versions(f"name = '{MODEL}-restart'")
-    assert len(versions) == 1 and versions[0].status == "READY"
-    assert "OperationalError" in (team.logs / "mlflow.log").read_text()  # requests did meet the stopped database
-    (run,) = [run for run in _all_runs(client) if run.info.run_id == versions[0].run_id]
-    with temporary_settings({PREFECT_API_URL: team.prefect_url}), get_client(sync_client=True) as prefect:
-        assert prefect.read_flow_run(run.data.tags["prefect_flow_run_id"]).state.is_completed()  # Prefect's too
 
 
 def _all_runs(client: MlflowClient) -> list:

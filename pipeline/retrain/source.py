@@ -31,25 +31,29 @@ def train_source(cfg: PipelineConfig, tracker=None, show_progress: bool = True) 
     With ``train.processes`` > 1 (and not already under torchrun) the training runs in that many data-parallel
     processes; their epochs reach ``tracker`` when they have finished (a tracker's run lives in this process)."""
     if cfg.train.processes > 1 and not ranks_from_environment().distributed:
-        ranks_needed = Ranks(world_size=cfg.train.processes)
-        ranks_needed.per_rank_batch(cfg.train.batch_size)  # an uneven split fails here, before any process starts
+        Ranks(world_size=cfg.train.processes).per_rank_batch(cfg.train.batch_size)  # uneven: fails before spawning
         result = launch(cfg.train.processes, train_rank, cfg, show_progress)
-        for row in result.state.history if tracker is not None else []:
-            log_epoch(tracker, row)
+        if tracker is not None:
+            for row in result.state.history:
+                log_epoch(tracker, row)
         return result
-    return train_model(open_prepared(cfg.data.prepared_site(cfg.data.source)), cfg, tracker, show_progress)
+    return train_model(_prepared_source(cfg), cfg, tracker, show_progress)
 
 
 def train_rank(cfg: PipelineConfig, show_progress: bool) -> TrainResult:
     """One of the data-parallel training processes (rank 0 shows the progress)."""
-    return train_model(open_prepared(cfg.data.prepared_site(cfg.data.source)), cfg, show_progress=show_progress)
+    return train_model(_prepared_source(cfg), cfg, show_progress=show_progress)
+
+
+def _prepared_source(cfg: PipelineConfig) -> PreparedDataset:
+    return open_prepared(cfg.data.prepared_site(cfg.data.source))
 
 
 def evaluate_source(cfg: PipelineConfig, model_path: Path) -> ScoredModel:
     """Threshold from the source val split; scores on source test and on every external site."""
     device = select_device(cfg.train.device)
     model = load_trained_model(model_path, cfg.train.backbone).to(device).to(memory_format=torch.channels_last)
-    source = open_prepared(cfg.data.prepared_site(cfg.data.source))
+    source = _prepared_source(cfg)
     val = _predictions(model, source, source.manifest["split"] == "val", device)
     threshold = choose_threshold(val["label"].to_numpy(dtype=int), val["prob"].to_numpy())
     chosen_on = f"{cfg.data.source}/val"

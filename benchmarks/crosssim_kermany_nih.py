@@ -1,36 +1,44 @@
-"""make bench-crosssim: CrossSim on the real pediatric → adult shift (Kermany → NIH ChestX-ray8).
+"""make bench-crosssim: CrossSim on the real pediatric → adult shift (Kermany → NIH ChestX-ray8), five seeds.
 
-Source = kermany-pediatric (official train, patient-disjoint val carved from it). Target =
-nih-cxr8, split by patient into target-train (labels hidden from adaptation) and target-test
-(labels used only for scoring; ``--test-set`` points at any other NIH-format folder of held-out
-patients instead). Every variant starts from the same source model of its seed and is scored
-on the same target-test with 95% bootstrap CIs. Thresholds follow pipeline.crosssim.scoring
-(labelled target-train rows when a variant had labels, else source-val).
+Source = kermany-pediatric (official train; a patient-disjoint val carved from it per seed). Target = nih-cxr8,
+split by patient per seed into target-train (labels hidden from adaptation, except the labelled share of the
+10% rows) and target-test (labels used only for scoring; ``--test-set`` points at any other NIH-format folder of
+held-out patients instead). Every variant of a seed starts from that seed's source model and is scored on that
+seed's target-test with 95% bootstrap CIs; thresholds follow pipeline.crosssim.scoring.
 
-    python benchmarks/crosssim_kermany_nih.py [--seeds 42 43 44] [--test-set DIR] [--smoke] [--output FILE]
-        [--set key=value ...]
+Headline rows run on every seed; ablations (one thing left out each) on the first seed only. Source models are
+cached per (seed, configuration) under .cache/bench-crosssim, so re-running a variant does not retrain them.
+The paired difference CrossSim 10% − fine-tuning 10% is taken per seed (same split, same source model), with
+its mean and a t-based 95% CI over seeds.
 
---smoke runs every variant of the table in seconds (first seed, a tiny real subset, a few steps) and
-writes its JSON to a temp folder unless --output says where: CI runs it (tests/test_benchmarks.py),
-so the benchmark cannot stop working unseen.
+    python benchmarks/crosssim_kermany_nih.py [--seeds 42 43 44 45 46] [--only VARIANT ...] [--test-set DIR]
+        [--smoke] [--output FILE] [--set key=value ...]
+
+--only runs the named variants (and source_only, which every row is compared with) and writes the JSON beside
+the committed one unless --output says where. --smoke runs every variant in seconds (first seed, a tiny real
+subset, a few steps) into a temp folder: CI runs it (tests/test_benchmarks.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
+from scipy import stats
 
 from pipeline.config import PipelineConfig, load_config
 from pipeline.crosssim.engine import UNLABELLED
@@ -47,7 +55,8 @@ from pipeline.training import load_trained_model, train_model
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT = REPO / "benchmarks" / "results" / "crosssim-kermany-nih.json"
-# Sized for the 2-core CPU budget (≤ 90 min for the whole table); see README "CrossSim benchmark".
+SOURCE_CACHE = REPO / ".cache" / "bench-crosssim"
+# Sized for the 2-core CPU budget (≤ 45 min for the whole table); see README "CrossSim benchmark".
 DEFAULTS = [
     "data.image_size=64",
     "train.epochs=6",
@@ -56,20 +65,43 @@ DEFAULTS = [
     "crosssim.eval_every=100",
     "evaluate.bootstrap_samples=1000",
 ]
-ABLATIONS = {  # variant → overrides, run on the first seed only
-    "crosssim_no_alignment": ["crosssim.alignment=off"],
-    "crosssim_no_augmentation": ["crosssim.augment=false"],
-    "dann": [
-        "crosssim.alignment=dann",
-        "crosssim.consistency_weight=0",
-        "crosssim.target_batchnorm=false",
-        "crosssim.distill.enabled=false",
-    ],
-}
 LABELLED_FRACTION = 0.1
-LABELLED_ABLATIONS = {  # with 10% labels, first seed only: the semi-supervised fine-tuning left out
-    "crosssim_10pct_no_consistency": ["crosssim.label_consistency_weight=0"],
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the table: how its model is made from the seed's source model."""
+
+    kind: str  # source | crosssim | finetune
+    labelled_fraction: float = 0.0
+    overrides: list[str] = field(default_factory=list)  # the variant's CrossSim settings
+    source: list[str] = field(default_factory=list)  # settings that change the source model (its own, cached)
+    every_seed: bool = False  # headline row; else an ablation on the first seed
+
+
+VARIANTS = {
+    "source_only": Variant("source", every_seed=True),
+    "crosssim": Variant("crosssim", every_seed=True),  # + crosssim_no_distillation: its teacher, scored too
+    "crosssim_10pct": Variant("crosssim", LABELLED_FRACTION, every_seed=True),  # + its teacher
+    "finetune_10pct": Variant("finetune", LABELLED_FRACTION, every_seed=True),
+    "oracle": Variant("finetune", 1.0, every_seed=True),
+    "crosssim_no_harmonisation": Variant("crosssim", source=["data.harmonisation=none"]),
+    "crosssim_no_alignment": Variant("crosssim", overrides=["crosssim.alignment=off"]),
+    "crosssim_no_augmentation": Variant("crosssim", overrides=["crosssim.augment=false"]),
+    "dann": Variant(
+        "crosssim",
+        overrides=[
+            "crosssim.alignment=dann",
+            "crosssim.consistency_weight=0",
+            "crosssim.target_batchnorm=false",
+            "crosssim.distill.enabled=false",
+        ],
+    ),
+    "crosssim_10pct_no_consistency": Variant(
+        "crosssim", LABELLED_FRACTION, overrides=["crosssim.label_consistency_weight=0"]
+    ),
 }
+TEACHERS = {"crosssim": "crosssim_no_distillation", "crosssim_10pct": "crosssim_10pct_no_distillation"}
 METRICS = ("auc", "accuracy", "sensitivity", "specificity")
 SMOKE = [  # --smoke: every variant on 12 images per split and class of each site, a step or two each
     "data.max_images_per_class=12",
@@ -96,100 +128,119 @@ def _finetune(source_model, data: DomainData, cfg: PipelineConfig) -> torch.nn.M
     )
 
 
-def _variant_config(base: list[str], seed: int, work: Path, extra: list[str]) -> PipelineConfig:
+class Sites:
+    """The two sites, read once; each seed draws its own patient splits, prepared through the cache."""
+
+    def __init__(self, cfg: PipelineConfig) -> None:
+        root = cfg.data.resolved_root()
+        self.kermany = read_dataset(root / cfg.data.source)
+        nih = read_dataset(root / cfg.crosssim.target)
+        self.nih = nih[nih["label"].notna()].reset_index(drop=True)
+
+    def prepared(self, cfg: PipelineConfig) -> tuple[PreparedDataset, PreparedDataset]:
+        """Kermany with this seed's val carved by patient (decoding ~6k small JPEGs takes seconds), and NIH (its
+        target-test is drawn by crosssim_data, per seed)."""
+        kermany = assign_splits(self.kermany, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+        kermany = subsample(kermany, cfg.data.max_images_per_class, cfg.seed).reset_index(drop=True)
+        nih = subsample(self.nih, cfg.data.max_images_per_class, 0).reset_index(drop=True)
+        preprocessing = cfg.data.preprocessing()
+        return (
+            prepare_dataset(kermany, preprocessing, cfg.data.cache_dir),
+            prepare_dataset(nih, preprocessing, cfg.data.cache_dir),
+        )
+
+
+def _config(base: list[str], seed: int, work: Path, extra: list[str]) -> PipelineConfig:
     return load_config(
         REPO / "params.yaml",
         [*DEFAULTS, *base, f"seed={seed}", f"train.output_dir={work / 'train'}", f"crosssim.output_dir={work / 'adapt'}", *extra],
     )
 
 
-def run_seed(
-    seed: int,
-    first: bool,
-    overrides: list[str],
-    test_set: Path | None,
-    source: PreparedDataset,
-    target: PreparedDataset,
-    console: Console,
-) -> dict:
-    work = Path(tempfile.mkdtemp(prefix=f"bench-crosssim-{seed}-"))
-    cfg = _variant_config(overrides, seed, work, [])
-    show = sys.stdout.isatty()
-    console.print(f"[bold]seed {seed}[/]: training the source model")
-    trained = train_model(source, cfg, show_progress=show)
-    source_model = load_trained_model(trained.model_path, cfg.train.backbone)
-
-    def split(fraction: float) -> CrossSimData:
-        settings = cfg.crosssim.model_copy(update={"labelled_fraction": fraction, "test_set": test_set})
-        return crosssim_data(cfg.model_copy(update={"crosssim": settings}), source, target)
-
-    splits = {fraction: split(fraction) for fraction in (0.0, LABELLED_FRACTION, 1.0)}
-    source_train, source_val = splits[0.0].source_train, splits[0.0].source_val
-    test_images, test = splits[0.0].target_test
-    target_train = {fraction: data.target_train for fraction, data in splits.items()}
-
-    models: dict[str, tuple[torch.nn.Module, DomainData, float]] = {"source_only": (source_model, target_train[0.0], 0.0)}
-
-    def crosssim(name: str, extra: list[str], fraction: float = 0.0) -> None:
-        variant_cfg = _variant_config(overrides, seed, work, [*extra, f"crosssim.labelled_fraction={fraction}"])
-        console.print(f"seed {seed}: {name}")
-        started = time.perf_counter()
-        result = run_crosssim(source_model, cfg.data.image_size, source_train, source_val, target_train[fraction], variant_cfg, show_progress=show)
-        seconds = time.perf_counter() - started
-        final = load_model(result.student_path or result.adapted_path)
-        models[name] = (final, target_train[fraction], seconds)
-        gaps[name] = result.gap.to_dict()
-        if result.student_path is not None and name in ("crosssim", "crosssim_10pct"):  # the teacher, scored too
-            models[f"{name}_no_distillation"] = (load_model(result.adapted_path), target_train[fraction], seconds)
-
-    gaps: dict[str, dict] = {}
-    crosssim("crosssim", [])
-    started = time.perf_counter()
-    models["oracle"] = (_finetune(source_model, target_train[1.0], cfg), target_train[1.0], time.perf_counter() - started)
-    # the 10% pair on every seed: its defaults were chosen on seed 42, the other seeds confirm them
-    crosssim("crosssim_10pct", [], LABELLED_FRACTION)
-    started = time.perf_counter()
-    models["finetune_10pct"] = (
-        _finetune(source_model, target_train[LABELLED_FRACTION], cfg),
-        target_train[LABELLED_FRACTION],
-        time.perf_counter() - started,
-    )
-    if first:
-        for name, extra in ABLATIONS.items():
-            crosssim(name, extra)
-        for name, extra in LABELLED_ABLATIONS.items():
-            crosssim(name, extra, LABELLED_FRACTION)
-
-    rows = {}
-    for name, (model, train_data, seconds) in models.items():
-        scored = evaluate_models(
-            {name: model},
-            source_val,
-            train_data,
-            {"target-test": (test_images, test)},
-            cfg.evaluate,
-            work / "eval",
-            torch.device("cpu"),
-            seed,
-        )[name]
-        point = scored.sets["target-test"].at_threshold
-        rows[name] = {
-            **{metric: point.value(metric) for metric in METRICS},
-            "ci": {metric: asdict(point.ci[metric]) for metric in METRICS},
-            "threshold": scored.threshold,
-            "threshold_chosen_on": scored.threshold_chosen_on,
-            "labelled_target_images": int((train_data.labels != UNLABELLED).sum()),
-            "adapt_seconds": seconds,
-            "domain_gap": gaps.get(name),
-        }
-    return {
-        "seed": seed,
-        "source_val_auc": trained.state.best_val_auc,
-        "n_target_train": len(splits[0.0].target_train.labels),
-        "n_target_test": len(test),
-        "n_target_test_pneumonia": int(test["label"].sum()),
-        "variants": rows,
+def source_model(cfg: PipelineConfig, source: PreparedDataset, cache: Path, console: Console) -> tuple[torch.nn.Module, float]:
+    """The seed's source model and its val AUC: trained once per (seed, data, training configuration), then cached."""
+    identity = {
+        "seed": cfg.seed,
+        "prepared": source.key,
+        "train": cfg.train.model_dump(mode="json", exclude={"output_dir", "device", "num_threads", "processes", "resume"}),
+        "augment": cfg.augment.model_dump(mode="json"),
     }
+    entry = cache / hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    if not (entry / "summary.json").is_file():
+        console.print(f"seed {cfg.seed}: training the source model")
+        cache.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=cache))  # renamed into place once complete
+        trained = train_model(source, cfg.model_copy(update={"train": cfg.train.model_copy(update={"output_dir": staging})}),
+                              show_progress=sys.stdout.isatty())  # fmt: skip
+        summary = {"identity": identity, "val_auc": trained.state.best_val_auc}
+        (staging / "summary.json").write_text(json.dumps(summary, indent=2))
+        shutil.rmtree(entry, ignore_errors=True)
+        staging.rename(entry)
+    summary = json.loads((entry / "summary.json").read_text())
+    return load_trained_model(entry / "best.pt", cfg.train.backbone), summary["val_auc"]
+
+
+def run_seed(seed: int, names: list[str], overrides: list[str], test_set: Path | None, sites: Sites,
+             cache: Path, console: Console) -> dict:  # fmt: skip
+    """The seed's rows: its source model(s), each variant's model, all scored on the seed's target-test."""
+    work = Path(tempfile.mkdtemp(prefix=f"bench-crosssim-{seed}-"))
+    facts: dict[str, object] = {"seed": seed}
+    rows: dict[str, dict] = {}
+    groups: dict[tuple[str, ...], list[str]] = {}  # variants sharing a source model (same data and training)
+    for name in names:
+        groups.setdefault(tuple(VARIANTS[name].source), []).append(name)
+    for source_settings, group in groups.items():
+        cfg = _config([*overrides, *source_settings], seed, work, [])
+        source, target = sites.prepared(cfg)
+        model, val_auc = source_model(cfg, source, cache, console)
+        data = {
+            fraction: crosssim_data(
+                cfg.model_copy(update={"crosssim": cfg.crosssim.model_copy(update={"labelled_fraction": fraction, "test_set": test_set})}),
+                source,
+                target,
+            )
+            for fraction in sorted({0.0, *(VARIANTS[name].labelled_fraction for name in group)})
+        }
+        target_test = data[0.0].target_test
+        if not source_settings:  # the headline configuration: its facts describe the seed
+            facts |= {"source_val_auc": val_auc, "n_target_train": len(data[0.0].target_train.labels),
+                      "n_target_test": len(target_test[1]), "n_target_test_pneumonia": int(target_test[1]["label"].sum())}  # fmt: skip
+        for name in group:
+            console.print(f"seed {seed}: {name}")
+            made = _variant_models(name, model, data[VARIANTS[name].labelled_fraction], cfg, [*overrides, *source_settings], work)
+            for row, (variant_model, train_data, seconds, gap) in made.items():
+                scored = evaluate_models({row: variant_model}, data[0.0].source_val, train_data, {"target-test": target_test},
+                                         cfg.evaluate, work / "eval", torch.device("cpu"), seed)[row]  # fmt: skip
+                point = scored.sets["target-test"].at_threshold
+                rows[row] = {
+                    **{metric: point.value(metric) for metric in METRICS},
+                    "ci": {metric: asdict(point.ci[metric]) for metric in METRICS},
+                    "threshold": scored.threshold,
+                    "threshold_chosen_on": scored.threshold_chosen_on,
+                    "labelled_target_images": int((train_data.labels != UNLABELLED).sum()),
+                    "adapt_seconds": seconds,
+                    "domain_gap": gap,
+                }
+    shutil.rmtree(work, ignore_errors=True)
+    return {**facts, "variants": rows}
+
+
+def _variant_models(name: str, model: torch.nn.Module, data: CrossSimData, cfg: PipelineConfig, settings: list[str],
+                    work: Path) -> dict[str, tuple[torch.nn.Module, DomainData, float, dict | None]]:  # fmt: skip
+    """The variant's model (and its teacher, for the distilled headline rows): row → (model, target-train, seconds, gap)."""
+    variant, train_data, started = VARIANTS[name], data.target_train, time.perf_counter()
+    if variant.kind == "source":
+        return {name: (model, train_data, 0.0, None)}
+    if variant.kind == "finetune":
+        return {name: (_finetune(model, train_data, cfg), train_data, time.perf_counter() - started, None)}
+    variant_cfg = _config(settings, cfg.seed, work, [*variant.overrides, f"crosssim.labelled_fraction={variant.labelled_fraction}"])
+    result = run_crosssim(model, cfg.data.image_size, data.source_train, data.source_val, train_data, variant_cfg,
+                          show_progress=sys.stdout.isatty())  # fmt: skip
+    seconds, gap = time.perf_counter() - started, result.gap.to_dict()
+    made = {name: (load_model(result.student_path or result.adapted_path), train_data, seconds, gap)}
+    if result.student_path is not None and name in TEACHERS:
+        made[TEACHERS[name]] = (load_model(result.adapted_path), train_data, seconds, gap)
+    return made
 
 
 def _gap_closed(adapted: float, source_only: float, oracle: float) -> float:
@@ -201,9 +252,28 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def paired_difference(differences: list[float]) -> dict[str, float]:
+    """Mean of per-seed paired differences and its 95% CI (Student t over seeds; NaN bounds with one seed)."""
+    mean = statistics.fmean(differences)
+    if len(differences) < 2:
+        return {"mean": mean, "ci_low": float("nan"), "ci_high": float("nan"), "per_seed": differences}
+    half = stats.t.ppf(0.975, len(differences) - 1) * statistics.stdev(differences) / math.sqrt(len(differences))
+    return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "per_seed": differences}
+
+
+def _selected(only: list[str] | None) -> list[str]:
+    if not only:
+        return list(VARIANTS)
+    unknown = sorted(set(only) - set(VARIANTS))
+    if unknown:
+        sys.exit(f"--only: unknown variant(s) {', '.join(unknown)}; one of: {', '.join(VARIANTS)}")
+    return [name for name in VARIANTS if name == "source_only" or name in only]  # every row is read against source-only
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44, 45, 46])
+    parser.add_argument("--only", nargs="+", default=None, metavar="VARIANT", help=f"among: {', '.join(VARIANTS)}")
     parser.add_argument("--test-set", type=Path, default=None, help="NIH-format folder of held-out target patients")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
     parser.add_argument("--smoke", action="store_true", help="seconds: first seed, tiny real subset, few steps (CI)")
@@ -211,63 +281,87 @@ def main() -> None:
     args = parser.parse_args()
     console = Console(width=160)
     started = time.perf_counter()
-    overrides, output, run_seeds = args.overrides, args.output or RESULT, args.seeds
+    names = _selected(args.only)
+    overrides, run_seeds, cache = args.overrides, args.seeds, SOURCE_CACHE
+    # a partial table never replaces the committed one unless asked to
+    output = args.output or (RESULT.with_name(f"{RESULT.stem}.only.json") if args.only else RESULT)
     if args.smoke:
         smoke_dir = Path(tempfile.mkdtemp(prefix="bench-crosssim-smoke-"))
-        # its prepared images stay in its temp folder: a smoke run leaves nothing in the project
+        # its prepared images and source models stay in its temp folder: a smoke run leaves nothing in the project
         overrides = [*SMOKE, f"data.cache_dir={smoke_dir / 'cache'}", *args.overrides]
-        output = args.output or smoke_dir / RESULT.name
+        output, cache = args.output or smoke_dir / RESULT.name, smoke_dir / "sources"
         run_seeds = args.seeds[:1]
     cfg = load_config(REPO / "params.yaml", [*DEFAULTS, *overrides])
-    root = cfg.data.resolved_root()
-    kermany = assign_splits(read_dataset(root / cfg.data.source), cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
-    kermany = subsample(kermany, cfg.data.max_images_per_class, cfg.seed)
-    source = prepare_dataset(kermany, cfg.data.image_size, cfg.data.cache_dir)
-    nih = read_dataset(root / cfg.crosssim.target)
-    nih = subsample(nih[nih["label"].notna()], cfg.data.max_images_per_class, cfg.seed)
-    target = prepare_dataset(nih.reset_index(drop=True), cfg.data.image_size, cfg.data.cache_dir)
+    sites = Sites(cfg)
 
     seeds = []
     for index, seed in enumerate(run_seeds):
-        seeds.append(run_seed(seed, index == 0, overrides, args.test_set, source, target, console))
+        chosen = [name for name in names if index == 0 or VARIANTS[name].every_seed]
+        seeds.append(run_seed(seed, chosen, overrides, args.test_set, sites, cache, console))
         # kept after every seed: a long run interrupted later still leaves its finished seeds
         output.with_suffix(".partial.json").write_text(json.dumps(seeds, indent=2, default=str))
-    first = seeds[0]["variants"]
+    report = _report(args, cfg, run_seeds, seeds, time.perf_counter() - started)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    output.with_suffix(".partial.json").unlink(missing_ok=True)
+    _print(report, console)
+
+
+def _report(args: argparse.Namespace, cfg: PipelineConfig, run_seeds: list[int], seeds: list[dict], wall: float) -> dict:
     summary = {}
-    for name in first:
+    for name in seeds[0]["variants"]:
         aucs = [run["variants"][name]["auc"] for run in seeds if name in run["variants"]]
-        summary[name] = {"auc_mean": _mean_sd(aucs)[0], "auc_sd": _mean_sd(aucs)[1], "seeds": len(aucs)}
-    source_only, crosssim, oracle, crosssim_10pct, finetune_10pct = (
-        summary[name]["auc_mean"] for name in ("source_only", "crosssim", "oracle", "crosssim_10pct", "finetune_10pct")
-    )
-    report = {
+        gaps = [
+            _gap_closed(run["variants"][name]["auc"], run["variants"]["source_only"]["auc"], run["variants"]["oracle"]["auc"])
+            for run in seeds
+            if name in run["variants"] and "oracle" in run["variants"]
+        ]
+        mean, sd = _mean_sd(aucs)
+        summary[name] = {"auc_mean": mean, "auc_sd": sd, "seeds": len(aucs),
+                         "gap_closed_mean": statistics.fmean(gaps) if gaps else None}  # fmt: skip
+
+    def mean_auc(name: str) -> float | None:
+        return summary[name]["auc_mean"] if name in summary else None
+
+    def gap(name: str) -> float | None:
+        return summary[name]["gap_closed_mean"] if name in summary else None
+
+    paired = [
+        run["variants"]["crosssim_10pct"]["auc"] - run["variants"]["finetune_10pct"]["auc"]
+        for run in seeds
+        if {"crosssim_10pct", "finetune_10pct"} <= set(run["variants"])
+    ]
+    first = seeds[0]["variants"]
+    command = [
+        f"--seeds {' '.join(map(str, run_seeds))}",
+        *([f"--only {' '.join(args.only)}"] if args.only else []),
+        *([f"--test-set {args.test_set}"] if args.test_set else []),
+        *(["--smoke"] if args.smoke else []),
+        *(f"--set {o}" for o in args.overrides),
+    ]
+    return {
         "benchmark": "crosssim-kermany-nih",
         "command": f"make bench-{'smoke' if args.smoke else 'crosssim'}  # python benchmarks/crosssim_kermany_nih.py "
-        + " ".join(
-            [
-                f"--seeds {' '.join(map(str, run_seeds))}",
-                *(f"--test-set {args.test_set}" for _ in [0] if args.test_set),
-                *(["--smoke"] if args.smoke else []),
-                *(f"--set {o}" for o in args.overrides),
-            ]
-        ),
+        + " ".join(command),
         "smoke": args.smoke,
         "source": cfg.data.source,
         "target": cfg.crosssim.target,
         "target_test": str(args.test_set) if args.test_set else f"{cfg.crosssim.test_fraction:.0%} patient holdout of {cfg.crosssim.target} (per seed)",
-        "source_only_auc": source_only,
-        "crosssim_auc": crosssim,
-        "oracle_auc": oracle,
-        "crosssim_10pct_auc": crosssim_10pct,
-        "finetune_10pct_auc": finetune_10pct,
-        "dann_auc": first["dann"]["auc"],
-        "gap_closed": _gap_closed(crosssim, source_only, oracle),
-        "gap_closed_10pct": _gap_closed(crosssim_10pct, source_only, oracle),
-        "gap_closed_finetune_10pct": _gap_closed(finetune_10pct, source_only, oracle),
+        "source_only_auc": mean_auc("source_only"),
+        "crosssim_auc": mean_auc("crosssim"),
+        "oracle_auc": mean_auc("oracle"),
+        "crosssim_10pct_auc": mean_auc("crosssim_10pct"),
+        "finetune_10pct_auc": mean_auc("finetune_10pct"),
+        "dann_auc": first["dann"]["auc"] if "dann" in first else None,
+        # gap closed: per seed against that seed's source-only and oracle, then averaged
+        "gap_closed": gap("crosssim"),
+        "gap_closed_10pct": gap("crosssim_10pct"),
+        "gap_closed_finetune_10pct": gap("finetune_10pct"),
+        "paired_10pct_vs_finetune": paired_difference(paired) if paired else None,
         "summary": summary,
         "per_seed": seeds,
         "seeds": run_seeds,
-        "wall_seconds": time.perf_counter() - started,
+        "wall_seconds": wall,
         "config": cfg.model_dump(mode="json", include={"data", "augment", "train", "crosssim", "seed"}),
         "finetune_steps": cfg.crosssim.label_finetune_steps,
         "hardware": {
@@ -275,29 +369,36 @@ def main() -> None:
             "cores": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         },
-        "versions": {pkg: version(pkg) for pkg in ("torch", "torchvision", "numpy", "scikit-learn", "torchmetrics")}
+        "versions": {pkg: version(pkg) for pkg in ("torch", "torchvision", "numpy", "scikit-learn", "torchmetrics", "lightly")}
         | {"python": platform.python_version()},
         "date": time.strftime("%Y-%m-%d"),
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    output.with_suffix(".partial.json").unlink(missing_ok=True)
-    _print(report, console)
+
+
+def _number(value: float | None) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
 
 
 def _print(report: dict, console: Console) -> None:
     table = Table(title=f"{report['source']} → {report['target']}: target-test (95% CI, first seed; AUC mean ± sd over seeds)")
-    for column in ("variant", "AUC mean ± sd", *METRICS):
+    for column in ("variant", "AUC mean ± sd", "gap closed", *METRICS):
         table.add_column(column)
     first = report["per_seed"][0]["variants"]
     for name, row in first.items():
-        stats = report["summary"][name]
-        spread = f"{stats['auc_mean']:.3f} ± {stats['auc_sd']:.3f} (n={stats['seeds']})"
-        table.add_row(name, spread, *(format_with_interval(row[m], Interval(**row["ci"][m])) for m in METRICS))
+        stats_ = report["summary"][name]
+        spread = f"{stats_['auc_mean']:.3f} ± {stats_['auc_sd']:.3f} (n={stats_['seeds']})"
+        table.add_row(name, spread, _number(stats_["gap_closed_mean"]),
+                      *(format_with_interval(row[m], Interval(**row["ci"][m])) for m in METRICS))  # fmt: skip
     console.print(table)
+    paired = report["paired_10pct_vs_finetune"]
+    if paired is not None:
+        console.print(
+            f"CrossSim 10% − fine-tuning 10% (paired over {len(paired['per_seed'])} seeds): {paired['mean']:+.3f} "
+            f"[{_number(paired['ci_low'])}, {_number(paired['ci_high'])}]"
+        )
     console.print(
-        f"gap closed: {report['gap_closed']:.2f} (unlabelled target), {report['gap_closed_10pct']:.2f} with 10% labels "
-        f"(fine-tuning on them: {report['gap_closed_finetune_10pct']:.2f}); wall {report['wall_seconds'] / 60:.1f} min"
+        f"gap closed: {_number(report['gap_closed'])} (unlabelled target), {_number(report['gap_closed_10pct'])} with 10% "
+        f"labels (fine-tuning on them: {_number(report['gap_closed_finetune_10pct'])}); wall {report['wall_seconds'] / 60:.1f} min"
     )
 
 

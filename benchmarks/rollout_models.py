@@ -59,10 +59,10 @@ def rollout_data(cfg: PipelineConfig) -> tuple[RolloutData, DomainData, DomainDa
     """The data, plus Kermany validation and NIH's labelled target-train as the threshold rule reads them."""
     root = cfg.data.resolved_root()
     kermany = assign_splits(read_dataset(root / cfg.data.source), cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
-    source = prepare_dataset(subsample(kermany, cfg.data.max_images_per_class, cfg.seed), cfg.data.image_size, cfg.data.cache_dir)
+    source = prepare_dataset(subsample(kermany, cfg.data.max_images_per_class, cfg.seed), cfg.data.preprocessing(), cfg.data.cache_dir)
     nih = read_dataset(root / cfg.crosssim.target)
     nih = subsample(nih[nih["label"].notna()], cfg.data.max_images_per_class, cfg.seed).reset_index(drop=True)
-    target = prepare_dataset(nih, cfg.data.image_size, cfg.data.cache_dir)
+    target = prepare_dataset(nih, cfg.data.preprocessing(), cfg.data.cache_dir)
     split = split_target(target.manifest, cfg.crosssim.test_fraction, 1.0, cfg.seed)
     val_images, val_rows = source.subset(source.manifest["split"] == "val")
     source_val = DomainData(f"{cfg.data.source}/val", np.asarray(val_images), val_rows["label"].to_numpy("int64"))

@@ -41,10 +41,11 @@ from servers import free_port, running_server
 from pipeline.config import load_config
 from pipeline.data.images import decode_image
 from pipeline.data.prepare import open_prepared
+from pipeline.data.preprocessing import Preprocessing
 from pipeline.evaluation import binary_metrics
 from pipeline.registry.store import ModelRegistry
 from pipeline.retrain.promotion import gate_sets
-from pipeline.serving.bundle import ARTIFACT_URI_TAG, preprocess, read_bundle
+from pipeline.serving.bundle import ARTIFACT_URI_TAG, read_bundle
 from pipeline.serving.runtime import onnx_probabilities, onnx_session, torch_probabilities
 from pipeline.tracking import resolve_tracking_uri
 
@@ -112,10 +113,10 @@ def _mlflow_sender(base_url: str):
     return send
 
 
-def _eager_load(model: torch.nn.Module, paths: list[Path], image_size: int, concurrency: int, requests: int) -> dict:
+def _eager_load(model: torch.nn.Module, paths: list[Path], preprocessing: Preprocessing, concurrency: int, requests: int) -> dict:
     def one(index: int) -> float:
         started = time.perf_counter()
-        pixels = preprocess(decode_image(paths[index % len(paths)]), image_size)
+        pixels = preprocessing.model_input(decode_image(paths[index % len(paths)]))
         with torch.inference_mode():
             model(torch.from_numpy(pixels[None]))
         return (time.perf_counter() - started) * 1000
@@ -176,10 +177,10 @@ def main() -> None:
     mlflow.set_tracking_uri(uri)
     bundle_dir = Path(mlflow.artifacts.download_artifacts(served.tags[ARTIFACT_URI_TAG], dst_path=str(work / "bundle")))
     bundle = read_bundle(bundle_dir)
-    size = bundle.image_size
+    preprocessing = bundle.preprocessing
     run = MlflowClient(uri).get_run(served.run_id)
     run_cfg = cfg.in_run_folder(Path(run.data.tags["run_folder"]))
-    sets = gate_sets(run_cfg, size)
+    sets = gate_sets(run_cfg, preprocessing)
     paths = []
     for site in (run_cfg.data.source, run_cfg.crosssim.target):
         manifest = open_prepared(run_cfg.data.prepared_site(site)).manifest
@@ -206,7 +207,7 @@ def main() -> None:
         results[server] = {}
         if server == "eager":
             for concurrency in args.concurrency:
-                results[server][str(concurrency)] = _eager_load(twin, paths, size, concurrency, args.requests)
+                results[server][str(concurrency)] = _eager_load(twin, paths, preprocessing, concurrency, args.requests)
             continue
         port = free_port()
         base = f"http://127.0.0.1:{port}"
@@ -223,7 +224,7 @@ def main() -> None:
         else:
             command = [MLFLOW, "models", "serve", "-m", f"models:/{name}/{served.version}", "--env-manager", "local",
                        "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
-            payloads = [json.dumps({"inputs": preprocess(decode_image(path), size)[None].tolist()}).encode() for path in paths]
+            payloads = [json.dumps({"inputs": preprocessing.model_input(decode_image(path))[None].tolist()}).encode() for path in paths]
             context, send = running_server(command, f"{base}/ping", env, work / "mlflow.log"), _mlflow_sender(base)
         with context:
             for concurrency in args.concurrency:
@@ -241,7 +242,7 @@ def main() -> None:
         "benchmark": "serve",
         "command": f"make bench-{'smoke' if args.smoke else 'serve'}  # python benchmarks/serve.py " + shlex.join(sys.argv[1:]),
         "smoke": args.smoke,
-        "model": {"name": name, "version": str(served.version), "backbone": bundle.backbone, "image_size": size,
+        "model": {"name": name, "version": str(served.version), "backbone": bundle.backbone, "image_size": preprocessing.image_size, "harmonisation": preprocessing.harmonisation,
                   "artifacts": {p: {"file": i.file, "sha256": i.sha256,
                                     "bytes": (bundle_dir / i.file).stat().st_size} for p, i in bundle.artifacts.items()},
                   "notes": bundle.notes},  # fmt: skip
@@ -263,7 +264,7 @@ def main() -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2, default=str) + "\n")
 
-    table = Table(title=f"Serving {name} v{served.version} ({bundle.backbone}, {size}×{size}) on {os.cpu_count()} CPU cores")
+    table = Table(title=f"Serving {name} v{served.version} ({bundle.backbone}, {preprocessing.describe()}) on {os.cpu_count()} CPU cores")
     for column in ("server", "concurrency", "req/s", "p50 ms", "p99 ms", "failed"):
         table.add_column(column)
     for server, levels in results.items():

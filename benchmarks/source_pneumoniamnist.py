@@ -136,7 +136,7 @@ def main() -> None:
     started = time.perf_counter()
     manifest = read_dataset(cfg.data.resolved_root() / "pneumoniamnist")
     manifest = subsample(manifest, cfg.data.max_images_per_class, cfg.seed)
-    prepared = prepare_dataset(manifest, cfg.data.image_size, cfg.data.cache_dir)
+    prepared = prepare_dataset(manifest, cfg.data.preprocessing(), cfg.data.cache_dir)
     result = train_model(prepared, cfg, show_progress=sys.stdout.isatty())
     model = load_trained_model(result.model_path, cfg.train.backbone).to(memory_format=torch.channels_last)
     scores = {}

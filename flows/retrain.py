@@ -45,7 +45,7 @@ def read_site(cfg: PipelineConfig, site: str) -> tuple[pd.DataFrame, ReadReport]
 
 def _facts_cache_key(context, parameters) -> str:
     # Keyed on the bytes of every image and the manifest rows, not on object identity.
-    return f"facts{FACTS_FORMAT}-{content_key(parameters['manifest'], 0)}"
+    return f"facts{FACTS_FORMAT}-{content_key(parameters['manifest'], None)}"
 
 
 # Serializable: a run that computes an entry holds its lock until the result file is complete, and a

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -18,6 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.errors import ConfigError
 
+if TYPE_CHECKING:
+    from pipeline.data.preprocessing import Preprocessing
+
+# Per-image intensity standardisation after the resize (pipeline.data.preprocessing)
+Harmonisation = Literal["none", "histeq", "clahe"]
 DATA_DIR_ENV = "CROSSSIM_DATA_DIR"
 DEFAULT_DATA_DIR = "data/raw"
 
@@ -41,6 +46,11 @@ class DataConfig(_Section):
     source: str = "kermany-pediatric"
     external: list[str] = Field(default_factory=lambda: ["nih-cxr8"])
     image_size: int = Field(default=64, ge=16, le=1024)
+    harmonisation: Harmonisation = Field(
+        default="none",
+        description="Per-image intensity standardisation after the resize: none, histeq (global histogram "
+        "equalisation) or clahe; applied in prepare and carried by the served model.",
+    )
     val_fraction: float = Field(default=0.15, gt=0, lt=0.5)
     test_fraction: float = Field(default=0.2, gt=0, lt=0.5)
     max_images_per_class: int | None = Field(
@@ -54,6 +64,12 @@ class DataConfig(_Section):
         if self.root is not None:
             return self.root
         return Path(os.environ.get(DATA_DIR_ENV, DEFAULT_DATA_DIR))
+
+    def preprocessing(self) -> Preprocessing:
+        """What turns a decoded image into this configuration's model input (prepare and serving)."""
+        from pipeline.data.preprocessing import Preprocessing
+
+        return Preprocessing(self.image_size, self.harmonisation)
 
     def prepared_site(self, site: str) -> Path:
         """Where ``crosssim prepare`` publishes ``site``'s prepared images."""
@@ -184,6 +200,20 @@ class CrossSimConfig(_Section):
         default=1.0,
         ge=0,
         description="In that fine-tuning: weak→strong augmentation consistency on unlabelled target images (0: off).",
+    )
+    label_consistency: Literal["uda", "adamatch"] = Field(
+        default="uda",
+        description="That consistency's form: uda (KL to the weak view's prediction) or adamatch (hard pseudo-labels of "
+        "the weak view, distribution-aligned to the labelled images' predictions, kept above a relative confidence).",
+    )
+    relative_confidence: float = Field(
+        default=0.9, gt=0, le=1, description="adamatch: a pseudo-label counts above this × the labelled batch's mean confidence."
+    )
+    label_probe_steps: int = Field(
+        default=0,
+        ge=0,
+        description="LP-FT: with target labels, first fit only the classifier head on the frozen features of the labelled "
+        "images for this many full-batch steps (head_warmup_lr), then fine-tune every layer (0: straight fine-tuning).",
     )
     source_label_weight: float = Field(
         default=0.0, ge=0, le=1, description="Weight of the source hard labels when target labels exist (1 without them)."

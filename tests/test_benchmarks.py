@@ -23,6 +23,7 @@ CROSSSIM_VARIANTS = {
     "crosssim_10pct",
     "crosssim_10pct_no_distillation",
     "finetune_10pct",
+    "crosssim_no_harmonisation",
     "crosssim_no_alignment",
     "crosssim_no_augmentation",
     "dann",
@@ -80,6 +81,16 @@ def test_bench_crosssim_smoke_writes_every_variant(data_dir, tmp_path):
         assert set(row["ci"]) == {"auc", "accuracy", "sensitivity", "specificity"}, name
     assert rows["finetune_10pct"]["labelled_target_images"] < rows["oracle"]["labelled_target_images"]
     assert all(isinstance(report[key], float) for key in ("source_only_auc", "crosssim_auc", "oracle_auc"))
+    assert report["paired_10pct_vs_finetune"]["per_seed"] == [
+        rows["crosssim_10pct"]["auc"] - rows["finetune_10pct"]["auc"]
+    ]  # one seed: a difference, no interval
+
+
+def test_bench_crosssim_only_runs_the_named_variants_beside_source_only(data_dir, tmp_path):
+    report = run_smoke("crosssim_kermany_nih.py", data_dir, tmp_path, "--only", "finetune_10pct", "oracle")
+    assert set(report["per_seed"][0]["variants"]) == {"source_only", "finetune_10pct", "oracle"}
+    assert report["crosssim_auc"] is None and report["paired_10pct_vs_finetune"] is None
+    assert "--only finetune_10pct oracle" in report["command"]
 
 
 def test_bench_rollout_smoke_writes_decisions_and_drift(data_dir, tmp_path):

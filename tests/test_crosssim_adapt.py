@@ -12,7 +12,7 @@ import torch
 from pipeline.config import load_config
 from pipeline.crosssim.adapt import Adapter, recalibrate_batchnorm
 from pipeline.crosssim.engine import UNLABELLED, DomainBatches, EvaluationSets, LoopRuntime, extract
-from pipeline.crosssim.finetune import ConsistencyFinetuner, finetune_on_labels
+from pipeline.crosssim.finetune import ConsistencyFinetuner, finetune_on_labels, linear_probe
 from pipeline.crosssim.handlers import DivergenceDetector, ModelSelector
 from pipeline.crosssim.losses import AugmentationConsistencyLoss
 from pipeline.crosssim.model import AdaptedClassifier, load_model, save_model
@@ -25,10 +25,12 @@ from pipeline.crosssim.stage import (
     run_crosssim,
 )
 from pipeline.data.prepare import prepare_dataset
+from pipeline.data.preprocessing import Preprocessing
 from pipeline.data.readers import read_dataset
 from pipeline.errors import DatasetError, TrainingError
 from pipeline.models import build_model
 from pipeline.training.engine import Trainer
+from pipeline.training.inference import batched_outputs
 from tests.conftest import REPO, copy_kermany_subset, copy_nih_subset
 
 pytestmark = pytest.mark.slow  # adaptation loops on real images: left out of make test-fast
@@ -42,8 +44,8 @@ def domains(data_dir, tmp_path_factory) -> dict[str, DomainData]:
     work = tmp_path_factory.mktemp("crosssim")
     kermany = read_dataset(copy_kermany_subset(data_dir, work / "kermany-pediatric", per_class=48))
     nih = read_dataset(copy_nih_subset(data_dir, work / "nih-cxr8", per_class=40))
-    source = prepare_dataset(kermany, SIZE, work / "cache")
-    target = prepare_dataset(nih, SIZE, work / "cache")
+    source = prepare_dataset(kermany, Preprocessing(SIZE), work / "cache")
+    target = prepare_dataset(nih, Preprocessing(SIZE), work / "cache")
     labels = source.manifest["label"].to_numpy(dtype="int64")
     is_train = (source.manifest["split"] != "test").to_numpy()  # official test folder serves as validation here
     return {
@@ -316,13 +318,19 @@ def test_with_target_labels_adaptation_starts_from_the_fine_tuned_model(domains,
         finetune_on_labels(source_model, one_class, 5, 3e-4, cfg.train, cfg.augment, cfg.seed)
 
 
+def _semi_supervised(domains, seed: int) -> tuple[DomainData, EvaluationSets, LoopRuntime]:
+    """NIH target-train with about 30% of its labels kept, its evaluation sets, a CPU runtime."""
+    target = domains["target_labels"]
+    hidden = np.random.default_rng(seed).random(len(target.labels)) > 0.3
+    some_labels = DomainData("target-train", target.images, np.where(hidden, UNLABELLED, target.labels))
+    evaluation = EvaluationSets(domains["source_val"].images, domains["source_val"].labels, target.images, some_labels.labels)
+    return some_labels, evaluation, LoopRuntime(torch.device("cpu"), False, None, torch.Generator().manual_seed(0))
+
+
 def test_semi_supervised_fine_tuning_learns_consistency_on_the_unlabelled_target_images(domains, source_model, tmp_path):
     cfg = _cfg(tmp_path)
     target = domains["target_labels"]
-    hidden = np.random.default_rng(1).random(len(target.labels)) > 0.3
-    some_labels = DomainData("target-train", target.images, np.where(hidden, UNLABELLED, target.labels))
-    evaluation = EvaluationSets(domains["source_val"].images, domains["source_val"].labels, target.images, some_labels.labels)
-    runtime = LoopRuntime(torch.device("cpu"), False, None, torch.Generator().manual_seed(0))
+    some_labels, evaluation, runtime = _semi_supervised(domains, seed=1)
     settings = cfg.crosssim.model_copy(update={"label_consistency_weight": 2.0, "label_finetune_steps": 4})
     loop = ConsistencyFinetuner(source_model, some_labels, settings, cfg.train, cfg.augment, evaluation, runtime)
     before = [p.clone() for p in source_model.parameters()]
@@ -338,6 +346,38 @@ def test_semi_supervised_fine_tuning_learns_consistency_on_the_unlabelled_target
     one_class = DomainData("target-train", target.images[:6], np.array([0, 0, UNLABELLED, UNLABELLED, UNLABELLED, UNLABELLED]))
     with pytest.raises(DatasetError, match="both classes"):
         ConsistencyFinetuner(source_model, one_class, settings, cfg.train, cfg.augment, evaluation, runtime)
+
+
+def test_adamatch_fine_tuning_keeps_a_share_of_distribution_aligned_pseudo_labels(domains, source_model, tmp_path):
+    cfg = _cfg(tmp_path)
+    some_labels, evaluation, runtime = _semi_supervised(domains, seed=2)
+    settings = cfg.crosssim.model_copy(update={"label_consistency": "adamatch", "label_finetune_steps": 4})
+    loop = ConsistencyFinetuner(source_model, some_labels, settings, cfg.train, cfg.augment, evaluation, runtime)
+    loop.fit()
+    assert set(loop.state.losses) == {"classification", "consistency", "pseudo_labels_kept", "total"}
+    assert 0.0 <= loop.state.losses["pseudo_labels_kept"] <= 1.0  # recorded, not minimised:
+    assert loop.state.losses["total"] == pytest.approx(loop.state.losses["classification"] + loop.state.losses["consistency"])
+
+
+def test_linear_probe_fits_only_the_head_then_lp_ft_runs_in_the_stage(domains, source_model, tmp_path):
+    target = domains["target_labels"]
+    hidden = np.random.default_rng(3).random(len(target.labels)) > 0.5
+    some_labels = DomainData("target-train", target.images, np.where(hidden, UNLABELLED, target.labels))
+    cfg = _cfg(tmp_path)
+    probed = linear_probe(source_model, some_labels, 100, 1e-2, cfg.train, torch.device("cpu"))
+    source_state, probed_state = source_model.state_dict(), probed.state_dict()
+    changed = {name for name in source_state if not torch.equal(source_state[name], probed_state[name])}
+    assert changed == {"head.weight", "head.bias"}  # the features (and their BatchNorm statistics) are frozen
+
+    def labelled_loss(model) -> float:
+        logits = torch.cat(list(batched_outputs(model.eval(), target.images[~hidden], torch.device("cpu"), False)))
+        return float(torch.nn.functional.cross_entropy(logits, torch.as_tensor(target.labels[~hidden])))
+
+    assert labelled_loss(probed) < labelled_loss(source_model)  # the head now fits the target labels better
+    cfg = _cfg(tmp_path, "crosssim.labelled_fraction=0.5", "crosssim.label_probe_steps=20", "crosssim.label_finetune_steps=3",
+               "crosssim.label_consistency=adamatch", "crosssim.steps=4", "crosssim.distill.enabled=false")  # fmt: skip
+    finetune = _run(cfg, source_model, domains, some_labels).diagnostics["label_finetune"]
+    assert (finetune["probe_steps"], finetune["steps"], finetune["consistency"]) == (20, 3, "adamatch")
 
 
 def test_bad_inputs_are_refused_before_anything_is_written(domains, source_model, tmp_path):

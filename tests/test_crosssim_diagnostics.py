@@ -7,6 +7,7 @@ import torch
 
 from pipeline.crosssim.diagnostics import domain_gap
 from pipeline.data.prepare import prepare_dataset
+from pipeline.data.preprocessing import Preprocessing
 from pipeline.data.readers import read_dataset
 from pipeline.data.splits import subsample
 from pipeline.models import build_model
@@ -21,8 +22,8 @@ def _features(model, images: np.ndarray) -> np.ndarray:
 def test_domain_gap_separates_pediatric_from_adult_features(data_dir, tmp_path):
     kermany = subsample(read_dataset(data_dir / "kermany-pediatric"), 30, seed=0)
     nih = read_dataset(data_dir / "nih-cxr8").head(120)
-    source = prepare_dataset(kermany, 64, tmp_path / "cache").images
-    target = prepare_dataset(nih, 64, tmp_path / "cache").images
+    source = prepare_dataset(kermany, Preprocessing(64), tmp_path / "cache").images
+    target = prepare_dataset(nih, Preprocessing(64), tmp_path / "cache").images
     seed_everything(0)
     model = build_model("resnet18").eval()
     source_f, target_f = _features(model, source), _features(model, target)

@@ -17,6 +17,7 @@ from pipeline.crosssim import (
     AugmentationConsistencyLoss,
     DiscriminatorLoss,
     DistillationLoss,
+    DistributionAlignedPseudoLabelLoss,
     DomainAdversarialLoss,
     DomainDiscriminator,
     FeatureConsistencyLoss,
@@ -174,6 +175,28 @@ def test_augmentation_consistency_by_hand_and_only_the_strong_view_learns():
     assert weak.grad is None or torch.count_nonzero(weak.grad) == 0  # the weak view is the fixed target
     # ∂L/∂strong = (softmax(strong) − softmax(weak)) / N: row 0 pulled towards [1/2, 1/2], row 1 left alone
     torch.testing.assert_close(strong.grad, torch.tensor([[0.125, -0.125], [0.0, 0.0]]))
+
+
+def test_distribution_alignment_turns_pseudo_labels_to_the_labelled_class_mix():
+    # the unlabelled weak view says "pneumonia" (class 1) at 0.6 for every image, the labelled images average 50/50:
+    # aligned, p ∝ [0.4·0.5/0.4, 0.6·0.5/0.6] = [1/2, 1/2] → ties go to class 0 (argmax), confidence 0.5
+    weak = torch.log(torch.tensor([[0.4, 0.6]] * 4))
+    labelled = torch.log(torch.tensor([[0.9, 0.1], [0.1, 0.9]]))  # mean [1/2, 1/2], mean confidence 0.9
+    strong = torch.zeros(4, 2, requires_grad=True)
+    loss, kept = DistributionAlignedPseudoLabelLoss(relative_confidence=0.5)(weak, strong, labelled)
+    assert kept.item() == 1.0  # 0.5 ≥ 0.5 · 0.9
+    assert loss.item() == pytest.approx(math.log(2.0))  # CE of uniform strong logits against any class
+    loss.backward()
+    torch.testing.assert_close(strong.grad, torch.tensor([[-0.125, 0.125]] * 4))  # (softmax − onehot(0)) / 4
+    # unaligned, these images would all have been pseudo-labelled pneumonia; a high bar keeps none of them
+    loss, kept = DistributionAlignedPseudoLabelLoss(relative_confidence=0.9)(weak, strong, labelled)
+    assert kept.item() == 0.0 and loss.item() == 0.0
+    # confident, unbiased predictions keep their own labels
+    mixed = torch.log(torch.tensor([[0.95, 0.05], [0.05, 0.95]]))
+    loss, kept = DistributionAlignedPseudoLabelLoss(0.9)(mixed, mixed.clone().requires_grad_(), labelled)
+    assert kept.item() == 1.0 and loss.item() == pytest.approx(-math.log(0.95), rel=1e-5)
+    with pytest.raises(ValueError, match="relative_confidence"):
+        DistributionAlignedPseudoLabelLoss(0.0)
 
 
 def test_proxy_a_distance_on_synthetic_features():

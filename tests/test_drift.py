@@ -11,8 +11,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from pipeline.data.images import decode_image
+from pipeline.data.preprocessing import Preprocessing
 from pipeline.rollout.drift import estimated_performance, image_embedding, mmd_test, output_drift
-from pipeline.serving.bundle import preprocess
 
 SIZE = 64
 ALPHA = 0.01
@@ -21,7 +21,7 @@ PERMUTATIONS = 300
 
 def _inputs(paths: list[Path]) -> np.ndarray:
     """The served model's inputs: decoded and resized as training images are."""
-    return np.stack([(preprocess(decode_image(path), SIZE)[0] * 255).round().astype(np.uint8) for path in paths])
+    return np.stack([Preprocessing(SIZE).image(decode_image(path)) for path in paths])
 
 
 def test_nih_adults_drift_from_a_kermany_reference_and_kermany_windows_do_not(data_dir: Path) -> None:

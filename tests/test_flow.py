@@ -124,7 +124,8 @@ def test_retrain_end_to_end_on_real_images(data_dir, tmp_path, monkeypatch):
 def test_crosssim_adapt_runs_inside_the_flow_and_lands_in_mlflow(data_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     overrides = _overrides(
-        tmp_path, data_dir, "data.max_images_per_class=30", "data.image_size=32", "train.epochs=1", "train.batch_size=32"
+        tmp_path, data_dir, "data.max_images_per_class=30", "data.image_size=32", "data.harmonisation=histeq",
+        "train.epochs=1", "train.batch_size=32",
     )
     built = []  # the run's CrossSim arrays are built once and passed to adapt, score, gate and export
     with monkeypatch.context() as patch:
@@ -172,7 +173,9 @@ def test_crosssim_adapt_runs_inside_the_flow_and_lands_in_mlflow(data_dir, tmp_p
         folder = str(tmp_path / registered_version.name)
         local = mlflow.artifacts.download_artifacts(tags["serving.artifact_uri"], dst_path=folder, tracking_uri=client.tracking_uri)
         bundle = read_bundle(local)
-        assert (bundle.image_size, bundle.threshold) == (32, scored.threshold)
+        # the served model carries its preprocessing: clients and crosssim serve harmonise as training did
+        assert (bundle.image_size, bundle.harmonisation, bundle.threshold) == (32, "histeq", scored.threshold)
+        assert (tags["image_size"], tags["harmonisation"]) == ("32", "histeq")
         assert bundle.artifacts["fp32"].sha256 == tags["serving.fp32_sha256"]
         assert bundle.artifacts["fp32"].checks["max_abs_diff"] <= 1e-4
         session = onnx_session(bundle.path_of(local, "fp32"))  # path_of checks the file against its hash

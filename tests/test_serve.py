@@ -36,6 +36,7 @@ from pipeline.config import PipelineConfig, load_config
 from pipeline.data.dicom import dataset_pixels, keyed_pseudonym
 from pipeline.data.images import decode_image
 from pipeline.data.prepare import prepare_dataset
+from pipeline.data.preprocessing import Preprocessing
 from pipeline.data.readers import read_dataset
 from pipeline.data.scrub import scrub_jpeg, scrub_png
 from pipeline.data.splits import assign_splits
@@ -43,7 +44,7 @@ from pipeline.models import servable
 from pipeline.registry.store import CHALLENGER, CHAMPION, ModelRegistry
 from pipeline.rollout.actions import rollout_actions
 from pipeline.rollout.monitor import drift_checks, model_reference
-from pipeline.serving.bundle import FP32_FILE, INPUT_NAME, INT8_FILE, preprocess, read_bundle
+from pipeline.serving.bundle import FP32_FILE, INPUT_NAME, INT8_FILE, read_bundle
 from pipeline.serving.export import LoggedBundle, build_bundle, version_tags
 from pipeline.serving.image_store import ImageStore
 from pipeline.serving.ledger import PredictionLedger
@@ -82,7 +83,7 @@ class Registered:
         """What ONNX Runtime gives for ``path`` decoded as training images are."""
         file = FP32_FILE if precision == "fp32" else INT8_FILE
         session = ort.InferenceSession(str(self.bundles[version] / file), providers=["CPUExecutionProvider"])
-        inputs = preprocess(decode_image(path), SIZE)[None]
+        inputs = Preprocessing(SIZE).model_input(decode_image(path))[None]
         return float(session.run(None, {INPUT_NAME: inputs})[0][0])
 
 
@@ -98,7 +99,7 @@ def registered(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Regi
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     kermany = copy_kermany_subset(data_dir, work / "kermany-pediatric", per_class=16)
     manifest = assign_splits(read_dataset(kermany), 0.25, 0.2, 0)
-    prepared = prepare_dataset(manifest, SIZE, work / "cache")
+    prepared = prepare_dataset(manifest, Preprocessing(SIZE), work / "cache")
     test_images, test_rows = prepared.subset(manifest["split"] == "test")
     cfg = load_config(REPO / "params.yaml", [
         *overrides, "train.epochs=1", "train.batch_size=8", "train.warmup_epochs=0",
@@ -116,7 +117,7 @@ def registered(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Regi
         with MlflowTracker(cfg.tracking, run_name=label) as tracker:
             uri = tracker.log_model(model, "model", example)
             bundle = build_bundle(
-                model, backbone="resnet18", image_size=SIZE, threshold=0.5, threshold_chosen_on="kermany-pediatric/val",
+                model, backbone="resnet18", preprocessing=Preprocessing(SIZE), threshold=0.5, threshold_chosen_on="kermany-pediatric/val",
                 golden=np.asarray(test_images[:8]), calibration=np.asarray(test_images),
                 eval_sets={"kermany-pediatric/test": (np.asarray(test_images), test_rows["label"].to_numpy(dtype=np.int64))},
                 settings=cfg.serve.export.model_copy(update={"int8": int8}), directory=folder,
@@ -147,7 +148,7 @@ def grad_cam_by_hand(registered: Registered, version: str, path: Path) -> np.nda
     twin = source.load(version).twin()
     seen = {}
     hook = twin.get_submodule("classifier.features.layer4").register_forward_hook(lambda m, i, out: seen.update(a=out))
-    probability = twin(torch.from_numpy(preprocess(decode_image(path), SIZE))[None])
+    probability = twin(torch.from_numpy(Preprocessing(SIZE).model_input(decode_image(path)))[None])
     hook.remove()
     gradient = torch.autograd.grad(probability.sum(), seen["a"])[0]
     cam = torch.relu((gradient.mean(dim=(2, 3), keepdim=True) * seen["a"]).sum(dim=1, keepdim=True))

@@ -14,6 +14,7 @@ from onnx import numpy_helper
 
 from pipeline.config import ExportConfig, load_config
 from pipeline.data.prepare import prepare_dataset
+from pipeline.data.preprocessing import Preprocessing
 from pipeline.data.readers import read_dataset
 from pipeline.data.splits import subsample
 from pipeline.evaluation import ScoredModel
@@ -45,9 +46,9 @@ def trained(data_dir, tmp_path_factory) -> Trained:
     """resnet18, one epoch on 256 real PneumoniaMNIST train/val images; 300 real test images to check it on."""
     work = tmp_path_factory.mktemp("export")
     manifest = read_dataset(data_dir / "pneumoniamnist")
-    train = prepare_dataset(subsample(manifest[manifest["split"] != "test"], 64, seed=0), SIZE, work / "cache")
+    train = prepare_dataset(subsample(manifest[manifest["split"] != "test"], 64, seed=0), Preprocessing(SIZE), work / "cache")
     test_rows = subsample(manifest[manifest["split"] == "test"], 150, seed=0).sort_values("image_id")
-    test = prepare_dataset(test_rows.reset_index(drop=True), SIZE, work / "cache")
+    test = prepare_dataset(test_rows.reset_index(drop=True), Preprocessing(SIZE), work / "cache")
     training = ["train.epochs=1", "train.batch_size=16", "train.early_stopping_patience=null", "train.warmup_epochs=0.5"]
     cfg = load_config(None, [*training, f"train.output_dir={work / 'train'}"])
     result = train_model(train, cfg, show_progress=False)
@@ -70,7 +71,7 @@ def _build(trained: Trained, directory: Path, model: torch.nn.Module | None = No
     return build_bundle(
         model or trained.model,
         backbone="resnet18",
-        image_size=SIZE,
+        preprocessing=Preprocessing(SIZE),
         threshold=0.42,
         threshold_chosen_on="pneumoniamnist/val",
         settings=settings,

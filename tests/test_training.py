@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from pipeline.config import load_config
 from pipeline.data.prepare import prepare_dataset
+from pipeline.data.preprocessing import Preprocessing
 from pipeline.data.readers import read_dataset
 from pipeline.data.splits import subsample
 from pipeline.errors import TrainingError
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.slow  # real training runs: left out of make test-fast
 def mnist_subset(data_dir, tmp_path_factory):
     manifest = subsample(read_dataset(data_dir / "pneumoniamnist"), 48, seed=0)
     manifest = manifest[manifest["split"] != "test"]
-    return prepare_dataset(manifest, 32, tmp_path_factory.mktemp("cache"))
+    return prepare_dataset(manifest, Preprocessing(32), tmp_path_factory.mktemp("cache"))
 
 
 def _cfg(tmp_path, *extra):

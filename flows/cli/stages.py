@@ -132,12 +132,12 @@ def evaluate(config: ConfigOption = None, set_: SetOption = None) -> None:
 def adapt(config: ConfigOption = None, set_: SetOption = None) -> None:
     """CrossSim: adapt the trained model to crosssim.target, distil it, score all three on target-test."""
     from pipeline.retrain.adaptation import adapt as run_adaptation
-    from pipeline.retrain.adaptation import score_adaptation, trained_image_size
+    from pipeline.retrain.adaptation import score_adaptation, trained_preprocessing
     from pipeline.retrain.data import crosssim_data
 
     cfg = read_config(config, set_)
     model_path = cfg.train.output_dir / "best.pt"
-    trained_image_size(cfg)  # nothing trained: say so before loading any site
+    trained_preprocessing(cfg)  # nothing trained, or trained otherwise: say so before loading any site
     data = crosssim_data(cfg)  # once, for adaptation and scoring
     result = run_adaptation(cfg, model_path, data)
     scores = score_adaptation(cfg, model_path, result.adapted_path.parent, data)

@@ -5,10 +5,14 @@ source model: the pediatric cues the source model learned invert on adults, and 
 labels correct that faster than any alignment.
 
 * :func:`finetune_on_labels`: plain supervised fine-tuning; the benchmark's "fine-tune" baseline.
-* :class:`ConsistencyFinetuner`: the same labels, plus :class:`AugmentationConsistencyLoss` on
-  the target-train images whose labels are hidden (CrossSim's default when it has labels,
-  ``crosssim.label_consistency_weight``): dynamic augmentation turned into a training signal on
-  the unlabelled target images.
+* :class:`ConsistencyFinetuner`: the same labels, plus a consistency loss on the target-train images whose
+  labels are hidden (CrossSim's default when it has labels, ``crosssim.label_consistency_weight``): dynamic
+  augmentation turned into a training signal on the unlabelled target images, either UDA's
+  :class:`AugmentationConsistencyLoss` or AdaMatch's :class:`DistributionAlignedPseudoLabelLoss`
+  (``crosssim.label_consistency``).
+* :func:`linear_probe`: the LP of LP-FT (Kumar et al., ICLR 2022; ``crosssim.label_probe_steps``). Fine-tuning
+  every layer through a head that does not yet fit the new labels distorts the pretrained features before the
+  head catches up; fitting the head first on frozen features, then fine-tuning, keeps them.
 
 Neither selects a checkpoint: with this few labels no separate validation set is left to select on.
 """
@@ -25,8 +29,8 @@ from torch import nn
 
 from pipeline.augment import augment_batch, build_strong_augmentation, normalise, to_model_input
 from pipeline.config import AugmentConfig, CrossSimConfig, TrainConfig
-from pipeline.crosssim.engine import UNLABELLED, DomainData, DomainLoop, EvaluationSets, LoopRuntime
-from pipeline.crosssim.losses import AugmentationConsistencyLoss
+from pipeline.crosssim.engine import UNLABELLED, DomainData, DomainLoop, EvaluationSets, LoopRuntime, extract
+from pipeline.crosssim.losses import AugmentationConsistencyLoss, DistributionAlignedPseudoLabelLoss
 from pipeline.errors import DatasetError
 from pipeline.models import Classifier
 from pipeline.training.engine import Trainer, seed_everything
@@ -41,6 +45,24 @@ def _labelled_rows(data: DomainData) -> np.ndarray:
             f"got {sorted(set(data.labels[labelled].tolist()))}"
         )
     return labelled
+
+
+def linear_probe(
+    model: Classifier, data: DomainData, steps: int, lr: float, train: TrainConfig, device: torch.device
+) -> Classifier:
+    """A copy of ``model`` whose ``head`` alone was fitted (``steps`` full-batch AdamW steps, label smoothing and
+    weight decay as in training) on the frozen, un-augmented features of ``data``'s labelled rows."""
+    labelled = _labelled_rows(data)
+    probed = copy.deepcopy(model).to(device).eval()
+    features = extract(probed.features, np.asarray(data.images[labelled]), device, channels_last=False).float()
+    labels = torch.as_tensor(data.labels[labelled], device=device)
+    optimizer = torch.optim.AdamW(probed.head.parameters(), lr=lr, weight_decay=train.weight_decay)
+    criterion = nn.CrossEntropyLoss(label_smoothing=train.label_smoothing)
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        criterion(probed.head(features), labels).backward()
+        optimizer.step()
+    return probed
 
 
 def finetune_on_labels(
@@ -97,17 +119,26 @@ class ConsistencyFinetuner(DomainLoop):
         self.grad_clip_norm = train.grad_clip_norm
         self.criterion = nn.CrossEntropyLoss(label_smoothing=train.label_smoothing)
         self.consistency = AugmentationConsistencyLoss()
+        self.pseudo_labels = (
+            DistributionAlignedPseudoLabelLoss(settings.relative_confidence) if settings.label_consistency == "adamatch" else None
+        )
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=settings.label_finetune_lr, weight_decay=train.weight_decay)
         self.scheduler = warmup_cosine(self.optimizer, steps)
 
     def losses(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images, labels = self.source.next()
         self.model.train()
-        losses = {"classification": self.criterion(self.model(self.inputs(images)), labels.to(self.device))}
+        labelled_logits = self.model(self.inputs(images))
+        losses = {"classification": self.criterion(labelled_logits, labels.to(self.device))}
         unlabelled, _ = self.target.next()
         batch = to_model_input(unlabelled, self.device, self.channels_last)
         with torch.no_grad():
             weak = self.model(normalise(augment_batch(batch, self.transform)))
         strong = self.model(normalise(augment_batch(batch, self.strong)))
-        losses["consistency"] = self.weight * self.consistency(weak, strong)
-        return sum(losses.values()), losses
+        if self.pseudo_labels is None:
+            losses["consistency"] = self.weight * self.consistency(weak, strong)
+        else:  # the labelled batch's (weakly augmented) predictions set the class mix and the confidence bar
+            loss, kept = self.pseudo_labels(weak, strong, labelled_logits)
+            losses["consistency"] = self.weight * loss
+            losses["pseudo_labels_kept"] = kept.detach()  # a rate, recorded in the history, not minimised
+        return losses["classification"] + losses["consistency"], losses

@@ -236,6 +236,52 @@ class AugmentationConsistencyLoss(nn.Module):
         )
 
 
+class DistributionAlignedPseudoLabelLoss(nn.Module):
+    r"""AdaMatch's unlabelled loss (Berthelot et al., ICLR 2022): hard pseudo-labels from the weak view, their class
+    distribution aligned to the labelled images', kept only when confident relative to the labelled images.
+
+    With :math:`p_u = \mathrm{softmax}(\mathrm{weak}(x^u))` on the unlabelled batch and
+    :math:`p_l = \mathrm{softmax}(\mathrm{weak}(x^l))` on the labelled one (both without gradient):
+
+    .. math::
+        \tilde p_u = \mathrm{normalise}\Big(p_u \odot \frac{\mathbb{E}[p_l]}{\mathbb{E}[p_u]}\Big), \qquad
+        \tau = \tau_{rel} \cdot \mathbb{E}\big[\max_c p_l\big]
+
+    .. math::
+        L = \frac{1}{B_u} \sum_i \mathbb{1}\big[\max_c \tilde p_{u,i} \ge \tau\big]\,
+            \mathrm{CE}\big(\mathrm{strong}(x^u_i), \arg\max_c \tilde p_{u,i}\big)
+
+    The alignment is what matters under label shift: a model carried over from a hospital with another class mix
+    (Kermany is ~74% pneumonia) labels the new hospital's images with that mix; rescaling by the ratio of the
+    labelled images' mean prediction to the unlabelled ones' gives pseudo-labels with the labelled mix instead.
+    The threshold is relative, so it follows the model's own confidence rather than a fixed 0.95 a fresh model
+    never reaches. Returns the loss and the share of pseudo-labels kept.
+
+    Inputs: logits ``(N_u, C)`` of the weak and strong views of the unlabelled images (same order), and ``(N_l, C)``
+    of the weak view of the labelled images.
+    """
+
+    def __init__(self, relative_confidence: float) -> None:
+        super().__init__()
+        if not 0 < relative_confidence <= 1:
+            raise ValueError(f"relative_confidence must be in (0, 1], got {relative_confidence}")
+        self.relative_confidence = relative_confidence
+
+    def forward(
+        self, weak_logits: torch.Tensor, strong_logits: torch.Tensor, labelled_logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        _logit_pair("weak_logits", weak_logits, "strong_logits", strong_logits)
+        with torch.no_grad():
+            unlabelled = F.softmax(weak_logits.detach().float(), dim=1)
+            labelled = F.softmax(labelled_logits.detach().float(), dim=1)
+            aligned = unlabelled * (labelled.mean(0) / unlabelled.mean(0).clamp_min(1e-6))
+            aligned = aligned / aligned.sum(dim=1, keepdim=True)
+            confidence, pseudo = aligned.max(dim=1)
+            kept = (confidence >= self.relative_confidence * labelled.max(dim=1).values.mean()).float()
+        loss = (F.cross_entropy(strong_logits, pseudo, reduction="none") * kept).mean()
+        return loss, kept.mean()
+
+
 def binary_entropy(probs: torch.Tensor) -> torch.Tensor:
     r"""Per-sample entropy of a Bernoulli prediction, in bits: :math:`H(p) = -p\log_2 p - (1-p)\log_2(1-p)`.
 

@@ -25,7 +25,7 @@ from pipeline.crosssim.adapt import Adapter, recalibrate_batchnorm
 from pipeline.crosssim.diagnostics import DomainGap, DomainShift, domain_gap
 from pipeline.crosssim.distill import Distiller
 from pipeline.crosssim.engine import UNLABELLED, DomainData, EvaluationSets, LoopRuntime, LoopState
-from pipeline.crosssim.finetune import ConsistencyFinetuner, finetune_on_labels
+from pipeline.crosssim.finetune import ConsistencyFinetuner, finetune_on_labels, linear_probe
 from pipeline.crosssim.handlers import DivergenceDetector, HistoryRecorder, LoopProgress, ModelSelector
 from pipeline.crosssim.model import save_model
 from pipeline.errors import DatasetError, TrainingError
@@ -195,8 +195,10 @@ def _label_finetune(source_model: Classifier, inputs: _Inputs, diagnostics: _Dia
     model, state = _finetune(source_model, inputs)
     section = {
         "labelled_images": labelled,
+        "probe_steps": settings.label_probe_steps,
         "steps": settings.label_finetune_steps,
         "consistency_weight": 0.0 if state is None else settings.label_consistency_weight,
+        "consistency": None if state is None else settings.label_consistency,
     }
     diagnostics.sections["label_finetune"] = section
     if state is not None:
@@ -264,6 +266,10 @@ def _finetune(source_model: Classifier, inputs: _Inputs) -> tuple[Classifier, Lo
     (some target images unlabelled and ``label_consistency_weight`` > 0), else None (plain fine-tuning)."""
     cfg, target_train = inputs.cfg, inputs.target_train
     settings = cfg.crosssim
+    if settings.label_probe_steps:  # LP-FT: the head first fits the labels on the frozen features
+        source_model = linear_probe(
+            source_model, target_train, settings.label_probe_steps, settings.head_warmup_lr, cfg.train, inputs.runtime.device
+        )
     if settings.label_consistency_weight == 0 or (target_train.labels != UNLABELLED).all():
         steps = settings.label_finetune_steps
         lr = settings.label_finetune_lr

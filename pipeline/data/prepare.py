@@ -1,7 +1,7 @@
 """Decode, grayscale, resize and store a manifest's images as one uint8 memory-mapped array.
 
 The cache entry is keyed by a hash of the file contents, the manifest rows and the
-image size, so an unchanged rerun opens the existing array and costs nothing. An
+preprocessing (image size, intensity harmonisation), so an unchanged rerun opens the existing array and costs nothing. An
 entry is built in a temporary folder and renamed into place: a crash never leaves a
 half-written entry that a later run would trust, and concurrent runs share entries safely.
 """
@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.data.images import decode_image, resize_square, to_grayscale
+from pipeline.data.images import decode_image
 from pipeline.data.manifest import load_manifest, save_manifest
+from pipeline.data.preprocessing import Preprocessing
 from pipeline.errors import DatasetError
 
 PREPARE_FORMAT = "v1"  # bump when the pixel pipeline changes, so old cache entries are not reused
@@ -35,6 +36,7 @@ class PreparedDataset:
     directory: Path
     images: np.ndarray
     manifest: pd.DataFrame
+    preprocessing: Preprocessing
 
     def subset(self, mask: pd.Series | np.ndarray) -> tuple[np.ndarray, pd.DataFrame]:
         mask = np.asarray(mask, dtype=bool)
@@ -54,9 +56,12 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def content_key(manifest: pd.DataFrame, image_size: int) -> str:
-    """Hash of what determines the prepared array: file bytes, row order/labels/splits, size."""
-    digest = hashlib.sha256(f"{PREPARE_FORMAT}:{image_size}".encode())
+def content_key(manifest: pd.DataFrame, preprocessing: Preprocessing | None) -> str:
+    """Hash of what determines the prepared array: file bytes, row order/labels/splits, preprocessing.
+
+    ``preprocessing`` None: the files and rows alone (what facts computed from the raw files depend on).
+    """
+    digest = hashlib.sha256(f"{PREPARE_FORMAT}:{_pixels_tag(preprocessing)}".encode())
     digests = {path: file_sha256(path) for path in sorted(set(manifest["path"]))}
     columns = ["image_id", "path", "frame", "array_key", "label", "patient_id", "site", "split"]
     for row in manifest[columns].itertuples(index=False):
@@ -65,15 +70,27 @@ def content_key(manifest: pd.DataFrame, image_size: int) -> str:
     return digest.hexdigest()[:20]
 
 
-def _decode_row(args: tuple[str, object, object, int]) -> np.ndarray:
-    path, frame, array_key, size = args
+def _pixels_tag(preprocessing: Preprocessing | None) -> str:
+    if preprocessing is None:
+        return "0"
+    # without harmonisation the tag is the size alone, as before harmonisation existed: cached entries stay valid
+    if preprocessing.harmonisation == "none":
+        return str(preprocessing.image_size)
+    return f"{preprocessing.image_size}:{preprocessing.harmonisation}"
+
+
+def _decode_row(args: tuple[str, object, object, Preprocessing]) -> np.ndarray:
+    path, frame, array_key, preprocessing = args
     frame = None if pd.isna(frame) else int(frame)
-    return resize_square(to_grayscale(decode_image(path, frame, array_key)), size)
+    return preprocessing.image(decode_image(path, frame, array_key))
 
 
-def prepare_dataset(manifest: pd.DataFrame, image_size: int, cache_dir: Path, workers: int | None = None) -> PreparedDataset:
+def prepare_dataset(
+    manifest: pd.DataFrame, preprocessing: Preprocessing, cache_dir: Path, workers: int | None = None
+) -> PreparedDataset:
     """Return the prepared dataset for ``manifest``, building it only if not cached."""
-    key = content_key(manifest, image_size)
+    key = content_key(manifest, preprocessing)
+    image_size = preprocessing.image_size
     entry = Path(cache_dir) / key
     if (entry / "meta.json").is_file():
         return open_prepared(entry)
@@ -83,7 +100,7 @@ def prepare_dataset(manifest: pd.DataFrame, image_size: int, cache_dir: Path, wo
         images = np.lib.format.open_memmap(
             staging / "images.npy", mode="w+", dtype=np.uint8, shape=(len(manifest), image_size, image_size)
         )
-        jobs = [(r.path, r.frame, r.array_key, image_size) for r in manifest.itertuples(index=False)]
+        jobs = [(r.path, r.frame, r.array_key, preprocessing) for r in manifest.itertuples(index=False)]
         workers = workers or min(4, os.cpu_count() or 1)
         with ProcessPoolExecutor(max_workers=workers) as pool:
             for index, pixels in enumerate(pool.map(_decode_row, jobs, chunksize=64)):
@@ -91,7 +108,13 @@ def prepare_dataset(manifest: pd.DataFrame, image_size: int, cache_dir: Path, wo
         images.flush()
         del images
         save_manifest(manifest, staging / "manifest.csv")
-        meta = {"key": key, "image_size": image_size, "count": len(manifest), "format": PREPARE_FORMAT}
+        meta = {
+            "key": key,
+            "image_size": image_size,
+            "harmonisation": preprocessing.harmonisation,
+            "count": len(manifest),
+            "format": PREPARE_FORMAT,
+        }
         (staging / "meta.json").write_text(json.dumps(meta, indent=2))
         _move_into_place(staging, entry)
     except BaseException:
@@ -119,4 +142,6 @@ def open_prepared(entry: Path) -> PreparedDataset:
         raise DatasetError(f"no prepared images at {entry}; run `crosssim prepare` first")
     meta = json.loads((entry / "meta.json").read_text())
     images = np.load(entry / "images.npy", mmap_mode="r")
-    return PreparedDataset(key=meta["key"], directory=entry, images=images, manifest=load_manifest(entry / "manifest.csv"))
+    # entries from before harmonisation existed carry no "harmonisation": they had none
+    preprocessing = Preprocessing(int(meta["image_size"]), meta.get("harmonisation", "none"))
+    return PreparedDataset(meta["key"], entry, images, load_manifest(entry / "manifest.csv"), preprocessing)

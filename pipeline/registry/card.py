@@ -118,7 +118,7 @@ def _deployable_artifacts(bundles: list[LoggedBundle] | None) -> list[str]:
         lines += [
             "",
             f"### {logged.name}: `{logged.artifact_uri}`",
-            f"{bundle.backbone}, input {bundle.image_size}×{bundle.image_size}, decision threshold "
+            f"{bundle.backbone}, input {bundle.preprocessing.describe()}, decision threshold "
             f"{bundle.threshold:.4f} (chosen on {bundle.threshold_chosen_on})",
             "",
             "| precision | file | SHA-256 | checks |",

@@ -16,6 +16,7 @@ from pipeline.crosssim.diagnostics import DomainShift
 from pipeline.crosssim.model import load_model
 from pipeline.crosssim.scoring import evaluate_models
 from pipeline.crosssim.stage import ADAPTED_MODEL, STUDENT_MODEL, CrossSimResult, run_crosssim
+from pipeline.data.preprocessing import Preprocessing
 from pipeline.errors import DatasetError
 from pipeline.evaluation import ScoredModel
 from pipeline.models import servable
@@ -44,17 +45,26 @@ class AdaptationOutcome:
         return self.model_uris.get("student_model")
 
 
-def trained_image_size(cfg: PipelineConfig) -> int:
-    """The input size the source model was trained at (its train summary); an error when nothing was trained."""
+def trained_preprocessing(cfg: PipelineConfig) -> Preprocessing:
+    """How the source model's images were made (its train summary). An error when nothing was trained, or when
+    this configuration prepares its images otherwise: adaptation and scoring would feed the model other inputs."""
     summary_path = cfg.train.output_dir / "train_summary.json"
     if not summary_path.is_file():
         raise DatasetError(f"no training summary at {summary_path}; run `crosssim train` first")
-    return int(json.loads(summary_path.read_text())["image_size"])
+    summary = json.loads(summary_path.read_text())
+    trained = Preprocessing(int(summary["image_size"]), summary.get("harmonisation", "none"))
+    configured = cfg.data.preprocessing()
+    if trained.harmonisation != configured.harmonisation:
+        raise DatasetError(
+            f"{summary_path}: the source model was trained on {trained.describe()} images, this configuration "
+            f"prepares {configured.describe()} (data.harmonisation); set it back or train again"
+        )
+    return trained
 
 
 def adapt(cfg: PipelineConfig, model_path: Path, data: CrossSimData, tracker=None, show_progress: bool = True) -> CrossSimResult:
     """CrossSim on the trained source model."""
-    image_size = trained_image_size(cfg)
+    image_size = trained_preprocessing(cfg).image_size
     source_model = load_trained_model(model_path, cfg.train.backbone)
     return run_crosssim(
         source_model, image_size, data.source_train, data.source_val, data.target_train, cfg, tracker, show_progress

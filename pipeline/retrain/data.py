@@ -45,7 +45,7 @@ def crosssim_data(
     if settings.test_set is None:
         test_images = target.images_of(split.test)
     else:  # a held-out folder of other patients: prepared like every site, through the same cache
-        test_images = prepare_dataset(split.test, cfg.data.image_size, cfg.data.cache_dir).images
+        test_images = prepare_dataset(split.test, cfg.data.preprocessing(), cfg.data.cache_dir).images
 
     def labelled(name: str, split_name: str) -> DomainData:
         images, rows = source.subset(source.manifest["split"] == split_name)

@@ -21,6 +21,7 @@ import numpy as np
 
 from pipeline.config import PipelineConfig
 from pipeline.data.prepare import open_prepared, prepare_dataset
+from pipeline.data.preprocessing import Preprocessing
 from pipeline.evaluation import ScoredModel
 from pipeline.registry.card import CardFacts, model_card
 from pipeline.registry.gate import GateDecision, decide, score_set
@@ -33,14 +34,16 @@ from pipeline.serving.runtime import torch_probabilities
 from pipeline.tracking import resolve_tracking_uri
 
 IMAGE_SIZE_TAG = "image_size"
+HARMONISATION_TAG = "harmonisation"  # absent on versions registered before harmonisation existed: none
 
 
 def gate_sets(
-    cfg: PipelineConfig, image_size: int, shared: CrossSimData | None = None
+    cfg: PipelineConfig, preprocessing: Preprocessing, shared: CrossSimData | None = None
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The frozen evaluation sets: source test, and each external site's labelled images (for the
-    CrossSim target only its held-out target-test: adaptation saw the rest), prepared at ``image_size``
-    since a champion may have been trained at another size. ``shared``: the run's CrossSim split, if built."""
+    CrossSim target only its held-out target-test: adaptation saw the rest), prepared with ``preprocessing``
+    since a champion may have been trained at another size or harmonisation. ``shared``: the run's CrossSim
+    split, if built."""
     source = open_prepared(cfg.data.prepared_site(cfg.data.source))
     rows = {f"{cfg.data.source}/test": source.manifest[source.manifest["split"] == "test"]}
     for site in cfg.data.external:
@@ -51,9 +54,15 @@ def gate_sets(
             rows[site] = external.manifest[external.manifest["label"].notna()]
     sets = {}
     for name, frame in rows.items():
-        prepared = prepare_dataset(frame.reset_index(drop=True), image_size, cfg.data.cache_dir)
+        prepared = prepare_dataset(frame.reset_index(drop=True), preprocessing, cfg.data.cache_dir)
         sets[name] = (np.asarray(prepared.images), prepared.manifest["label"].to_numpy(dtype=np.int64))
     return sets
+
+
+def registered_preprocessing(tags: dict[str, str], default: Preprocessing) -> Preprocessing:
+    """How a registered version's inputs are made, from its tags (``default``'s size where the tag is missing)."""
+    size = int(tags.get(IMAGE_SIZE_TAG, default.image_size))
+    return Preprocessing(size, tags.get(HARMONISATION_TAG, "none"))
 
 
 def score_registered(model_uri: str, sets: dict[str, tuple[np.ndarray, np.ndarray]], specificity: float) -> dict[str, dict[str, float]]:
@@ -70,16 +79,17 @@ def gate_challenger(
 ) -> tuple[GateDecision, dict[str, Any]]:
     """Score challenger and champion on the same sets and apply the gate; returns the decision and both scores.
 
-    ``sets``: the frozen sets at ``data.image_size`` when the caller has them already (gate_sets).
+    ``sets``: the frozen sets of this configuration's preprocessing when the caller has them already (gate_sets).
     """
     registry = ModelRegistry(resolve_tracking_uri(cfg.tracking))
-    sets = sets if sets is not None else gate_sets(cfg, cfg.data.image_size, shared)  # loading sites is the slow part
+    ours = cfg.data.preprocessing()
+    sets = sets if sets is not None else gate_sets(cfg, ours, shared)  # loading sites is the slow part
     challenger = score_registered(challenger_uri, sets, cfg.registry.specificity)
     champion_version = registry.find(cfg.registry.model_name, CHAMPION)
     champion, label = None, None
     if champion_version is not None:
-        size = int(champion_version.tags.get(IMAGE_SIZE_TAG, cfg.data.image_size))
-        champion_sets = sets if size == cfg.data.image_size else gate_sets(cfg, size, shared)
+        theirs = registered_preprocessing(champion_version.tags, ours)
+        champion_sets = sets if theirs == ours else gate_sets(cfg, theirs, shared)
         champion = score_registered(f"models:/{cfg.registry.model_name}@{CHAMPION}", champion_sets, cfg.registry.specificity)
         label = f"champion v{champion_version.version}"
     decision = decide(challenger, champion, cfg.registry, label)
@@ -127,7 +137,7 @@ def export_bundles(
             bundle = build_bundle(
                 mlflow.pytorch.load_model(model.model_uri, map_location="cpu"),
                 backbone=model.backbone,
-                image_size=cfg.data.image_size,
+                preprocessing=cfg.data.preprocessing(),
                 threshold=model.threshold,
                 threshold_chosen_on=model.threshold_chosen_on,
                 golden=golden,
@@ -170,7 +180,7 @@ def register_run(
     """
     challenger_uri = crosssim.adapted_uri if crosssim else model_uri
     student_uri = crosssim.student_uri if crosssim else None
-    frozen = gate_sets(cfg, cfg.data.image_size, shared)  # the gate's sets, and the sets INT8 is checked on
+    frozen = gate_sets(cfg, cfg.data.preprocessing(), shared)  # the gate's sets, and the sets INT8 is checked on
     decision, scores = gate_challenger(cfg, challenger_uri, frozen, shared)
     tracker.log_dict(decision.to_dict() | {"scores": scores}, "registry/gate.json")
     tracker.log_metrics(
@@ -205,6 +215,7 @@ def register_run(
         **{f"data_version.{site}": info["version"] for site, info in data.items()},
         **{key: value for key, value in provenance.items() if value},
         IMAGE_SIZE_TAG: str(cfg.data.image_size),
+        HARMONISATION_TAG: cfg.data.harmonisation,
         "backbone": cfg.train.backbone,
         "model_kind": "adapted" if crosssim else "source",
         "parent_model": model_uri if crosssim else "",
@@ -215,8 +226,12 @@ def register_run(
             CardFacts(
                 name=cfg.registry.model_name,
                 version=version,
-                model=f"{kind}, input {cfg.data.image_size}×{cfg.data.image_size} grayscale",
-                lineage={key: value for key, value in tags.items() if value and key not in (IMAGE_SIZE_TAG, "backbone")},
+                model=f"{kind}, input {cfg.data.preprocessing().describe()}",
+                lineage={
+                    key: value
+                    for key, value in tags.items()
+                    if value and key not in (IMAGE_SIZE_TAG, HARMONISATION_TAG, "backbone")
+                },
                 data=data,
                 scored=scored,
                 config=cfg.model_dump(mode="json", include={"data", "augment", "train", "crosssim"}),

@@ -115,7 +115,7 @@ def _publish(entry: PreparedDataset, destination: Path) -> None:
 
 
 def prepare_site(cfg: PipelineConfig, site: str, manifest: pd.DataFrame) -> Path:
-    entry = prepare_dataset(manifest, cfg.data.image_size, cfg.data.cache_dir)
+    entry = prepare_dataset(manifest, cfg.data.preprocessing(), cfg.data.cache_dir)
     destination = cfg.data.prepared_site(site)
     _publish(entry, destination)
     return destination

@@ -19,6 +19,7 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.config import RolloutConfig
 from pipeline.data.images import ImageDecodeError, decode_image
+from pipeline.data.preprocessing import Preprocessing
 from pipeline.registry.store import ModelRegistry
 from pipeline.rollout.assignment import CHAMPION_ARM
 from pipeline.rollout.drift import (
@@ -32,7 +33,6 @@ from pipeline.rollout.drift import (
 )
 from pipeline.rollout.state import Rollout
 from pipeline.serving.bundle import ARTIFACT_URI_TAG, MANIFEST, read_bundle
-from pipeline.serving.bundle import preprocess as model_input
 from pipeline.serving.image_store import ImageStore
 from pipeline.serving.ledger import PredictionLedger, PredictionRow
 
@@ -42,7 +42,7 @@ class ModelReference:
     """What a version's drift checks need from its bundle."""
 
     version: str
-    image_size: int
+    preprocessing: Preprocessing
     threshold: float
     reference: DriftReference
 
@@ -74,7 +74,7 @@ def model_reference(registry: ModelRegistry, name: str, version: str) -> ModelRe
             local = download_artifacts(f"{uri}/{bundle.reference}", dst_path=folder, tracking_uri=registry.tracking_uri)
         except (MlflowException, OSError):
             return None
-        return ModelReference(version, bundle.image_size, bundle.threshold, DriftReference.load(Path(local)))
+        return ModelReference(version, bundle.preprocessing, bundle.threshold, DriftReference.load(Path(local)))
 
 
 def drift_checks(
@@ -94,8 +94,8 @@ def drift_checks(
         pixels = _kept_pixels(window, images)
         for model, reference in references.items():
             probabilities = np.array([p for row in window if (p := _probability(row, model)) is not None])
-            served = [model_input(image, reference.image_size)[0] for image in pixels]
-            embedded = image_embedding((np.stack(served) * 255).round().astype(np.uint8)) if served else None
+            served = [reference.preprocessing.image(image) for image in pixels]
+            embedded = image_embedding(np.stack(served)) if served else None
             checks.append(_check(site, model, reference, len(window), embedded, probabilities, cfg))
     return checks
 

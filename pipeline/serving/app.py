@@ -34,12 +34,12 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline.config import IngestConfig, ServeConfig
+from pipeline.data.preprocessing import Preprocessing
 from pipeline.data.salt import resolve_salt
 from pipeline.errors import PipelineError, RequestRefused
 from pipeline.rollout.assignment import CHAMPION_ARM, Assignments
 from pipeline.rollout.outcomes import OutcomeError, OutcomeReport, record_outcomes
 from pipeline.serving.batcher import MicroBatcher, Scored
-from pipeline.serving.bundle import preprocess
 from pipeline.serving.image_store import ImageStore
 from pipeline.serving.ledger import (
     LedgerUnavailable,
@@ -113,6 +113,7 @@ class _Received:
     ids: Pseudonyms
     decoded: DecodedUpload
     inputs: np.ndarray  # (1, S, S) for the model served when the upload arrived
+    preprocessing: Preprocessing  # how ``inputs`` were made
     stored: Path | None  # where its de-identified image was kept (predictions, unless retention is 0)
 
 
@@ -196,7 +197,7 @@ def create_app(settings: ServeConfig, deps: ServeDependencies) -> FastAPI:
         file: UploadFile | None,
         site: str | None,
         ids: tuple[str | None, str | None],
-        image_size: int,
+        preprocessing: Preprocessing,
         keep: tuple[str, datetime] | None,
     ) -> _Received:
         """The checked upload; ``keep``: a prediction's (inference_id, time), under which its image is kept."""
@@ -216,10 +217,10 @@ def create_app(settings: ServeConfig, deps: ServeDependencies) -> FastAPI:
             )
         loop = asyncio.get_running_loop()
         decoded, inputs, stored = await loop.run_in_executor(
-            decoders, _decode, data, limits, salt, image_size, deps.images, keep
+            decoders, _decode, data, limits, salt, preprocessing, deps.images, keep
         )
         try:
-            return _Received(site_name, _merged(form_ids, decoded.dicom_ids), decoded, inputs, stored)
+            return _Received(site_name, _merged(form_ids, decoded.dicom_ids), decoded, inputs, preprocessing, stored)
         except BaseException:
             _discard(stored)
             raise
@@ -235,8 +236,9 @@ def create_app(settings: ServeConfig, deps: ServeDependencies) -> FastAPI:
         """Score one image; the answer is in the prediction ledger before it is sent."""
         started = time.perf_counter()
         inference_id, received_at = new_inference_id(), datetime.now(timezone.utc)
-        size = deps.live.current.image_size  # the batcher re-preprocesses if a swap changes it meanwhile
-        upload = await received(request, file, site, (patient_id, study_id), size, keep=(inference_id, received_at))
+        preprocessing = deps.live.current.preprocessing  # the batcher re-preprocesses if a swap changes it meanwhile
+        ids = (patient_id, study_id)
+        upload = await received(request, file, site, ids, preprocessing, keep=(inference_id, received_at))
         try:
             return await answer(inference_id, received_at, started, upload)
         except BaseException:
@@ -246,7 +248,7 @@ def create_app(settings: ServeConfig, deps: ServeDependencies) -> FastAPI:
     async def answer(inference_id: str, received_at: datetime, started: float, upload: _Received) -> Prediction:
         following = deps.live.rollout
         arm = await assigned_arm(following, upload, inference_id)
-        pixels, inputs = upload.decoded.pixels, upload.inputs
+        pixels, inputs = upload.decoded.pixels, (upload.inputs, upload.preprocessing)
         shadow: Scored | None = None
         if following is None:
             scored = await batcher.score(pixels, inputs)
@@ -338,7 +340,7 @@ def create_app(settings: ServeConfig, deps: ServeDependencies) -> FastAPI:
         from pipeline.serving.explain import grad_cam, overlay_png  # torch and captum: loaded on first use
 
         model = deps.live.current  # the version explained, whatever the alias does meanwhile
-        upload = await received(request, file, None, (None, None), model.image_size, keep=None)
+        upload = await received(request, file, None, (None, None), model.preprocessing, keep=None)
 
         def explained() -> tuple[GradCam, bytes]:
             twin = model.twin()
@@ -372,7 +374,8 @@ def create_app(settings: ServeConfig, deps: ServeDependencies) -> FastAPI:
         return ServedModelInfo(
             model=ModelIdentity.of(model),
             backbone=model.bundle.backbone,
-            image_size=model.image_size,
+            image_size=model.bundle.image_size,
+            harmonisation=model.bundle.harmonisation,
             threshold=model.threshold,
             threshold_chosen_on=model.bundle.threshold_chosen_on,
             precisions=sorted(model.bundle.artifacts),
@@ -518,14 +521,14 @@ def _decode(
     data: bytes,
     limits: UploadLimits,
     salt: str | None,
-    image_size: int,
+    preprocessing: Preprocessing,
     images: ImageStore,
     keep: tuple[str, datetime] | None,
 ) -> tuple[DecodedUpload, np.ndarray, Path | None]:
     """Decoded, preprocessed and (``keep``) stored in one worker-thread call: each hop to a thread and back
     costs the event loop more than the file write itself."""
     decoded = decode_upload(data, limits, salt)
-    inputs = preprocess(decoded.pixels, image_size)
+    inputs = preprocessing.model_input(decoded.pixels)
     if keep is None:
         return decoded, inputs, None
     inference_id, received_at = keep

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.serving.bundle import preprocess
+from pipeline.data.preprocessing import Preprocessing
 from pipeline.serving.model_source import LiveModel, ServedModel
 
 
@@ -29,8 +29,9 @@ class Scored:
 
 @dataclass(frozen=True)
 class _Waiting:
-    pixels: np.ndarray  # decoded uint8, kept to re-preprocess if the next model takes another image size
+    pixels: np.ndarray  # decoded uint8, kept to re-preprocess if the scoring model's preprocessing differs
     inputs: np.ndarray  # (1, S, S) float32, preprocessed for the model served when the request arrived
+    preprocessing: Preprocessing  # how ``inputs`` were made
     model: ServedModel | None  # None: whatever is served when its batch runs
     future: asyncio.Future[Scored]
 
@@ -52,9 +53,12 @@ class MicroBatcher:
         self._waiting: collections.deque[_Waiting] = collections.deque()
         self._arrived = asyncio.Event()
 
-    async def score(self, pixels: np.ndarray, inputs: np.ndarray, model: ServedModel | None = None) -> Scored:
+    async def score(
+        self, pixels: np.ndarray, inputs: tuple[np.ndarray, Preprocessing], model: ServedModel | None = None
+    ) -> Scored:
+        """``inputs``: the preprocessed image and how it was made (re-made if the scoring model differs)."""
         future: asyncio.Future[Scored] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Waiting(pixels, inputs, model, future))
+        self._waiting.append(_Waiting(pixels, *inputs, model, future))
         self._arrived.set()
         return await future
 
@@ -99,8 +103,8 @@ class MicroBatcher:
 
 
 def _score(model: ServedModel, batch: list[_Waiting]) -> np.ndarray:
-    size = model.image_size
+    wanted = model.preprocessing
     inputs = [
-        waiting.inputs if waiting.inputs.shape[-1] == size else preprocess(waiting.pixels, size) for waiting in batch
+        waiting.inputs if waiting.preprocessing == wanted else wanted.model_input(waiting.pixels) for waiting in batch
     ]
     return model.predict(np.stack(inputs))

@@ -3,15 +3,16 @@
 A bundle is a folder (logged to the registering MLflow run under ``serving/<registered name>/``, and named by
 the version's ``serving.artifact_uri`` tag)::
 
-    serving.json      this module's ServingBundle: preprocessing, decision threshold, artifacts and their hashes
+    serving.json      this module's ServingBundle: preprocessing (size, harmonisation), decision threshold,
+                      artifacts and their hashes
     model.onnx        FP32 ONNX graph, dynamic batch: (B, 1, S, S) float pixels in [0, 1] → (B,) P(pneumonia)
     model.int8.onnx   static INT8 (QDQ) version, only when it passed its accuracy check
     reference.npz     the drift reference: embeddings and probabilities of the images the model was built on
                       (pipeline.rollout.drift; no pixels)
 
 Normalisation is inside both graphs (they are exported from ``PneumoniaProbability``), so a client's whole
-preprocessing is ``preprocess``: decode, grayscale, resize to ``image_size``, scale to [0, 1] — the
-functions the training images went through.
+preprocessing is the bundle's ``preprocessing.model_input``: decode, grayscale, resize to ``image_size``,
+harmonise, scale to [0, 1] — the functions the training images went through (pipeline.data.preprocessing).
 """
 
 from __future__ import annotations
@@ -20,10 +21,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from pipeline.data.images import resize_square, to_grayscale
 from pipeline.data.prepare import file_sha256 as sha256_of  # one file hash for the cache and the bundles
+from pipeline.data.preprocessing import Preprocessing
 from pipeline.errors import PipelineError
 
 BUNDLE_FORMAT = "crosssim-serving/1"
@@ -63,6 +62,12 @@ class ServingBundle:
     notes: list[str] = field(default_factory=list)  # why an artifact is missing, in words a model card can show
     format: str = BUNDLE_FORMAT
     reference: str | None = None  # the drift reference's file; None: bundled before drift checks existed
+    harmonisation: str = "none"  # pipeline.data.preprocessing; bundles from before it existed had none
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """What turns a decoded upload into this model's input, exactly as its training images were made."""
+        return Preprocessing(self.image_size, self.harmonisation)
 
     def path_of(self, directory: Path, precision: str) -> Path:
         """The ONNX file for ``precision`` inside ``directory``, checked against its recorded hash."""
@@ -95,8 +100,3 @@ def read_bundle(directory: Path) -> ServingBundle:
     artifacts = {precision: ArtifactInfo(**info) for precision, info in raw.pop("artifacts").items()}
     return ServingBundle(artifacts=artifacts, **raw)
 
-
-def preprocess(pixels: np.ndarray, image_size: int) -> np.ndarray:
-    """Decoded uint8 pixels (H, W) or (H, W, C) → (1, S, S) float32 in [0, 1], as the training images were made."""
-    gray = resize_square(to_grayscale(pixels), image_size)
-    return (gray.astype(np.float32) / 255.0)[None]

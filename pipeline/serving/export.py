@@ -26,6 +26,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from sklearn.metrics import roc_auc_score
 
 from pipeline.config import ExportConfig
+from pipeline.data.preprocessing import Preprocessing
 from pipeline.rollout.drift import DriftReference
 from pipeline.serving.bundle import (
     ARTIFACT_URI_TAG,
@@ -69,7 +70,7 @@ def build_bundle(
     model: torch.nn.Module,
     *,
     backbone: str,
-    image_size: int,
+    preprocessing: Preprocessing,
     threshold: float,
     threshold_chosen_on: str,
     golden: np.ndarray,
@@ -91,7 +92,7 @@ def build_bundle(
         (directory / stale).unlink(missing_ok=True)
     artifacts: dict[str, ArtifactInfo] = {}
     notes: list[str] = []
-    fp32 = _fp32_artifact(model, image_size, golden, settings.parity_tolerance, directory / FP32_FILE, notes)
+    fp32 = _fp32_artifact(model, preprocessing.image_size, golden, settings.parity_tolerance, directory / FP32_FILE, notes)
     if fp32 is not None:
         artifacts["fp32"] = fp32
         if not settings.int8:
@@ -101,7 +102,16 @@ def build_bundle(
             if int8 is not None:
                 artifacts["int8"] = int8
     reference = _drift_reference(model, calibration, directory / REFERENCE_FILE, notes) if artifacts else None
-    bundle = ServingBundle(backbone, image_size, float(threshold), threshold_chosen_on, artifacts, notes, reference=reference)
+    bundle = ServingBundle(
+        backbone,
+        preprocessing.image_size,
+        float(threshold),
+        threshold_chosen_on,
+        artifacts,
+        notes,
+        reference=reference,
+        harmonisation=preprocessing.harmonisation,
+    )
     write_bundle(directory, bundle)  # last: a folder without serving.json was never a bundle
     return bundle
 

@@ -23,6 +23,7 @@ import onnxruntime as ort
 from mlflow.artifacts import download_artifacts
 from mlflow.exceptions import MlflowException
 
+from pipeline.data.preprocessing import Preprocessing
 from pipeline.registry.store import CHAMPION, ModelRegistry, RegistryError
 from pipeline.rollout.state import ROLLOUT_TAG, Rollout
 from pipeline.serving.bundle import (
@@ -76,8 +77,8 @@ class ServedModel:
         return self.bundle.artifacts[self.precision].sha256
 
     @property
-    def image_size(self) -> int:
-        return self.bundle.image_size
+    def preprocessing(self) -> Preprocessing:
+        return self.bundle.preprocessing
 
     @property
     def threshold(self) -> float:

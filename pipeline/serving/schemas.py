@@ -63,6 +63,7 @@ class ServedModelInfo(BaseModel):
     model: ModelIdentity
     backbone: str
     image_size: int
+    harmonisation: str = Field(description="Intensity harmonisation applied after the resize (none, histeq, clahe).")
     threshold: float
     threshold_chosen_on: str
     precisions: list[str] = Field(description="Artifacts the version carries (fp32, int8).")

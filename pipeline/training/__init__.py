@@ -83,6 +83,7 @@ def _train(
     summary = {
         "backbone": cfg.train.backbone,
         "image_size": int(prepared.images.shape[-1]),
+        "harmonisation": prepared.preprocessing.harmonisation,
         "epochs_run": state.epoch,
         "best_epoch": state.best_epoch,
         "best_val_auc": state.best_val_auc,

@@ -193,23 +193,20 @@ def run_seed(seed: int, names: list[str], overrides: list[str], test_set: Path |
         cfg = _config([*overrides, *source_settings], seed, work, [])
         source, target = sites.prepared(cfg)
         model, val_auc = source_model(cfg, source, cache, console)
-        data = {
-            fraction: crosssim_data(
-                cfg.model_copy(update={"crosssim": cfg.crosssim.model_copy(update={"labelled_fraction": fraction, "test_set": test_set})}),
-                source,
-                target,
-            )
-            for fraction in sorted({0.0, *(VARIANTS[name].labelled_fraction for name in group)})
+        data = {  # fine-tuning has no teacher/student to choose between: it trains on every labelled patient
+            (fraction, kind): crosssim_data(_target_split(cfg, fraction, kind, test_set), source, target)
+            for fraction, kind in {(0.0, "source"), *((VARIANTS[name].labelled_fraction, VARIANTS[name].kind) for name in group)}
         }
-        target_test = data[0.0].target_test
+        target_test = data[0.0, "source"].target_test
         if not source_settings:  # the headline configuration: its facts describe the seed
-            facts |= {"source_val_auc": val_auc, "n_target_train": len(data[0.0].target_train.labels),
+            facts |= {"source_val_auc": val_auc, "n_target_train": len(data[0.0, "source"].target_train.labels),
                       "n_target_test": len(target_test[1]), "n_target_test_pneumonia": int(target_test[1]["label"].sum())}  # fmt: skip
         for name in group:
             console.print(f"seed {seed}: {name}")
-            made = _variant_models(name, model, data[VARIANTS[name].labelled_fraction], cfg, [*overrides, *source_settings], work)
-            for row, (variant_model, train_data, seconds, gap) in made.items():
-                scored = evaluate_models({row: variant_model}, data[0.0].source_val, train_data, {"target-test": target_test},
+            variant = VARIANTS[name]
+            made = _variant_models(name, model, data[variant.labelled_fraction, variant.kind], cfg, [*overrides, *source_settings], work)
+            for row, (variant_model, train_data, seconds, gap, deployed) in made.items():
+                scored = evaluate_models({row: variant_model}, data[0.0, "source"].source_val, train_data, {"target-test": target_test},
                                          cfg.evaluate, work / "eval", torch.device("cpu"), seed)[row]  # fmt: skip
                 point = scored.sets["target-test"].at_threshold
                 rows[row] = {
@@ -220,26 +217,34 @@ def run_seed(seed: int, names: list[str], overrides: list[str], test_set: Path |
                     "labelled_target_images": int((train_data.labels != UNLABELLED).sum()),
                     "adapt_seconds": seconds,
                     "domain_gap": gap,
+                    "model": deployed,
                 }
     shutil.rmtree(work, ignore_errors=True)
     return {**facts, "variants": rows}
 
 
+def _target_split(cfg: PipelineConfig, fraction: float, kind: str, test_set: Path | None) -> PipelineConfig:
+    selection = cfg.crosssim.selection_fraction if kind == "crosssim" else 0.0
+    update = {"labelled_fraction": fraction, "test_set": test_set, "selection_fraction": selection}
+    return cfg.model_copy(update={"crosssim": cfg.crosssim.model_copy(update=update)})
+
+
 def _variant_models(name: str, model: torch.nn.Module, data: CrossSimData, cfg: PipelineConfig, settings: list[str],
-                    work: Path) -> dict[str, tuple[torch.nn.Module, DomainData, float, dict | None]]:  # fmt: skip
-    """The variant's model (and its teacher, for the distilled headline rows): row → (model, target-train, seconds, gap)."""
+                    work: Path) -> dict[str, tuple[torch.nn.Module, DomainData, float, dict | None, str]]:  # fmt: skip
+    """The variant's model (and its teacher, for the distilled headline rows):
+    row → (model, target-train, seconds, gap, which model: source | fine-tuned | adapted | student)."""
     variant, train_data, started = VARIANTS[name], data.target_train, time.perf_counter()
     if variant.kind == "source":
-        return {name: (model, train_data, 0.0, None)}
+        return {name: (model, train_data, 0.0, None, "source")}
     if variant.kind == "finetune":
-        return {name: (_finetune(model, train_data, cfg), train_data, time.perf_counter() - started, None)}
+        return {name: (_finetune(model, train_data, cfg), train_data, time.perf_counter() - started, None, "fine-tuned")}
     variant_cfg = _config(settings, cfg.seed, work, [*variant.overrides, f"crosssim.labelled_fraction={variant.labelled_fraction}"])
     result = run_crosssim(model, cfg.data.image_size, data.source_train, data.source_val, train_data, variant_cfg,
-                          show_progress=sys.stdout.isatty())  # fmt: skip
+                          show_progress=sys.stdout.isatty(), target_selection=data.target_selection)  # fmt: skip
     seconds, gap = time.perf_counter() - started, result.gap.to_dict()
-    made = {name: (load_model(result.student_path or result.adapted_path), train_data, seconds, gap)}
+    made = {name: (load_model(result.deployable_path), train_data, seconds, gap, result.deployable)}  # what CrossSim deploys
     if result.student_path is not None and name in TEACHERS:
-        made[TEACHERS[name]] = (load_model(result.adapted_path), train_data, seconds, gap)
+        made[TEACHERS[name]] = (load_model(result.adapted_path), train_data, seconds, gap, "adapted")
     return made
 
 

@@ -209,6 +209,13 @@ class CrossSimConfig(_Section):
     relative_confidence: float = Field(
         default=0.9, gt=0, le=1, description="adamatch: a pseudo-label counts above this × the labelled batch's mean confidence."
     )
+    selection_fraction: float = Field(
+        default=0.25,
+        ge=0,
+        lt=1,
+        description="With target labels: share of the labelled patients held out of training (their images stay, "
+        "unlabelled) to choose the deployable model between teacher and student (0: none held out; the teacher deploys).",
+    )
     label_probe_steps: int = Field(
         default=0,
         ge=0,

@@ -81,7 +81,7 @@ def _cfg(tmp_path: Path, *overrides: str):
     )
 
 
-def _run(cfg, source_model, domains, target: DomainData | None = None):
+def _run(cfg, source_model, domains, target: DomainData | None = None, selection: DomainData | None = None):
     return run_crosssim(
         source_model,
         SIZE,
@@ -90,6 +90,7 @@ def _run(cfg, source_model, domains, target: DomainData | None = None):
         target or domains["target_train"],
         cfg,
         show_progress=False,
+        target_selection=selection,
     )
 
 
@@ -378,6 +379,22 @@ def test_linear_probe_fits_only_the_head_then_lp_ft_runs_in_the_stage(domains, s
                "crosssim.label_consistency=adamatch", "crosssim.steps=4", "crosssim.distill.enabled=false")  # fmt: skip
     finetune = _run(cfg, source_model, domains, some_labels).diagnostics["label_finetune"]
     assert (finetune["probe_steps"], finetune["steps"], finetune["consistency"]) == (20, 3, "adamatch")
+
+
+def test_the_deployable_model_is_the_one_scoring_higher_on_held_out_labelled_target_images(domains, source_model, tmp_path):
+    target = domains["target_labels"]
+    held = np.arange(len(target.labels)) % 4 == 0
+    selection = DomainData("target-selection", target.images[held], target.labels[held])
+    training = DomainData("target-train", target.images, np.where(held | (np.arange(len(held)) % 2 == 1), UNLABELLED, target.labels))
+    cfg = _cfg(tmp_path, "crosssim.labelled_fraction=0.3", "crosssim.label_finetune_steps=3", "crosssim.steps=4")
+    result = _run(cfg, source_model, domains, training, selection)
+    chosen = result.diagnostics["deployable"]
+    aucs = chosen["auc"]
+    assert chosen["model"] == result.deployable == ("student" if aucs["student"] > aucs["adapted"] else "adapted")
+    assert result.deployable_path == (result.student_path if result.deployable == "student" else result.adapted_path)
+    assert "target-selection" in chosen["chosen_on"]
+    unjudged = _run(_cfg(tmp_path, "crosssim.steps=4", "crosssim.distill.steps=2"), source_model, domains)
+    assert (unjudged.deployable, unjudged.diagnostics["deployable"]["chosen_on"]) == ("adapted", "no held-out labelled target images")
 
 
 def test_bad_inputs_are_refused_before_anything_is_written(domains, source_model, tmp_path):

@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 
 from pipeline.augment import build_augmentation
 from pipeline.config import PipelineConfig
@@ -27,10 +28,11 @@ from pipeline.crosssim.distill import Distiller
 from pipeline.crosssim.engine import UNLABELLED, DomainData, EvaluationSets, LoopRuntime, LoopState
 from pipeline.crosssim.finetune import ConsistencyFinetuner, finetune_on_labels, linear_probe
 from pipeline.crosssim.handlers import DivergenceDetector, HistoryRecorder, LoopProgress, ModelSelector
-from pipeline.crosssim.model import save_model
+from pipeline.crosssim.model import load_model, save_model
 from pipeline.errors import DatasetError, TrainingError
 from pipeline.models import Classifier
 from pipeline.training.engine import seed_everything, select_device
+from pipeline.training.inference import predict_proba
 
 ADAPTED_MODEL = "adapted.pt"
 STUDENT_MODEL = "student.pt"
@@ -54,6 +56,11 @@ class CrossSimResult:
     diagnostics_path: Path
     diagnostics: dict[str, Any]  # what diagnostics.json holds: histories, selection, the rule, the configuration
     gap: DomainShift
+    deployable: str = "adapted"  # "adapted" (the teacher) or "student": the one that scored higher on held-out labels
+
+    @property
+    def deployable_path(self) -> Path:
+        return self.student_path if self.deployable == "student" and self.student_path is not None else self.adapted_path
 
 
 def check_inputs(
@@ -149,9 +156,11 @@ def run_crosssim(
     cfg: PipelineConfig,
     tracker=None,
     show_progress: bool = True,
+    target_selection: DomainData | None = None,
 ) -> CrossSimResult:
     """Adapt ``source_model`` to ``target_train``'s images (after fine-tuning it on their labels, when there are
-    some), then distil it; see the package docs."""
+    some), then distil it; see the package docs. ``target_selection``: labelled target images no step trains on,
+    which choose the deployable model between the adapted teacher and the student."""
     settings = cfg.crosssim
     check_inputs(source_train, source_val, target_train, model_image_size, settings.labelled_fraction > 0)
     check_model_input(source_model, model_image_size)
@@ -172,6 +181,7 @@ def run_crosssim(
     adapted, selector, shift = _adapt(start, inputs, probes, diagnostics)
     student_path = _distil(adapted, selector, inputs, diagnostics) if settings.distill.enabled else None
     adapted_path = save_model(adapted, output_dir / ADAPTED_MODEL)
+    deployable = _deployable(adapted_path, student_path, target_selection, runtime.device, diagnostics)
     diagnostics_path = diagnostics.write()
     if tracker is not None:
         tracker.log_metrics(
@@ -182,7 +192,29 @@ def run_crosssim(
                 "crosssim.feature_distance_after": shift.after.mean_feature_distance,
             }
         )  # the folder itself is logged by the caller once scores are added to it
-    return CrossSimResult(adapted_path, student_path, diagnostics_path, diagnostics.sections, shift)
+    return CrossSimResult(adapted_path, student_path, diagnostics_path, diagnostics.sections, shift, deployable)
+
+
+def _deployable(
+    adapted_path: Path, student_path: Path | None, selection: DomainData | None, device: torch.device, diagnostics: _Diagnostics
+) -> str:
+    """Teacher or student, by AUC on the held-out labelled target images (ties: the teacher, the larger model);
+    the teacher when there is no student or nothing held out to judge on."""
+    if student_path is None or selection is None or len(set(selection.labels.tolist())) < 2:
+        reason = "no student" if student_path is None else "no held-out labelled target images"
+        diagnostics.sections["deployable"] = {"model": "adapted", "chosen_on": reason}
+        return "adapted"
+    aucs = {
+        name: float(roc_auc_score(selection.labels, predict_proba(load_model(path), selection.images, device)))
+        for name, path in (("adapted", adapted_path), ("student", student_path))
+    }
+    chosen = "student" if aucs["student"] > aucs["adapted"] else "adapted"
+    diagnostics.sections["deployable"] = {
+        "model": chosen,
+        "chosen_on": f"{selection.name} ({len(selection.labels)} images held out of training)",
+        "auc": aucs,
+    }
+    return chosen
 
 
 def _label_finetune(source_model: Classifier, inputs: _Inputs, diagnostics: _Diagnostics) -> Classifier:

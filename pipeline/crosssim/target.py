@@ -1,7 +1,9 @@
 """The target hospital's data as adaptation sees it: target-train (labels hidden) and target-test.
 
 Target-test labels are used only for scoring; adaptation sees target-train images, and
-at most ``labelled_fraction`` of their labels (whole patients, class-stratified).
+at most ``labelled_fraction`` of their labels (whole patients, class-stratified). Of those labelled patients,
+``selection_fraction`` are held out of training (their images stay in target-train, unlabelled) to choose the
+deployable model between teacher and student on images no model was fitted to.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ class TargetSplit:
     train: pd.DataFrame  # target-train; ``label`` is <NA> except on the labelled fraction
     test: pd.DataFrame  # target-test with labels, for scoring only
     train_labels: pd.Series  # the hidden labels of target-train, for the oracle and diagnostics
+    selection: pd.DataFrame  # labelled patients held out of training (their rows unlabelled in ``train``); may be empty
 
 
 def split_target(
@@ -29,6 +32,7 @@ def split_target(
     labelled_fraction: float,
     seed: int,
     test_set: Path | None = None,
+    selection_fraction: float = 0.0,
 ) -> TargetSplit:
     """Patient-disjoint target-train/target-test, or target-test read from ``test_set`` (any reader layout).
 
@@ -49,10 +53,33 @@ def split_target(
         raise DatasetError(f"target split left {len(train)} train and {len(test)} test images; need both non-empty")
     hidden = train["label"].copy()
     train = train.assign(label=pd.array([pd.NA] * len(train), dtype="Int64"))
+    selection = train.iloc[:0]
     if labelled_fraction > 0:
         chosen = _labelled_patients(train.assign(label=hidden), labelled_fraction, seed)
-        train.loc[chosen, "label"] = hidden[chosen]
-    return TargetSplit(train.reset_index(drop=True), test.reset_index(drop=True), hidden.reset_index(drop=True))
+        held = _selection_patients(train.loc[chosen].assign(label=hidden[chosen]), selection_fraction, seed)
+        selection = train.loc[held].assign(label=hidden[held])
+        kept = chosen.difference(held)
+        train.loc[kept, "label"] = hidden[kept]
+    return TargetSplit(
+        train.reset_index(drop=True),
+        test.reset_index(drop=True),
+        hidden.reset_index(drop=True),
+        selection.reset_index(drop=True),
+    )
+
+
+def _selection_patients(labelled: pd.DataFrame, fraction: float, seed: int) -> pd.Index:
+    """Rows of ≈``fraction`` of the labelled patients per class, leaving at least one patient per class to train on;
+    none when a class has a single labelled patient (nothing could be held out of it)."""
+    patients = labelled.groupby("patient_id")["label"].max()
+    counts = patients.value_counts()
+    if fraction == 0 or len(counts) < 2 or counts.min() < 2:
+        return labelled.index[:0]
+    picked = [
+        group.sample(n=min(len(group) - 1, max(1, round(len(group) * fraction))), random_state=seed).index
+        for _, group in patients.groupby(patients)
+    ]
+    return labelled.index[labelled["patient_id"].isin(set().union(*map(set, picked)))]
 
 
 def _labelled_patients(train: pd.DataFrame, fraction: float, seed: int) -> pd.Index:

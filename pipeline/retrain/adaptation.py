@@ -67,7 +67,15 @@ def adapt(cfg: PipelineConfig, model_path: Path, data: CrossSimData, tracker=Non
     image_size = trained_preprocessing(cfg).image_size
     source_model = load_trained_model(model_path, cfg.train.backbone)
     return run_crosssim(
-        source_model, image_size, data.source_train, data.source_val, data.target_train, cfg, tracker, show_progress
+        source_model,
+        image_size,
+        data.source_train,
+        data.source_val,
+        data.target_train,
+        cfg,
+        tracker,
+        show_progress,
+        data.target_selection,
     )
 
 

@@ -25,6 +25,7 @@ class CrossSimData:
     source_test: tuple[np.ndarray, pd.DataFrame]
     target_train: DomainData
     target_test: tuple[np.ndarray, pd.DataFrame]
+    target_selection: DomainData | None  # labelled target patients held out of training, to choose the deployable model
 
 
 def crosssim_data(
@@ -41,6 +42,7 @@ def crosssim_data(
         settings.labelled_fraction,
         cfg.seed,
         settings.test_set,
+        settings.selection_fraction,
     )
     if settings.test_set is None:
         test_images = target.images_of(split.test)
@@ -61,4 +63,11 @@ def crosssim_data(
             split.train["label"].fillna(UNLABELLED).to_numpy(dtype="int64"),
         ),
         target_test=(np.asarray(test_images), split.test),
+        target_selection=None
+        if split.selection.empty
+        else DomainData(
+            f"{settings.target}/target-selection",
+            target.images_of(split.selection),
+            split.selection["label"].to_numpy(dtype="int64"),
+        ),
     )

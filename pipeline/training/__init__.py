@@ -12,6 +12,7 @@ from pipeline.config import PipelineConfig
 from pipeline.data.prepare import PreparedDataset
 from pipeline.errors import TrainingError
 from pipeline.models import Classifier, build_model
+from pipeline.pretrain.checkpoint import pretrained_weights
 from pipeline.training.distributed import Ranks, process_group
 from pipeline.training.engine import Trainer, TrainState, seed_everything, select_device
 from pipeline.training.handlers import LAST_CHECKPOINT, Checkpointer, EarlyStopping, MetricsLogger, ProgressBar
@@ -66,7 +67,7 @@ def _train(
     handlers.extend(extra_handlers)
     seed_everything(cfg.seed)  # before the model is built: its initial weights depend on it
     trainer = Trainer(
-        build_model(cfg.train.backbone, cfg.train.pretrained_weights),
+        build_model(cfg.train.backbone, pretrained_weights(cfg)),
         train_images,
         train_rows["label"].to_numpy(dtype="int64"),
         val_images,

@@ -16,12 +16,12 @@ from pipeline.config import PRETRAIN_WEIGHTS, load_config
 from pipeline.data.prepare import open_prepared
 from pipeline.errors import ConfigError, DatasetError, TrainingError
 from pipeline.models import build_model
-from pipeline.pretrain.checkpoint import pretrained_weights
 from pipeline.pretrain.stage import PretrainImages, pretrain_backbone
 from pipeline.retrain import sites
 from pipeline.retrain.data import target_split
 from pipeline.retrain.pretraining import pretrain
 from pipeline.training import train_model
+from pipeline.training.weights import pretrained_weights
 from tests.conftest import REPO
 
 TINY_PRETRAIN = [
@@ -159,3 +159,24 @@ def test_byol_and_the_command_line(prepared):
     assert build_model("resnet18", folder / "pretrain" / "backbone.pt").features.conv1.weight.shape[1] == 1
     again = CliRunner().invoke(app, ["pretrain", *[arg for item in overrides for arg in ("--set", item)]])
     assert again.exit_code == 0 and "reused from the cache" in " ".join(again.output.split())
+
+
+@pytest.mark.slow
+def test_the_backbone_and_its_losses_are_logged_to_the_run(pretrained, tmp_path, monkeypatch):
+    """What the flow's pretrain task logs through the project's tracker."""
+    import mlflow
+
+    from pipeline.retrain.pretraining import log_pretrain
+    from pipeline.tracking import MlflowTracker, resolve_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg, result = pretrained
+    tracking = cfg.tracking.model_copy(update={"local_dir": tmp_path / "mlflow"})
+    with MlflowTracker(tracking, run_name="pretrain") as tracker:
+        log_pretrain(tracker, result)
+    client = mlflow.MlflowClient(resolve_tracking_uri(tracking))
+    assert {item.path for item in client.list_artifacts(tracker.run_id, "pretrain")} == {
+        "pretrain/backbone.pt", "pretrain/manifest.csv", "pretrain/pretrain_summary.json"
+    }  # fmt: skip
+    losses = client.get_metric_history(tracker.run_id, "pretrain.loss")
+    assert [(m.step, m.value) for m in losses] == [(epoch, loss) for epoch, loss in enumerate(result.epoch_losses, 1)]

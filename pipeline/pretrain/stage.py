@@ -27,12 +27,13 @@ from pipeline.config import PretrainConfig, TrainConfig
 from pipeline.data.prepare import PreparedDataset
 from pipeline.errors import DatasetError
 from pipeline.models import build_model
-from pipeline.pretrain.checkpoint import BACKBONE_FILE, MANIFEST_FILE, SUMMARY_FILE, save_backbone
+from pipeline.pretrain.checkpoint import MANIFEST_FILE, save_backbone
 from pipeline.pretrain.methods import METHODS
 from pipeline.pretrain.views import two_views, view_transform
 from pipeline.training.engine import seed_everything, select_device
 from pipeline.training.loop import Loop
 from pipeline.training.schedule import warmup_cosine
+from pipeline.training.weights import BACKBONE_FILE, SUMMARY_FILE
 
 PRETRAIN_FORMAT = "v1"  # bump when the method code changes what a configuration learns: old entries are not reused
 

@@ -12,11 +12,11 @@ from pipeline.config import PipelineConfig
 from pipeline.data.prepare import PreparedDataset
 from pipeline.errors import TrainingError
 from pipeline.models import Classifier, build_model
-from pipeline.pretrain.checkpoint import pretrained_weights
 from pipeline.training.distributed import Ranks, process_group
 from pipeline.training.engine import Trainer, TrainState, seed_everything, select_device
 from pipeline.training.handlers import LAST_CHECKPOINT, Checkpointer, EarlyStopping, MetricsLogger, ProgressBar
 from pipeline.training.resume import load_for_resume, run_config
+from pipeline.training.weights import pretrained_weights
 
 __all__ = ["TrainResult", "train_model", "load_trained_model"]
 

@@ -124,7 +124,7 @@ def pretrain_backbone(
 
 
 def _pixels(sets: list[PretrainImages]) -> np.ndarray:
-    arrays = [np.asarray(images.prepared.images_of(images.rows)) for images in sets if len(images.rows)]
+    arrays = [np.asarray(images.prepared.images_of(images.rows)) for images in sets]
     sizes = {array.shape[-1] for array in arrays}
     if len(sizes) > 1:
         raise DatasetError(f"pretraining sets were prepared at different sizes {sorted(sizes)}; run `crosssim prepare`")

@@ -1,4 +1,5 @@
-"""Prefect 3 retraining flow: validate → prepare → train → evaluate → CrossSim adapt → register, tracked in MLflow.
+"""Prefect 3 retraining flow: validate → prepare → [pretrain] → train → evaluate → CrossSim adapt → register, tracked
+in MLflow (pretrain runs when train.pretrained_weights is ``pretrain``).
 
 The stages are pipeline.retrain's; this module makes them tasks. Runs in Prefect's local ephemeral mode unless
 PREFECT_API_URL points at a server. One MLflow run spans the flow: a blocked validation leaves a FAILED run holding
@@ -20,13 +21,14 @@ from prefect.context import get_run_context
 from prefect.locking.filesystem import FileSystemLockManager
 from prefect.settings import PREFECT_HOME
 
-from pipeline.config import PipelineConfig, load_config
+from pipeline.config import PRETRAIN_WEIGHTS, PipelineConfig, load_config
 from pipeline.crosssim.stage import CrossSimResult
 from pipeline.data.exclusions import ReadReport
 from pipeline.data.prepare import content_key
 from pipeline.errors import ConfigError
 from pipeline.evaluation import ScoredModel
-from pipeline.retrain import adaptation, promotion, sites, source
+from pipeline.pretrain.stage import PretrainResult
+from pipeline.retrain import adaptation, pretraining, promotion, sites, source
 from pipeline.retrain.adaptation import AdaptationOutcome
 from pipeline.retrain.data import CrossSimData, crosssim_data
 from pipeline.retrain.promotion import Registration
@@ -70,6 +72,16 @@ def validate_site(
 @task(retries=1, cache_policy=NO_CACHE)
 def prepare_site(cfg: PipelineConfig, site: str, manifest: pd.DataFrame) -> Path:
     return sites.prepare_site(cfg, site, manifest)
+
+
+@task(cache_policy=NO_CACHE)
+def pretrain(cfg: PipelineConfig, tracker: MlflowTracker) -> PretrainResult:
+    # not a Prefect cache: the stage's own content-keyed cache makes an unchanged configuration's rerun free
+    result = pretraining.pretrain(cfg)
+    pretraining.log_pretrain(tracker, result)
+    if result.reused:
+        get_run_logger().info("pretrain: reused the cached backbone %s", result.cache_key)
+    return result
 
 
 @task(cache_policy=NO_CACHE)
@@ -163,6 +175,8 @@ def retrain(config_path: str | None = None, overrides: list[str] | None = None) 
         sites.gate_validation({site: report for site, (_, report) in checked.items()}, tracker, logger.warning)
         for site, (manifest, _) in checked.items():
             prepare_site(cfg, site, manifest)
+        if cfg.train.pretrained_weights == PRETRAIN_WEIGHTS:
+            pretrain(cfg, tracker)
         trained = train(cfg, tracker)
         evaluation = evaluate(cfg, trained.model_path)
         model_uri = log_source(cfg, tracker, trained, evaluation)

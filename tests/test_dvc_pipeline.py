@@ -72,7 +72,8 @@ def test_dvc_repro_runs_the_stages_and_reports_metrics(data_dir, tmp_path):
         (shutil.copytree if source.is_dir() else shutil.copy)(source, project / name)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"].update(image_size=32, max_images_per_class=15)
-    params["train"].update(epochs=1, batch_size=16)
+    params["train"].update(epochs=1, batch_size=16, pretrained_weights="pretrain")  # train from the pretrain stage
+    params["pretrain"].update(epochs=1, batch_size=16, hidden_dim=32, projection_dim=16)
     params["evaluate"].update(bootstrap_samples=50)
     params["validation"].update(min_images=20)
     # with target labels, so that adapt also fine-tunes (and reads the training keys that uses)
@@ -101,7 +102,7 @@ def test_dvc_repro_runs_the_stages_and_reports_metrics(data_dir, tmp_path):
     metrics = json.loads((project / "outputs" / "eval" / "metrics.json").read_text())
     assert {"kermany-pediatric/test", "nih-cxr8"} <= set(metrics)
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"validate", "prepare", "train", "evaluate", "adapt"}
+    assert set(lock["stages"]) == {"validate", "prepare", "pretrain", "train", "evaluate", "adapt"}
     adapted = json.loads((project / "outputs" / "adapt" / "metrics.json").read_text())
     assert set(adapted) == {"source", "adapted", "student"}
     assert "nih-cxr8/target-test" in adapted["adapted"]

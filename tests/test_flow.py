@@ -86,6 +86,10 @@ def test_retrain_end_to_end_on_real_images(data_dir, tmp_path, monkeypatch):
         "train.epochs=2",
         "train.batch_size=32",
         "train.processes=2",  # the training task trains data-parallel (two Gloo processes here)
+        "train.pretrained_weights=pretrain",  # ... from the backbone the flow's pretrain task made
+        "pretrain.epochs=1",
+        "pretrain.batch_size=32",
+        f"pretrain.cache_dir={tmp_path / 'pretrain-cache'}",
         "crosssim.enabled=false",  # the next test covers adaptation inside the flow
     )
     summary = retrain(config_path=str(REPO / "params.yaml"), overrides=overrides)
@@ -105,6 +109,8 @@ def test_retrain_end_to_end_on_real_images(data_dir, tmp_path, monkeypatch):
     assert "validation/kermany-pediatric/validation.json" in artifacts
     assert any(p.startswith("validation/nih-cxr8/data_docs/") and p.endswith("index.html") for p in artifacts)
     assert {"eval/metrics.json", "eval/predictions.csv", "train/train_summary.json"} <= artifacts
+    assert {"pretrain/backbone.pt", "pretrain/manifest.csv", "pretrain/pretrain_summary.json"} <= artifacts
+    assert len(client.get_metric_history(run.info.run_id, "pretrain.loss")) == 1
     assert any(p.endswith(".png") for p in artifacts)
 
     artifact = Artifact.get("retrain-summary")

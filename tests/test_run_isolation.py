@@ -198,4 +198,6 @@ def test_a_flow_run_keeps_its_outputs_in_its_own_folder(tmp_path):
     assert {cfg.validation.report_dir, cfg.evaluate.output_dir, cfg.crosssim.output_dir} == {
         tmp_path / "run-1" / name for name in ("validation", "eval", "adapt")
     }
-    assert cfg.data.cache_dir == REPO / ".cache" / "prepared"  # the content-addressed cache stays shared
+    assert cfg.pretrain.output_dir == tmp_path / "run-1" / "pretrain"
+    assert cfg.data.cache_dir == REPO / ".cache" / "prepared"  # the content-addressed caches stay shared
+    assert cfg.pretrain.cache_dir == REPO / ".cache" / "pretrain"

@@ -1,6 +1,6 @@
 """``crosssim``: the command line. Each command lives in a small module; this one puts them on one app.
 
-    stages.py    validate, prepare, train, evaluate, adapt, run
+    stages.py    validate, prepare, pretrain, train, evaluate, adapt, run
     services.py  ingest, serve-flows, deploy, serve
     registry.py  crosssim registry …      rollout.py  crosssim rollout …      feedback.py  crosssim feedback …
     options.py   the shared options, config reading and the one error handler
@@ -19,7 +19,7 @@ from flows.cli.rollout import rollout_app
 app = typer.Typer(
     cls=CleanErrors, help="CrossSim: retrain and evaluate a chest X-ray pneumonia classifier.", no_args_is_help=True
 )
-for command in (stages.validate, stages.prepare, stages.train, stages.evaluate, stages.adapt, stages.run, services.ingest):
+for command in (stages.validate, stages.prepare, stages.pretrain, stages.train, stages.evaluate, stages.adapt, stages.run, services.ingest):
     app.command()(command)
 app.command("serve-flows")(services.serve_flows)
 app.command()(services.deploy)

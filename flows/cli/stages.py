@@ -1,4 +1,4 @@
-"""``crosssim validate|prepare|train|evaluate|adapt|run``: each stage on its own (as DVC runs them) and the whole flow."""
+"""``crosssim validate|prepare|pretrain|train|evaluate|adapt|run``: each stage on its own (as DVC runs them) and the whole flow."""
 
 from __future__ import annotations
 
@@ -97,6 +97,19 @@ def prepare(config: ConfigOption = None, set_: SetOption = None) -> None:
     for site in sites.sites(cfg):
         manifest = sites.validated_manifest(cfg, site)
         console.print(f"{site}: {len(manifest)} images → {sites.prepare_site(cfg, site, manifest)}")
+
+
+def pretrain(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Self-supervised pretraining of train.backbone on source train + CrossSim target-train images (run `crosssim
+    prepare` first); train from it with --set train.pretrained_weights=pretrain."""
+    from pipeline.retrain.pretraining import pretrain as run_pretrain
+
+    cfg = read_config(config, set_)
+    result = run_pretrain(cfg)
+    images = ", ".join(f"{name} {count}" for name, count in result.images.items())
+    how = "reused from the cache" if result.reused else f"{result.epochs} epochs in {result.wall_seconds:.0f} s"
+    console.print(f"{result.method} {result.backbone} on {images} images ({how}); loss {result.epoch_losses[-1]:.4f}")
+    console.print(f"backbone: {result.checkpoint_path}\nimages read: {result.manifest_path}")
 
 
 def train(

@@ -14,7 +14,7 @@ import pandas as pd
 
 from pipeline.config import PipelineConfig
 from pipeline.crosssim.engine import UNLABELLED, DomainData
-from pipeline.crosssim.target import split_target
+from pipeline.crosssim.target import TargetSplit, split_target
 from pipeline.data.prepare import PreparedDataset, open_prepared, prepare_dataset
 
 
@@ -36,14 +36,7 @@ def crosssim_data(
     settings = cfg.crosssim
     source = source or open_prepared(cfg.data.prepared_site(cfg.data.source))
     target = target or open_prepared(cfg.data.prepared_site(settings.target))
-    split = split_target(
-        target.manifest[target.manifest["label"].notna()].reset_index(drop=True),
-        settings.test_fraction,
-        settings.labelled_fraction,
-        cfg.seed,
-        settings.test_set,
-        settings.selection_fraction,
-    )
+    split = target_split(cfg, target, settings.labelled_fraction)
     if settings.test_set is None:
         test_images = target.images_of(split.test)
     else:  # a held-out folder of other patients: prepared like every site, through the same cache
@@ -70,4 +63,18 @@ def crosssim_data(
             target.images_of(split.selection),
             split.selection["label"].to_numpy(dtype="int64"),
         ),
+    )
+
+
+def target_split(cfg: PipelineConfig, target: PreparedDataset, labelled_fraction: float) -> TargetSplit:
+    """The CrossSim target's labelled images split into target-train and target-test, as every stage sees them
+    (adaptation, scoring, the gate, pretraining); ``labelled_fraction`` changes labels only, never which images."""
+    settings = cfg.crosssim
+    return split_target(
+        target.manifest[target.manifest["label"].notna()].reset_index(drop=True),
+        settings.test_fraction,
+        labelled_fraction,
+        cfg.seed,
+        settings.test_set,
+        settings.selection_fraction,
     )

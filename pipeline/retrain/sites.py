@@ -24,7 +24,7 @@ import pandas as pd
 from pipeline.config import DATA_DIR_ENV, PipelineConfig
 from pipeline.data.exclusions import ReadReport
 from pipeline.data.manifest import load_manifest, save_manifest
-from pipeline.data.prepare import PreparedDataset, prepare_dataset
+from pipeline.data.prepare import prepare_dataset
 from pipeline.data.readers import read_dataset_with_report
 from pipeline.data.salt import resolve_salt
 from pipeline.data.splits import assign_splits, subsample
@@ -101,11 +101,11 @@ def validated_manifest(cfg: PipelineConfig, site: str) -> pd.DataFrame:
     return load_manifest(report_dir / VALIDATED_MANIFEST)
 
 
-def _publish(entry: PreparedDataset, destination: Path) -> None:
-    """Expose a cache entry at a stable path (hard links: no copy of the pixels)."""
+def publish(entry: Path, destination: Path) -> None:
+    """Expose a cache entry's files at a stable path (hard links: no copy of the pixels or weights)."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}-", dir=destination.parent))
-    for file in entry.directory.iterdir():
+    for file in entry.iterdir():
         try:
             os.link(file, staging / file.name)
         except OSError:  # another filesystem: copy instead
@@ -117,7 +117,7 @@ def _publish(entry: PreparedDataset, destination: Path) -> None:
 def prepare_site(cfg: PipelineConfig, site: str, manifest: pd.DataFrame) -> Path:
     entry = prepare_dataset(manifest, cfg.data.preprocessing(), cfg.data.cache_dir)
     destination = cfg.data.prepared_site(site)
-    _publish(entry, destination)
+    publish(entry.directory, destination)
     return destination
 
 

@@ -16,6 +16,7 @@ from pipeline.training.distributed import Ranks, process_group
 from pipeline.training.engine import Trainer, TrainState, seed_everything, select_device
 from pipeline.training.handlers import LAST_CHECKPOINT, Checkpointer, EarlyStopping, MetricsLogger, ProgressBar
 from pipeline.training.resume import load_for_resume, run_config
+from pipeline.training.weights import pretrained_weights
 
 __all__ = ["TrainResult", "train_model", "load_trained_model"]
 
@@ -66,7 +67,7 @@ def _train(
     handlers.extend(extra_handlers)
     seed_everything(cfg.seed)  # before the model is built: its initial weights depend on it
     trainer = Trainer(
-        build_model(cfg.train.backbone, cfg.train.pretrained_weights),
+        build_model(cfg.train.backbone, pretrained_weights(cfg)),
         train_images,
         train_rows["label"].to_numpy(dtype="int64"),
         val_images,

@@ -40,7 +40,7 @@ from rich.console import Console
 from rich.table import Table
 from scipy import stats
 
-from pipeline.config import PipelineConfig, load_config
+from pipeline.config import PRETRAIN_WEIGHTS, PipelineConfig, load_config
 from pipeline.crosssim.engine import UNLABELLED
 from pipeline.crosssim.finetune import finetune_on_labels
 from pipeline.crosssim.model import load_model
@@ -50,7 +50,8 @@ from pipeline.data.prepare import PreparedDataset, prepare_dataset
 from pipeline.data.readers import read_dataset
 from pipeline.data.splits import assign_splits, subsample
 from pipeline.evaluation import Interval, format_with_interval
-from pipeline.retrain.data import CrossSimData, crosssim_data
+from pipeline.pretrain.stage import PretrainImages, PretrainResult, pretrain_backbone
+from pipeline.retrain.data import CrossSimData, crosssim_data, target_split
 from pipeline.training import load_trained_model, train_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,6 +60,8 @@ SOURCE_CACHE = REPO / ".cache" / "bench-crosssim"
 # Sized for the 2-core CPU budget (≤ 45 min for the whole table); see README "CrossSim benchmark".
 DEFAULTS = [
     "data.image_size=64",
+    "train.pretrained_weights=pretrain",  # one SimCLR backbone shared by the seeds (shared_pretraining)
+    "pretrain.epochs=5",
     "train.epochs=6",
     "crosssim.steps=300",
     "crosssim.distill.steps=300",
@@ -85,6 +88,7 @@ VARIANTS = {
     "crosssim_10pct": Variant("crosssim", LABELLED_FRACTION, every_seed=True),  # + its teacher
     "finetune_10pct": Variant("finetune", LABELLED_FRACTION, every_seed=True),
     "oracle": Variant("finetune", 1.0, every_seed=True),
+    "crosssim_no_pretraining": Variant("crosssim", source=["train.pretrained_weights=null"]),
     "crosssim_no_harmonisation": Variant("crosssim", source=["data.harmonisation=none"]),
     "crosssim_no_alignment": Variant("crosssim", overrides=["crosssim.alignment=off"]),
     "crosssim_no_augmentation": Variant("crosssim", overrides=["crosssim.augment=false"]),
@@ -109,6 +113,8 @@ SMOKE = [  # --smoke: every variant on 12 images per split and class of each sit
     "train.epochs=1",
     "train.batch_size=8",
     "train.num_threads=1",  # CI runs two test files at once on 2 cores: more threads thrash (~5× slower)
+    "pretrain.epochs=1",
+    "pretrain.batch_size=16",
     "crosssim.steps=2",
     "crosssim.eval_every=2",
     "crosssim.batch_size=4",
@@ -148,6 +154,21 @@ class Sites:
             prepare_dataset(kermany, preprocessing, cfg.data.cache_dir),
             prepare_dataset(nih, preprocessing, cfg.data.cache_dir),
         )
+
+
+def shared_pretraining(sites: Sites, cfg: PipelineConfig, seeds: list[int], test_set: Path | None) -> PretrainResult:
+    """One self-supervised backbone for every seed, on images no seed scores on: Kermany's official train split (its
+    test split never) and the NIH patients that no seed holds out as target-test."""
+    kermany, nih = sites.prepared(cfg)
+    tested: set[str] = set()
+    for seed in seeds:
+        tested |= set(target_split(cfg.model_copy(update={"seed": seed, "crosssim": cfg.crosssim.model_copy(
+            update={"test_set": test_set})}), nih, 0.0).test["patient_id"])  # fmt: skip
+    sets = [
+        PretrainImages(cfg.data.source, "train", kermany, kermany.manifest[kermany.manifest["split"] != "test"]),
+        PretrainImages(cfg.crosssim.target, "target-train", nih, nih.manifest[~nih.manifest["patient_id"].isin(tested)]),
+    ]
+    return pretrain_backbone(sets, cfg.pretrain, cfg.train.backbone, cfg.seed, cfg.train, show_progress=sys.stdout.isatty())
 
 
 def _config(base: list[str], seed: int, work: Path, extra: list[str]) -> PipelineConfig:
@@ -293,11 +314,16 @@ def main() -> None:
     if args.smoke:
         smoke_dir = Path(tempfile.mkdtemp(prefix="bench-crosssim-smoke-"))
         # its prepared images and source models stay in its temp folder: a smoke run leaves nothing in the project
-        overrides = [*SMOKE, f"data.cache_dir={smoke_dir / 'cache'}", *args.overrides]
+        overrides = [*SMOKE, f"data.cache_dir={smoke_dir / 'cache'}", f"pretrain.cache_dir={smoke_dir / 'pretrain'}", *args.overrides]
         output, cache = args.output or smoke_dir / RESULT.name, smoke_dir / "sources"
         run_seeds = args.seeds[:1]
     cfg = load_config(REPO / "params.yaml", [*DEFAULTS, *overrides])
     sites = Sites(cfg)
+    pretrained = None
+    if cfg.train.pretrained_weights == PRETRAIN_WEIGHTS:
+        console.print(f"self-supervised pretraining ({cfg.pretrain.method}, {cfg.pretrain.epochs} epochs), shared by the seeds")
+        pretrained = shared_pretraining(sites, cfg, run_seeds, args.test_set)
+        overrides = [*overrides, f"train.pretrained_weights={pretrained.checkpoint_path}"]
 
     seeds = []
     for index, seed in enumerate(run_seeds):
@@ -306,6 +332,11 @@ def main() -> None:
         # kept after every seed: a long run interrupted later still leaves its finished seeds
         output.with_suffix(".partial.json").write_text(json.dumps(seeds, indent=2, default=str))
     report = _report(args, cfg, run_seeds, seeds, time.perf_counter() - started)
+    report["pretraining"] = None if pretrained is None else {
+        "method": pretrained.method, "epochs": pretrained.epochs, "images": pretrained.images,
+        "epoch_losses": pretrained.epoch_losses, "wall_seconds": pretrained.wall_seconds, "reused": pretrained.reused,
+        "cache_key": pretrained.cache_key,
+    }  # fmt: skip
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2, default=str) + "\n")
     output.with_suffix(".partial.json").unlink(missing_ok=True)

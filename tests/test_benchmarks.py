@@ -23,6 +23,7 @@ CROSSSIM_VARIANTS = {
     "crosssim_10pct",
     "crosssim_10pct_no_distillation",
     "finetune_10pct",
+    "crosssim_no_pretraining",
     "crosssim_no_harmonisation",
     "crosssim_no_alignment",
     "crosssim_no_augmentation",
@@ -81,6 +82,7 @@ def test_bench_crosssim_smoke_writes_every_variant(data_dir, tmp_path):
         assert set(row["ci"]) == {"auc", "accuracy", "sensitivity", "specificity"}, name
     assert rows["finetune_10pct"]["labelled_target_images"] < rows["oracle"]["labelled_target_images"]
     assert all(isinstance(report[key], float) for key in ("source_only_auc", "crosssim_auc", "oracle_auc"))
+    assert report["pretraining"]["epochs"] == 1 and report["pretraining"]["images"]  # shared by the seeds
     assert report["paired_10pct_vs_finetune"]["per_seed"] == [
         rows["crosssim_10pct"]["auc"] - rows["finetune_10pct"]["auc"]
     ]  # one seed: a difference, no interval

@@ -43,7 +43,7 @@ test-fast: setup
 bench-source: setup
 	$(PY) benchmarks/source_pneumoniamnist.py
 
-# CrossSim on Kermany → NIH: every variant of the table, 3 seeds for the headline rows (≈1 h on 2 CPU cores).
+# CrossSim on Kermany → NIH: every variant of the table, 5 seeds for the headline rows (BENCH_ARGS="--only V --seeds S").
 bench-crosssim: setup
 	$(PY) benchmarks/crosssim_kermany_nih.py $(BENCH_ARGS)
 

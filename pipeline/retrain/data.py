@@ -76,5 +76,5 @@ def target_split(cfg: PipelineConfig, target: PreparedDataset, labelled_fraction
         labelled_fraction,
         cfg.seed,
         settings.test_set,
-        settings.selection_fraction,
+        settings.selection_fraction if labelled_fraction > 0 else 0.0,  # nothing to hold out without labels
     )

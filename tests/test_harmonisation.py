@@ -134,3 +134,23 @@ def test_a_champion_is_gated_on_its_own_preprocessing():
     assert registered_preprocessing({"image_size": "96", "harmonisation": "histeq"}, ours) == Preprocessing(96, "histeq")
     assert registered_preprocessing({"image_size": "64"}, ours) == Preprocessing(64)  # registered before harmonisation
     assert registered_preprocessing({}, ours) == Preprocessing(64)
+
+
+def test_the_batcher_re_preprocesses_an_upload_made_for_another_model(films):
+    """An alias move between an upload's decoding and its batch: the new model gets its own preprocessing."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from pipeline.serving.batcher import _score, _Waiting
+
+    made_for, scoring = Preprocessing(64), Preprocessing(64, "clahe")
+    seen = []
+    model = SimpleNamespace(preprocessing=scoring, predict=lambda inputs: seen.append(inputs) or np.zeros(len(inputs)))
+    future = asyncio.new_event_loop().create_future()
+    waiting = [_Waiting(pixels, made_for.model_input(pixels), made_for, None, future) for pixels in films[:2]]
+    _score(model, waiting)
+    expected = np.stack([scoring.model_input(pixels) for pixels in films[:2]])
+    assert np.array_equal(seen[0], expected)
+    marked = np.zeros((1, 64, 64), dtype=np.float32)  # not what scoring would compute: shows whether it was re-made
+    _score(model, [_Waiting(films[0], marked, scoring, None, future)])
+    assert np.array_equal(seen[1][0], marked)  # made for this model already: used as it is

@@ -91,7 +91,7 @@ def _log_with_bundle(cfg: PipelineConfig, served: ServedModel, calibration: np.n
     with MlflowTracker(cfg.tracking, run_name=f"bench-rollout {served.name}") as tracker:
         model_uri = tracker.log_model(model, "model", example)
         bundle = build_bundle(
-            model, backbone=cfg.train.backbone, image_size=cfg.data.image_size, threshold=served.threshold,
+            model, backbone=cfg.train.backbone, preprocessing=cfg.data.preprocessing(), threshold=served.threshold,
             threshold_chosen_on=served.threshold_chosen_on, golden=calibration[:8], calibration=calibration,
             eval_sets={}, settings=cfg.serve.export, directory=folder,
         )  # fmt: skip

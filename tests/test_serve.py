@@ -717,6 +717,10 @@ def test_on_loopback_an_alias_move_under_load_fails_nothing_and_sigterm_drains(r
                         await asyncio.sleep(0.15)  # paced until the swap, so that the load outlasts it on a busy CI
 
             await asyncio.gather(*(one(index) for index in range(200)))
+            swap_deadline = time.monotonic() + 90  # a busy CI may take longer to follow the alias: the load goes on
+            while answers[-1][1].status_code == 200 and answers[-1][1].json()["model"]["version"] != "2":
+                assert time.monotonic() < swap_deadline, "the server never followed the alias move"
+                await asyncio.gather(*(one(index) for index in range(len(answers), len(answers) + 40)))
 
             # SIGTERM while a request's body is still on its way: it must be answered, then the process ends.
             request = client.build_request("POST", "/v1/predict", files={"file": (paths[0].name, paths[0].read_bytes())})
@@ -750,7 +754,7 @@ def test_on_loopback_an_alias_move_under_load_fails_nothing_and_sigterm_drains(r
             process.kill()
         registry.move_alias(NAME, CHAMPION, "1")
     answers = got["answers"]
-    assert len(answers) == 200 and all(response.status_code == 200 for _, response in answers)  # 0 failed
+    assert len(answers) >= 200 and all(response.status_code == 200 for _, response in answers)  # 0 failed
     versions = [response.json()["model"]["version"] for _, response in answers]
     assert set(versions) == {"1", "2"} and versions[0] == "1" and versions[-1] == "2"
     for path, response in answers:  # never mixed: each number is the named version's own

@@ -46,7 +46,7 @@ from pipeline.crosssim.finetune import finetune_on_labels
 from pipeline.crosssim.model import load_model
 from pipeline.crosssim.scoring import evaluate_models
 from pipeline.crosssim.stage import DomainData, run_crosssim
-from pipeline.data.prepare import PreparedDataset, prepare_dataset
+from pipeline.data.prepare import PreparedDataset, prepare_dataset, staged_entry
 from pipeline.data.readers import read_dataset
 from pipeline.data.splits import assign_splits, subsample
 from pipeline.evaluation import Interval, format_with_interval
@@ -189,14 +189,11 @@ def source_model(cfg: PipelineConfig, source: PreparedDataset, cache: Path, cons
     entry = cache / hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     if not (entry / "summary.json").is_file():
         console.print(f"seed {cfg.seed}: training the source model")
-        cache.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=cache))  # renamed into place once complete
-        trained = train_model(source, cfg.model_copy(update={"train": cfg.train.model_copy(update={"output_dir": staging})}),
-                              show_progress=sys.stdout.isatty())  # fmt: skip
-        summary = {"identity": identity, "val_auc": trained.state.best_val_auc}
-        (staging / "summary.json").write_text(json.dumps(summary, indent=2))
-        shutil.rmtree(entry, ignore_errors=True)
-        staging.rename(entry)
+        with staged_entry(entry, "summary.json") as staging:
+            trained = train_model(source, cfg.model_copy(update={"train": cfg.train.model_copy(update={"output_dir": staging})}),
+                                  show_progress=sys.stdout.isatty())  # fmt: skip
+            summary = {"identity": identity, "val_auc": trained.state.best_val_auc}
+            (staging / "summary.json").write_text(json.dumps(summary, indent=2))
     summary = json.loads((entry / "summary.json").read_text())
     return load_trained_model(entry / "best.pt", cfg.train.backbone), summary["val_auc"]
 

@@ -181,7 +181,7 @@ def run_crosssim(
     adapted, selector, shift = _adapt(start, inputs, probes, diagnostics)
     student_path = _distil(adapted, selector, inputs, diagnostics) if settings.distill.enabled else None
     adapted_path = save_model(adapted, output_dir / ADAPTED_MODEL)
-    deployable = _deployable(adapted_path, student_path, target_selection, runtime.device, diagnostics)
+    deployable = _deployable(adapted, student_path, target_selection, runtime.device, diagnostics)
     diagnostics_path = diagnostics.write()
     if tracker is not None:
         tracker.log_metrics(
@@ -196,7 +196,7 @@ def run_crosssim(
 
 
 def _deployable(
-    adapted_path: Path, student_path: Path | None, selection: DomainData | None, device: torch.device, diagnostics: _Diagnostics
+    adapted: Classifier, student_path: Path | None, selection: DomainData | None, device: torch.device, diagnostics: _Diagnostics
 ) -> str:
     """Teacher or student, by AUC on the held-out labelled target images (ties: the teacher, the larger model);
     the teacher when there is no student or nothing held out to judge on."""
@@ -205,8 +205,8 @@ def _deployable(
         diagnostics.sections["deployable"] = {"model": "adapted", "chosen_on": reason}
         return "adapted"
     aucs = {
-        name: float(roc_auc_score(selection.labels, predict_proba(load_model(path), selection.images, device)))
-        for name, path in (("adapted", adapted_path), ("student", student_path))
+        name: float(roc_auc_score(selection.labels, predict_proba(model, selection.images, device)))
+        for name, model in (("adapted", adapted), ("student", load_model(student_path)))
     }
     chosen = "student" if aucs["student"] > aucs["adapted"] else "adapted"
     diagnostics.sections["deployable"] = {

@@ -13,7 +13,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,9 +96,7 @@ def prepare_dataset(
     entry = Path(cache_dir) / key
     if (entry / "meta.json").is_file():
         return open_prepared(entry)
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=entry.parent))
-    try:
+    with staged_entry(entry, "meta.json") as staging:
         images = np.lib.format.open_memmap(
             staging / "images.npy", mode="w+", dtype=np.uint8, shape=(len(manifest), image_size, image_size)
         )
@@ -116,23 +116,31 @@ def prepare_dataset(
             "format": PREPARE_FORMAT,
         }
         (staging / "meta.json").write_text(json.dumps(meta, indent=2))
-        _move_into_place(staging, entry)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return open_prepared(entry)
 
 
-def _move_into_place(staging: Path, entry: Path) -> None:
-    """Rename the finished entry into place: it appears complete or not at all.
-
-    Two runs preparing the same images at once both build it; the rename of the second fails on
-    the first's complete entry, whose content is the same (the key hashes it), so it is kept.
+@contextmanager
+def staged_entry(entry: Path, last_file: str) -> Iterator[Path]:
+    """A temporary folder beside the content-keyed cache ``entry``, renamed into place once the block has written
+    ``last_file`` into it: the entry appears complete or not at all, and a failed block leaves nothing. Two runs
+    building the same entry at once both build it; the second's rename fails on the first's entry, which is kept.
     """
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+    try:
+        yield staging
+        _move_into_place(staging, entry, last_file)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _move_into_place(staging: Path, entry: Path, last_file: str = "meta.json") -> None:
+    """Rename the finished ``staging`` to ``entry``; a complete ``entry`` already there (same key, same content) is kept."""
     try:
         os.replace(staging, entry)
     except OSError:
-        if not (entry / "meta.json").is_file():
+        if not (entry / last_file).is_file():
             raise
         shutil.rmtree(staging, ignore_errors=True)
 

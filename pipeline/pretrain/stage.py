@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +21,7 @@ import torch
 
 from pipeline.augment import to_model_input
 from pipeline.config import PretrainConfig, TrainConfig
-from pipeline.data.prepare import PreparedDataset
+from pipeline.data.prepare import PreparedDataset, staged_entry
 from pipeline.errors import DatasetError
 from pipeline.models import build_model
 from pipeline.pretrain.checkpoint import MANIFEST_FILE, save_backbone
@@ -151,9 +148,7 @@ def _build_entry(
     show_progress: bool,
 ) -> None:
     pixels = _pixels(sets)
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
-    try:
+    with staged_entry(entry, SUMMARY_FILE) as staging:
         started = time.perf_counter()
         loop = PretrainLoop(backbone, pixels, cfg, seed, runtime, show_progress)
         losses = loop.fit()
@@ -173,20 +168,6 @@ def _build_entry(
             "seed": seed,
         }
         (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-        _move_into_place(staging, entry)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _move_into_place(staging: Path, entry: Path) -> None:
-    """A concurrent run with the same key may have finished first: its entry is the same, keep it."""
-    try:
-        os.replace(staging, entry)
-    except OSError:
-        if not (entry / SUMMARY_FILE).is_file():
-            raise
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 class PretrainLoop(Loop):
@@ -229,11 +210,12 @@ class PretrainLoop(Loop):
                 view_a, view_b = two_views(to_model_input(self.pixels[rows], self.device, self.channels_last), self.transform)
                 with self.autocast():
                     loss = self.method(view_a, view_b)
-                self.check_finite({self.cfg.method: loss.item()}, f"pretraining epoch {epoch}, batch {index}")
+                value = loss.item()  # one device sync per step, for the check and the epoch's mean
+                self.check_finite({self.cfg.method: value}, f"pretraining epoch {epoch}, batch {index}")
                 self.backward(loss)
                 self.apply_gradients(self.optimizer, self.scheduler, self.method.parameters(), None)
                 self.method.step_end(step, self.total_steps)
-                total += loss.item()
+                total += value
                 step += 1
             losses.append(total / self.steps_per_epoch)
             self.epoch_seconds.append(time.perf_counter() - started)

@@ -48,7 +48,7 @@ class DataConfig(_Section):
     external: list[str] = Field(default_factory=lambda: ["nih-cxr8"])
     image_size: int = Field(default=64, ge=16, le=1024)
     harmonisation: Harmonisation = Field(
-        default="none",
+        default="histeq",
         description="Per-image intensity standardisation after the resize: none, histeq (global histogram "
         "equalisation) or clahe; applied in prepare and carried by the served model.",
     )

@@ -125,6 +125,14 @@ class TrainConfig(_Section):
     class_weighted: bool = True
     grad_clip_norm: float | None = Field(default=1.0, gt=0)
     grad_accum_steps: int = Field(default=1, ge=1)
+    ema_decay: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="Exponential moving average of the weights (and BatchNorm statistics) at this decay, warmed up "
+        "as min(decay, (1+n)/(10+n)) after n steps; validated, checkpointed and deployed instead of the raw "
+        "weights. null: off.",
+    )
     early_stopping_patience: int | None = Field(default=4, ge=1)
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"

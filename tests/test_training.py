@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -19,8 +20,9 @@ from pipeline.data.splits import subsample
 from pipeline.errors import TrainingError
 from pipeline.models import build_model
 from pipeline.retrain.sites import prepare_site
-from pipeline.training import train_model
+from pipeline.training import load_trained_model, train_model
 from pipeline.training.engine import Trainer
+from pipeline.training.inference import predict_proba
 from pipeline.training.loop import NonFiniteLoss
 from tests.conftest import REPO
 
@@ -51,14 +53,17 @@ def _weights(path):
     return torch.load(path, weights_only=False)["model"]
 
 
+class Crash:
+    """Interrupts training after its first epoch, as a killed run would."""
+
+    def on_epoch_end(self, trainer):
+        if trainer.state.epoch == 1:
+            raise KeyboardInterrupt
+
+
 def test_resume_after_interruption_equals_uninterrupted(mnist_subset, tmp_path):
     straight = train_model(mnist_subset, _cfg(tmp_path / "a", "train.epochs=3"), show_progress=False)
     # "interrupted": a run configured for 3 epochs that died after its first one
-    class Crash:
-        def on_epoch_end(self, trainer):
-            if trainer.state.epoch == 1:
-                raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
         train_model(mnist_subset, _cfg(tmp_path / "b", "train.epochs=3"), show_progress=False, extra_handlers=[Crash()])
     resumed = train_model(mnist_subset, _cfg(tmp_path / "b", "train.epochs=3", "train.resume=true"), show_progress=False)
@@ -67,6 +72,23 @@ def test_resume_after_interruption_equals_uninterrupted(mnist_subset, tmp_path):
     a, b = _weights(straight.checkpoint_path), _weights(resumed.checkpoint_path)
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_the_weight_average_is_what_is_validated_kept_and_resumed(mnist_subset, tmp_path):
+    settings = ("train.epochs=2", "train.ema_decay=0.9")
+    straight = train_model(mnist_subset, _cfg(tmp_path / "a", *settings), show_progress=False)
+    kept, raw = torch.load(straight.model_path, weights_only=True), _weights(straight.checkpoint_path)
+    assert any(not torch.equal(kept[name], raw[name]) for name in kept)  # the average, not the last weights
+    images, rows = mnist_subset.subset(mnist_subset.manifest["split"] == "val")
+    scores = predict_proba(load_trained_model(straight.model_path, "resnet18"), images, torch.device("cpu"))
+    assert roc_auc_score(rows["label"], scores) == pytest.approx(straight.state.best_val_auc, abs=1e-4)
+
+    with pytest.raises(KeyboardInterrupt):
+        train_model(mnist_subset, _cfg(tmp_path / "b", *settings), show_progress=False, extra_handlers=[Crash()])
+    resumed = train_model(mnist_subset, _cfg(tmp_path / "b", *settings, "train.resume=true"), show_progress=False)
+    assert [h["val_auc"] for h in resumed.state.history] == pytest.approx([h["val_auc"] for h in straight.state.history])
+    again = torch.load(resumed.model_path, weights_only=True)
+    assert all(torch.equal(kept[name], again[name]) for name in kept)
 
 
 def test_learns_above_chance_and_keeps_best(mnist_subset, tmp_path, capsys):

@@ -73,7 +73,8 @@ def finetune_on_labels(
     labelled = _labelled_rows(data)
     images, labels = np.asarray(data.images[labelled]), data.labels[labelled]
     epochs = max(1, math.ceil(steps * train.batch_size / len(images)))
-    config = train.model_copy(update={"epochs": epochs, "lr": lr, "warmup_epochs": 0.0})
+    # a few steps: the last weights, not an average that would still lag them
+    config = train.model_copy(update={"epochs": epochs, "lr": lr, "warmup_epochs": 0.0, "ema_decay": None})
     seed_everything(seed)
     trainer = Trainer(copy.deepcopy(source_model), images, labels, images, labels, config, augment, seed)
     trainer.fit()

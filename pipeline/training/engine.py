@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DistributedSampler
 from torchmetrics.functional.classification import binary_auroc
 
@@ -116,7 +117,13 @@ class Trainer(Loop):
         total_steps = self.steps_per_epoch * cfg.epochs
         warmup_steps = min(int(cfg.warmup_epochs * self.steps_per_epoch), max(total_steps - 1, 0))
         self.scheduler = warmup_cosine(self.optimizer, total_steps, warmup_steps)
+        self.averaged = None if cfg.ema_decay is None else weight_average(self.model, cfg.ema_decay)
         self.state = TrainState()
+
+    @property
+    def weights(self) -> nn.Module:
+        """The model that is validated, checkpointed as best and deployed: the weight average when there is one."""
+        return self.model if self.averaged is None else self.averaged.module
 
     def _batches_per_epoch(self) -> int:
         full, rest = divmod(len(self.sampler), self.rank_batch)  # the same on every rank: the sampler pads
@@ -172,6 +179,8 @@ class Trainer(Loop):
                 self.backward(loss / accum)
             if stepping:
                 self.apply_gradients(self.optimizer, self.scheduler, self.model.parameters(), self.cfg.grad_clip_norm)
+                if self.averaged is not None:
+                    self.averaged.update_parameters(self.model)
                 self.state.step += 1
             total_loss += self.state.last_loss * len(rows)
             seen += len(rows)
@@ -185,8 +194,8 @@ class Trainer(Loop):
         return self.ranks.gather(self.predict(self.val_images[rows]), rows, len(self.val_images))
 
     def predict(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
-        """Probability of pneumonia for each uint8 image."""
-        return self.probabilities(self.model, images)
+        """Probability of pneumonia for each uint8 image, by the model that is kept (:attr:`weights`)."""
+        return self.probabilities(self.weights, images)
 
     def checkpoint(self) -> dict[str, Any]:
         return {
@@ -194,6 +203,7 @@ class Trainer(Loop):
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
+            "averaged": self.averaged.state_dict() if self.averaged is not None else None,
             "state": self.state.__dict__.copy(),
         }
 
@@ -203,4 +213,19 @@ class Trainer(Loop):
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         if self.scaler and checkpoint["scaler"]:
             self.scaler.load_state_dict(checkpoint["scaler"])
+        if self.averaged is not None and checkpoint.get("averaged"):
+            self.averaged.load_state_dict(checkpoint["averaged"])
         self.state = TrainState(**checkpoint["state"])
+
+
+def weight_average(model: nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average of ``model``'s parameters and buffers (BatchNorm statistics included, so the
+    average needs no BatchNorm pass of its own). After ``n`` updates the rate is ``min(decay, (1+n)/(10+n))``: the
+    average follows the weights closely while they move fast early on instead of staying near the initial ones.
+    """
+
+    def update(average: torch.Tensor, current: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
+        rate = min(decay, (1 + int(updates)) / (10 + int(updates)))
+        return average + (current - average) * (1 - rate)
+
+    return AveragedModel(model, avg_fn=update, use_buffers=True)

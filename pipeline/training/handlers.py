@@ -43,7 +43,7 @@ class Checkpointer:
 
     def on_epoch_end(self, trainer) -> None:
         if trainer.state.best_epoch == trainer.state.epoch:
-            save_atomic(trainer.model.state_dict(), self.best)
+            save_atomic(trainer.weights.state_dict(), self.best)
         save_atomic({**trainer.checkpoint(), "run_config": self.run_config}, self.last)
 
 

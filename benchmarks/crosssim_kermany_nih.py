@@ -25,12 +25,15 @@ import argparse
 import hashlib
 import json
 import math
+import multiprocessing
+import os
 import platform
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -59,20 +62,22 @@ RESULT = REPO / "benchmarks" / "results" / "crosssim-kermany-nih.json"
 SOURCE_CACHE = REPO / ".cache" / "bench-crosssim"
 # Sized for the 2-core CPU budget (≤ 45 min for the whole table); see README "CrossSim benchmark".
 DEFAULTS = [
-    # 48 px and these step counts fit the whole table in 45 min on 2 cores (64 px and 2× the steps took ≈ 2 h)
+    # 48 px, these step counts and two worker processes (JOBS) fit the whole table in 45 min on 2 cores
+    # (64 px with 2× the steps in one process took ≈ 2 h)
     "data.image_size=48",
     "train.pretrained_weights=pretrain",  # one SimCLR backbone shared by the seeds (shared_pretraining)
-    "pretrain.epochs=4",
-    "train.epochs=4",
-    "crosssim.head_warmup_steps=100",
-    "crosssim.steps=150",
-    "crosssim.label_finetune_steps=100",
-    "crosssim.distill.steps=150",
-    "crosssim.eval_every=50",
+    "pretrain.epochs=3",
+    "train.epochs=3",
+    "crosssim.head_warmup_steps=80",
+    "crosssim.steps=120",
+    "crosssim.label_finetune_steps=80",
+    "crosssim.distill.steps=120",
+    "crosssim.eval_every=40",
     "crosssim.diagnostics_samples=150",
     "evaluate.bootstrap_samples=1000",
 ]
 LABELLED_FRACTION = 0.1
+JOBS = 2  # worker processes: one per core of the 2-core CPU the table is sized for
 
 
 @dataclass(frozen=True)
@@ -202,47 +207,119 @@ def source_model(cfg: PipelineConfig, source: PreparedDataset, cache: Path, cons
     return load_trained_model(entry / "best.pt", cfg.train.backbone), summary["val_auc"]
 
 
-def run_seed(seed: int, names: list[str], overrides: list[str], test_set: Path | None, sites: Sites,
-             cache: Path, console: Console) -> dict:  # fmt: skip
-    """The seed's rows: its source model(s), each variant's model, all scored on the seed's target-test."""
-    work = Path(tempfile.mkdtemp(prefix=f"bench-crosssim-{seed}-"))
-    facts: dict[str, object] = {"seed": seed}
-    rows: dict[str, dict] = {}
-    groups: dict[tuple[str, ...], list[str]] = {}  # variants sharing a source model (same data and training)
-    for name in names:
-        groups.setdefault(tuple(VARIANTS[name].source), []).append(name)
-    for source_settings, group in groups.items():
-        cfg = _config([*overrides, *source_settings], seed, work, [])
-        source, target = sites.prepared(cfg)
-        model, val_auc = source_model(cfg, source, cache, console)
-        data = {  # fine-tuning has no teacher/student to choose between: it trains on every labelled patient
-            (fraction, kind): crosssim_data(_target_split(cfg, fraction, kind, test_set), source, target)
-            for fraction, kind in {(0.0, "source"), *((VARIANTS[name].labelled_fraction, VARIANTS[name].kind) for name in group)}
-        }
-        target_test = data[0.0, "source"].target_test
-        if not source_settings:  # the headline configuration: its facts describe the seed
-            facts |= {"source_val_auc": val_auc, "n_target_train": len(data[0.0, "source"].target_train.labels),
-                      "n_target_test": len(target_test[1]), "n_target_test_pneumonia": int(target_test[1]["label"].sum())}  # fmt: skip
-        for name in group:
-            console.print(f"seed {seed}: {name}")
-            variant = VARIANTS[name]
-            made = _variant_models(name, model, data[variant.labelled_fraction, variant.kind], cfg, [*overrides, *source_settings], work)
-            for row, (variant_model, train_data, seconds, gap, deployed) in made.items():
-                scored = evaluate_models({row: variant_model}, data[0.0, "source"].source_val, train_data, {"target-test": target_test},
-                                         cfg.evaluate, work / "eval", torch.device("cpu"), seed)[row]  # fmt: skip
-                point = scored.sets["target-test"].at_threshold
-                rows[row] = {
-                    **{metric: point.value(metric) for metric in METRICS},
-                    "ci": {metric: asdict(point.ci[metric]) for metric in METRICS},
-                    "threshold": scored.threshold,
-                    "threshold_chosen_on": scored.threshold_chosen_on,
-                    "labelled_target_images": int((train_data.labels != UNLABELLED).sum()),
-                    "adapt_seconds": seconds,
-                    "domain_gap": gap,
-                    "model": deployed,
-                }
+@dataclass(frozen=True)
+class Task:
+    """One variant of one seed: a unit of work a worker process runs on its own."""
+
+    seed: int
+    name: str
+    overrides: tuple[str, ...]  # the run's settings (--set, the shared backbone)
+    test_set: Path | None
+    cache: Path
+
+    @property
+    def source_settings(self) -> tuple[str, ...]:
+        return tuple(VARIANTS[self.name].source)
+
+    def config(self, work: Path) -> PipelineConfig:
+        return _config([*self.overrides, *self.source_settings], self.seed, work, [])
+
+
+# rough cost of a variant, so the longest start first and the workers finish together
+COST = {"source": 0, "finetune": 1, "crosssim": 2}
+
+
+def _cost(task: Task) -> float:
+    variant = VARIANTS[task.name]
+    return COST[variant.kind] + (1 if variant.kind == "crosssim" and variant.labelled_fraction else 0)
+
+
+def train_source(task: Task, sites: Sites) -> None:
+    """Trains (or finds in the cache) the source model ``task``'s variant starts from."""
+    work = Path(tempfile.mkdtemp(prefix=f"bench-crosssim-{task.seed}-"))
+    cfg = task.config(work)
+    source_model(cfg, sites.prepared(cfg)[0], task.cache, Console(width=160))
     shutil.rmtree(work, ignore_errors=True)
-    return {**facts, "variants": rows}
+
+
+def variant_rows(task: Task, sites: Sites) -> tuple[dict, dict[str, dict]]:
+    """The seed's facts (headline configuration only, else empty) and the rows of ``task``'s variant (and its
+    teacher), scored on the seed's target-test."""
+    work = Path(tempfile.mkdtemp(prefix=f"bench-crosssim-{task.seed}-{task.name}-"))
+    cfg = task.config(work)
+    source, target = sites.prepared(cfg)
+    model, val_auc = source_model(cfg, source, task.cache, Console(width=160))
+    variant = VARIANTS[task.name]
+    unlabelled = crosssim_data(_target_split(cfg, 0.0, "source", task.test_set), source, target)
+    data = crosssim_data(_target_split(cfg, variant.labelled_fraction, variant.kind, task.test_set), source, target)
+    target_test = unlabelled.target_test
+    facts = {} if task.source_settings else {
+        "source_val_auc": val_auc, "n_target_train": len(unlabelled.target_train.labels),
+        "n_target_test": len(target_test[1]), "n_target_test_pneumonia": int(target_test[1]["label"].sum()),
+    }  # fmt: skip
+    rows = {}
+    made = _variant_models(task.name, model, data, cfg, [*task.overrides, *task.source_settings], work)
+    for row, (variant_model, train_data, seconds, gap, deployed) in made.items():
+        scored = evaluate_models({row: variant_model}, unlabelled.source_val, train_data, {"target-test": target_test},
+                                 cfg.evaluate, work / "eval", torch.device("cpu"), task.seed)[row]  # fmt: skip
+        point = scored.sets["target-test"].at_threshold
+        rows[row] = {
+            **{metric: point.value(metric) for metric in METRICS},
+            "ci": {metric: asdict(point.ci[metric]) for metric in METRICS},
+            "threshold": scored.threshold,
+            "threshold_chosen_on": scored.threshold_chosen_on,
+            "labelled_target_images": int((train_data.labels != UNLABELLED).sum()),
+            "adapt_seconds": seconds,
+            "domain_gap": gap,
+            "model": deployed,
+        }
+    shutil.rmtree(work, ignore_errors=True)
+    return facts, rows
+
+
+def run_tasks(tasks: list[Task], sites: Sites, jobs: int, console: Console, partial: Path) -> list[dict]:
+    """Every task's rows, grouped per seed in the order of ``tasks``. With ``jobs`` > 1 the tasks run in that many
+    worker processes of ``cores // jobs`` threads each: small convnets on 2 cores keep both busier that way than
+    with one process of 2 threads, whose per-image augmentation and Python run on one core."""
+    seeds = list(dict.fromkeys(task.seed for task in tasks))
+    results: dict[int, dict] = {seed: {"seed": seed, "variants": {}} for seed in seeds}
+    sources = list({(task.seed, task.source_settings): task for task in tasks}.values())
+    with _executor(jobs) as pool:
+        for done in as_completed([pool.submit(train_source, task, sites) for task in sources]):
+            done.result()  # every source model is in the cache before any variant starts
+        futures = {pool.submit(variant_rows, task, sites): task for task in sorted(tasks, key=_cost, reverse=True)}
+        for done in as_completed(futures):
+            task = futures[done]
+            facts, rows = done.result()
+            console.print(f"seed {task.seed}: {task.name} done")
+            results[task.seed].update(facts)
+            results[task.seed]["variants"].update(rows)
+            # kept as tasks finish: a long run interrupted later still leaves its finished rows
+            partial.write_text(json.dumps(list(results.values()), indent=2, default=str))
+    ordered = []
+    for seed in seeds:
+        order = [row for task in tasks if task.seed == seed for row in (task.name, TEACHERS.get(task.name))]
+        variants = results[seed]["variants"]
+        ordered.append({**results[seed], "variants": {row: variants[row] for row in order if row in variants}})
+    return ordered
+
+
+def _executor(jobs: int) -> Executor:
+    """``jobs`` spawned worker processes (a forked torch can deadlock in OpenMP), or this process for 1."""
+    if jobs == 1:
+        return _InProcess()
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
+                               initargs=(threads,))  # fmt: skip
+
+
+class _InProcess(Executor):
+    """An executor that runs each task at submit, in this process (one job: no worker start-up, plain tracebacks)."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:  # noqa: ANN001
+        future: Future = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
 
 
 def _target_split(cfg: PipelineConfig, fraction: float, kind: str, test_set: Path | None) -> PipelineConfig:
@@ -303,6 +380,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=None, metavar="VARIANT", help=f"among: {', '.join(VARIANTS)}")
     parser.add_argument("--test-set", type=Path, default=None, help="NIH-format folder of held-out target patients")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
+    parser.add_argument("--jobs", type=int, default=JOBS, help=f"worker processes (default {JOBS}; 1: this process)")
     parser.add_argument("--smoke", action="store_true", help="seconds: first seed, tiny real subset, few steps (CI)")
     parser.add_argument("--output", type=Path, default=None, help=f"result JSON (default {RESULT.relative_to(REPO)})")
     args = parser.parse_args()
@@ -326,12 +404,13 @@ def main() -> None:
         pretrained = shared_pretraining(sites, cfg, run_seeds, args.test_set)
         overrides = [*overrides, f"train.pretrained_weights={pretrained.checkpoint_path}"]
 
-    seeds = []
-    for index, seed in enumerate(run_seeds):
-        chosen = [name for name in names if index == 0 or VARIANTS[name].every_seed]
-        seeds.append(run_seed(seed, chosen, overrides, args.test_set, sites, cache, console))
-        # kept after every seed: a long run interrupted later still leaves its finished seeds
-        output.with_suffix(".partial.json").write_text(json.dumps(seeds, indent=2, default=str))
+    tasks = [
+        Task(seed, name, tuple(overrides), args.test_set, cache)
+        for index, seed in enumerate(run_seeds)
+        for name in names
+        if index == 0 or VARIANTS[name].every_seed
+    ]
+    seeds = run_tasks(tasks, sites, args.jobs, console, output.with_suffix(".partial.json"))
     report = _report(args, cfg, run_seeds, seeds, time.perf_counter() - started)
     report["pretraining"] = None if pretrained is None else {
         "method": pretrained.method, "epochs": pretrained.epochs, "images": pretrained.images,
@@ -373,6 +452,7 @@ def _report(args: argparse.Namespace, cfg: PipelineConfig, run_seeds: list[int],
         f"--seeds {' '.join(map(str, run_seeds))}",
         *([f"--only {' '.join(args.only)}"] if args.only else []),
         *([f"--test-set {args.test_set}"] if args.test_set else []),
+        *([f"--jobs {args.jobs}"] if args.jobs != JOBS else []),
         *(["--smoke"] if args.smoke else []),
         *(f"--set {o}" for o in args.overrides),
     ]

@@ -35,6 +35,7 @@ CROSSSIM_VARIANTS = {
 def run_smoke(script: str, data_dir: Path, tmp_path: Path, *options: str) -> dict:
     """Runs the benchmark's smoke mode; returns its result JSON, checking what every benchmark reports."""
     committed = {path: path.read_bytes() for path in (REPO / "benchmarks" / "results").glob("*.json")}
+    tmp_path.mkdir(parents=True, exist_ok=True)
     output = tmp_path / "result.json"
     # TMPDIR: the benchmark's work folders (checkpoints, prepared images) land in tmp_path too
     env = {**os.environ, "CROSSSIM_DATA_DIR": str(data_dir), "TMPDIR": str(tmp_path)}
@@ -89,10 +90,15 @@ def test_bench_crosssim_smoke_writes_every_variant(data_dir, tmp_path):
 
 
 def test_bench_crosssim_only_runs_the_named_variants_beside_source_only(data_dir, tmp_path):
-    report = run_smoke("crosssim_kermany_nih.py", data_dir, tmp_path, "--only", "finetune_10pct", "oracle")
+    only = ("--only", "finetune_10pct", "oracle")
+    report = run_smoke("crosssim_kermany_nih.py", data_dir, tmp_path / "in-process", *only, "--jobs", "1")
     assert set(report["per_seed"][0]["variants"]) == {"source_only", "finetune_10pct", "oracle"}
     assert report["crosssim_auc"] is None and report["paired_10pct_vs_finetune"] is None
-    assert "--only finetune_10pct oracle" in report["command"]
+    assert "--only finetune_10pct oracle" in report["command"] and "--jobs 1" in report["command"]
+    # the worker processes compute the same rows as this process does
+    parallel = run_smoke("crosssim_kermany_nih.py", data_dir, tmp_path / "workers", *only, "--jobs", "2")
+    for name, row in report["per_seed"][0]["variants"].items():
+        assert parallel["per_seed"][0]["variants"][name]["auc"] == pytest.approx(row["auc"], abs=1e-6), name
 
 
 def test_bench_rollout_smoke_writes_decisions_and_drift(data_dir, tmp_path):

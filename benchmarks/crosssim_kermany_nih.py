@@ -12,7 +12,7 @@ The paired difference CrossSim 10% − fine-tuning 10% is taken per seed (same s
 its mean and a t-based 95% CI over seeds.
 
     python benchmarks/crosssim_kermany_nih.py [--seeds 42 43 44 45 46] [--only VARIANT ...] [--test-set DIR]
-        [--smoke] [--output FILE] [--set key=value ...]
+        [--jobs N] [--smoke] [--output FILE] [--set key=value ...]
 
 --only runs the named variants (and source_only, which every row is compared with) and writes the JSON beside
 the committed one unless --output says where. --smoke runs every variant in seconds (first seed, a tiny real
@@ -33,7 +33,8 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, as_completed
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -134,6 +135,11 @@ SMOKE = [  # --smoke: every variant on 12 images per split and class of each sit
 ]
 
 
+def _interactive() -> bool:
+    """Progress bars on a terminal, from the main process only: two workers' bars on one terminal garble it."""
+    return sys.stdout.isatty() and multiprocessing.parent_process() is None
+
+
 def _finetune(source_model, data: DomainData, cfg: PipelineConfig) -> torch.nn.Module:
     """The fine-tuning baseline (and the oracle): plain supervised fine-tuning, the recipe CrossSim
     with labels also uses when ``crosssim.label_consistency_weight`` is 0."""
@@ -151,10 +157,17 @@ class Sites:
         self.kermany = read_dataset(root / cfg.data.source)
         nih = read_dataset(root / cfg.crosssim.target)
         self.nih = nih[nih["label"].notna()].reset_index(drop=True)
+        self._prepared: dict[tuple, tuple[PreparedDataset, PreparedDataset]] = {}
 
     def prepared(self, cfg: PipelineConfig) -> tuple[PreparedDataset, PreparedDataset]:
         """Kermany with this seed's val carved by patient (decoding ~6k small JPEGs takes seconds), and NIH (its
-        target-test is drawn by crosssim_data, per seed)."""
+        target-test is drawn by crosssim_data, per seed). Kept for the process's next task of the same seed and data."""
+        key = (cfg.seed, cfg.data.preprocessing(), cfg.data.max_images_per_class, str(cfg.data.cache_dir))
+        if key not in self._prepared:
+            self._prepared[key] = self._prepare(cfg)
+        return self._prepared[key]
+
+    def _prepare(self, cfg: PipelineConfig) -> tuple[PreparedDataset, PreparedDataset]:
         kermany = assign_splits(self.kermany, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
         kermany = subsample(kermany, cfg.data.max_images_per_class, cfg.seed).reset_index(drop=True)
         nih = subsample(self.nih, cfg.data.max_images_per_class, 0).reset_index(drop=True)
@@ -177,7 +190,7 @@ def shared_pretraining(sites: Sites, cfg: PipelineConfig, seeds: list[int], test
         PretrainImages(cfg.data.source, "train", kermany, kermany.manifest[kermany.manifest["split"] != "test"]),
         PretrainImages(cfg.crosssim.target, "target-train", nih, nih.manifest[~nih.manifest["patient_id"].isin(tested)]),
     ]
-    return pretrain_backbone(sets, cfg.pretrain, cfg.train.backbone, cfg.seed, cfg.train, show_progress=sys.stdout.isatty())
+    return pretrain_backbone(sets, cfg.pretrain, cfg.train.backbone, cfg.seed, cfg.train, show_progress=_interactive())
 
 
 def _config(base: list[str], seed: int, work: Path, extra: list[str]) -> PipelineConfig:
@@ -200,7 +213,7 @@ def source_model(cfg: PipelineConfig, source: PreparedDataset, cache: Path, cons
         console.print(f"seed {cfg.seed}: training the source model")
         with staged_entry(entry, "summary.json") as staging:
             trained = train_model(source, cfg.model_copy(update={"train": cfg.train.model_copy(update={"output_dir": staging})}),
-                                  show_progress=sys.stdout.isatty())  # fmt: skip
+                                  show_progress=_interactive())  # fmt: skip
             summary = {"identity": identity, "val_auc": trained.state.best_val_auc}
             (staging / "summary.json").write_text(json.dumps(summary, indent=2))
     summary = json.loads((entry / "summary.json").read_text())
@@ -234,20 +247,20 @@ def _cost(task: Task) -> float:
     return COST[variant.kind] + (1 if variant.kind == "crosssim" and variant.labelled_fraction else 0)
 
 
-def train_source(task: Task, sites: Sites) -> None:
+def train_source(task: Task) -> None:
     """Trains (or finds in the cache) the source model ``task``'s variant starts from."""
     work = Path(tempfile.mkdtemp(prefix=f"bench-crosssim-{task.seed}-"))
     cfg = task.config(work)
-    source_model(cfg, sites.prepared(cfg)[0], task.cache, Console(width=160))
+    source_model(cfg, _SITES[0].prepared(cfg)[0], task.cache, Console(width=160))
     shutil.rmtree(work, ignore_errors=True)
 
 
-def variant_rows(task: Task, sites: Sites) -> tuple[dict, dict[str, dict]]:
+def variant_rows(task: Task) -> tuple[dict, dict[str, dict]]:
     """The seed's facts (headline configuration only, else empty) and the rows of ``task``'s variant (and its
     teacher), scored on the seed's target-test."""
     work = Path(tempfile.mkdtemp(prefix=f"bench-crosssim-{task.seed}-{task.name}-"))
     cfg = task.config(work)
-    source, target = sites.prepared(cfg)
+    source, target = _SITES[0].prepared(cfg)
     model, val_auc = source_model(cfg, source, task.cache, Console(width=160))
     variant = VARIANTS[task.name]
     unlabelled = crosssim_data(_target_split(cfg, 0.0, "source", task.test_set), source, target)
@@ -278,24 +291,15 @@ def variant_rows(task: Task, sites: Sites) -> tuple[dict, dict[str, dict]]:
 
 
 def run_tasks(tasks: list[Task], sites: Sites, jobs: int, console: Console, partial: Path) -> list[dict]:
-    """Every task's rows, grouped per seed in the order of ``tasks``. With ``jobs`` > 1 the tasks run in that many
-    worker processes of ``cores // jobs`` threads each: small convnets on 2 cores keep both busier that way than
-    with one process of 2 threads, whose per-image augmentation and Python run on one core."""
+    """Every task's rows, grouped per seed in the order of ``tasks``; ``partial`` is rewritten as tasks finish, so
+    an interrupted run still leaves its finished rows."""
     seeds = list(dict.fromkeys(task.seed for task in tasks))
     results: dict[int, dict] = {seed: {"seed": seed, "variants": {}} for seed in seeds}
-    sources = list({(task.seed, task.source_settings): task for task in tasks}.values())
-    with _executor(jobs) as pool:
-        for done in as_completed([pool.submit(train_source, task, sites) for task in sources]):
-            done.result()  # every source model is in the cache before any variant starts
-        futures = {pool.submit(variant_rows, task, sites): task for task in sorted(tasks, key=_cost, reverse=True)}
-        for done in as_completed(futures):
-            task = futures[done]
-            facts, rows = done.result()
-            console.print(f"seed {task.seed}: {task.name} done")
-            results[task.seed].update(facts)
-            results[task.seed]["variants"].update(rows)
-            # kept as tasks finish: a long run interrupted later still leaves its finished rows
-            partial.write_text(json.dumps(list(results.values()), indent=2, default=str))
+    for task, (facts, rows) in _finished(tasks, sites, jobs):
+        console.print(f"seed {task.seed}: {task.name} done")
+        results[task.seed].update(facts)
+        results[task.seed]["variants"].update(rows)
+        partial.write_text(json.dumps(list(results.values()), indent=2, default=str))
     ordered = []
     for seed in seeds:
         order = [row for task in tasks if task.seed == seed for row in (task.name, TEACHERS.get(task.name))]
@@ -304,22 +308,41 @@ def run_tasks(tasks: list[Task], sites: Sites, jobs: int, console: Console, part
     return ordered
 
 
-def _executor(jobs: int) -> Executor:
-    """``jobs`` spawned worker processes (a forked torch can deadlock in OpenMP), or this process for 1."""
+def _finished(tasks: list[Task], sites: Sites, jobs: int) -> Iterator[tuple[Task, tuple[dict, dict[str, dict]]]]:
+    """(task, its rows) as tasks finish; every source model is in the cache before any variant starts, and the
+    longest variants start first. With ``jobs`` > 1 they run in that many spawned worker processes (a forked torch
+    can deadlock in OpenMP) of ``cores // jobs`` threads each: small convnets on 2 cores keep both busier that way
+    than one process of 2 threads, whose per-image augmentation and Python run on one core."""
+    sources = list({(task.seed, task.source_settings): task for task in tasks}.values())
+    ordered = sorted(tasks, key=_cost, reverse=True)
     if jobs == 1:
-        return _InProcess()
+        _use_sites(sites, 0)
+        for task in sources:
+            train_source(task)
+        yield from ((task, variant_rows(task)) for task in ordered)
+        return
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
-                               initargs=(threads,))  # fmt: skip
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_use_sites, initargs=(sites, threads)) as pool:
+        try:
+            for done in as_completed([pool.submit(train_source, task) for task in sources]):
+                done.result()
+            futures = {pool.submit(variant_rows, task): task for task in ordered}
+            for done in as_completed(futures):
+                yield futures[done], done.result()
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # a failed task stops the run now, not after the queued ones
+            raise
 
 
-class _InProcess(Executor):
-    """An executor that runs each task at submit, in this process (one job: no worker start-up, plain tracebacks)."""
+_SITES: list[Sites] = []  # the process's sites: read once per worker, with the datasets it prepared
 
-    def submit(self, fn, /, *args, **kwargs) -> Future:  # noqa: ANN001
-        future: Future = Future()
-        future.set_result(fn(*args, **kwargs))
-        return future
+
+def _use_sites(sites: Sites, threads: int) -> None:
+    """A worker's start (and the single process's): the sites its tasks read, and its torch threads (0: as is)."""
+    _SITES[:] = [sites]
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def _target_split(cfg: PipelineConfig, fraction: float, kind: str, test_set: Path | None) -> PipelineConfig:
@@ -339,7 +362,7 @@ def _variant_models(name: str, model: torch.nn.Module, data: CrossSimData, cfg: 
         return {name: (_finetune(model, train_data, cfg), train_data, time.perf_counter() - started, None, "fine-tuned")}
     variant_cfg = _config(settings, cfg.seed, work, [*variant.overrides, f"crosssim.labelled_fraction={variant.labelled_fraction}"])
     result = run_crosssim(model, cfg.data.image_size, data.source_train, data.source_val, train_data, variant_cfg,
-                          show_progress=sys.stdout.isatty(), target_selection=data.target_selection)  # fmt: skip
+                          show_progress=_interactive(), target_selection=data.target_selection)  # fmt: skip
     seconds, gap = time.perf_counter() - started, result.gap.to_dict()
     made = {name: (load_model(result.deployable_path), train_data, seconds, gap, result.deployable)}  # what CrossSim deploys
     if result.student_path is not None and name in TEACHERS:
@@ -384,6 +407,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="seconds: first seed, tiny real subset, few steps (CI)")
     parser.add_argument("--output", type=Path, default=None, help=f"result JSON (default {RESULT.relative_to(REPO)})")
     args = parser.parse_args()
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: at least 1 (1 runs every task in this process)")
     console = Console(width=160)
     started = time.perf_counter()
     names = _selected(args.only)

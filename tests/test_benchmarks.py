@@ -58,7 +58,9 @@ def _is_score(value: float) -> bool:
 
 def test_bench_source_smoke_writes_its_table(data_dir, tmp_path):
     report = run_smoke("source_pneumoniamnist.py", data_dir, tmp_path)
-    assert report["seed"] == 42 and report["epochs"] == 1
+    assert report["seed"] == 42
+    # an ensemble of three, each trained with its own seed
+    assert [(member["seed"], member["epochs"]) for member in report["members"]] == [(42, 1), (43, 1), (44, 1)]
     assert all(_is_score(report[key]) for key in ("test_auc", "test_acc", "test_acc_at_0.5", "best_val_auc"))
     assert set(report["medmnist_v2_reference"]) == {"ResNet-18 (28)", "ResNet-50 (28)", "Google AutoML Vision"}
     assert report["throughput_pipeline_images_per_second"] > 0 and report["throughput_bare_images_per_second"] > 0

@@ -38,7 +38,7 @@ class Preprocessing:
     """What turns decoded pixels into a model's input; a served model's bundle carries it."""
 
     image_size: int
-    harmonisation: Harmonisation = "none"
+    harmonisation: Harmonisation = "none"  # what bundles and caches made before harmonisation existed used
 
     def __post_init__(self) -> None:
         if self.harmonisation not in HARMONISATIONS:

@@ -222,10 +222,14 @@ def weight_average(model: nn.Module, decay: float) -> AveragedModel:
     """An exponential moving average of ``model``'s parameters and buffers (BatchNorm statistics included, so the
     average needs no BatchNorm pass of its own). After ``n`` updates the rate is ``min(decay, (1+n)/(10+n))``: the
     average follows the weights closely while they move fast early on instead of staying near the initial ones.
-    """
+    Integer buffers (BatchNorm's batch counter) are copied, not averaged."""
 
-    def update(average: torch.Tensor, current: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
+    def update(averages: list[torch.Tensor], currents: list[torch.Tensor], updates: torch.Tensor) -> None:
+        # called once per device and dtype group: one read of the counter, one fused update of the group
+        if not averages[0].is_floating_point():
+            torch._foreach_copy_(averages, currents)
+            return
         rate = min(decay, (1 + int(updates)) / (10 + int(updates)))
-        return average + (current - average) * (1 - rate)
+        torch._foreach_lerp_(averages, currents, 1 - rate)
 
-    return AveragedModel(model, avg_fn=update, use_buffers=True)
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)

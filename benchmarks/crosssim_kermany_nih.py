@@ -63,8 +63,7 @@ RESULT = REPO / "benchmarks" / "results" / "crosssim-kermany-nih.json"
 SOURCE_CACHE = REPO / ".cache" / "bench-crosssim"
 # Sized for the 2-core CPU budget (≤ 45 min for the whole table); see README "CrossSim benchmark".
 DEFAULTS = [
-    # 48 px, these step counts and two worker processes (JOBS) fit the whole table in 45 min on 2 cores
-    # (64 px with 2× the steps in one process took ≈ 2 h)
+    # sized for 45 min on 2 cores (64 px with 2× the steps took ≈ 2 h); the five-seed table took 51.9 min
     "data.image_size=48",
     "train.pretrained_weights=pretrain",  # one SimCLR backbone shared by the seeds (shared_pretraining)
     "pretrain.epochs=3",
@@ -78,7 +77,7 @@ DEFAULTS = [
     "evaluate.bootstrap_samples=1000",
 ]
 LABELLED_FRACTION = 0.1
-JOBS = 2  # worker processes: one per core of the 2-core CPU the table is sized for
+JOBS = 1  # worker processes; on 2 cores two workers of one thread ran no faster than one process of two threads
 
 
 @dataclass(frozen=True)
@@ -311,8 +310,7 @@ def run_tasks(tasks: list[Task], sites: Sites, jobs: int, console: Console, part
 def _finished(tasks: list[Task], sites: Sites, jobs: int) -> Iterator[tuple[Task, tuple[dict, dict[str, dict]]]]:
     """(task, its rows) as tasks finish; every source model is in the cache before any variant starts, and the
     longest variants start first. With ``jobs`` > 1 they run in that many spawned worker processes (a forked torch
-    can deadlock in OpenMP) of ``cores // jobs`` threads each: small convnets on 2 cores keep both busier that way
-    than one process of 2 threads, whose per-image augmentation and Python run on one core."""
+    can deadlock in OpenMP) of ``cores // jobs`` threads each, for machines with more cores than one process uses."""
     sources = list({(task.seed, task.source_settings): task for task in tasks}.values())
     ordered = sorted(tasks, key=_cost, reverse=True)
     if jobs == 1:

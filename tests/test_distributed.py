@@ -51,6 +51,9 @@ def prepared(data_dir, tmp_path_factory) -> tuple[list[str], Path]:
         "data.source=pneumoniamnist", "data.external=[]", "crosssim.enabled=false", "data.image_size=32",
         f"data.prepared_dir={project / 'prepared'}", f"data.cache_dir={project / 'cache'}",
         "train.batch_size=32", "train.early_stopping_patience=null",
+        # the ≤ 5% loss agreement below was calibrated on these images without histeq: after 4 steps on the equalised
+        # ones the 2-process loss was 0.63 against 0.50 (per-rank BatchNorm statistics are what differs between them)
+        "data.harmonisation=none",
     ]  # fmt: skip
     cfg = load_config(REPO / "params.yaml", overrides)
     prepare_site(cfg, "pneumoniamnist", subsample(read_dataset(data_dir / "pneumoniamnist"), 64, seed=0))

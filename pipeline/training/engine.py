@@ -229,7 +229,8 @@ def weight_average(model: nn.Module, decay: float) -> AveragedModel:
         if not averages[0].is_floating_point():
             torch._foreach_copy_(averages, currents)
             return
-        rate = min(decay, (1 + int(updates)) / (10 + int(updates)))
+        count = int(updates)
+        rate = min(decay, (1 + count) / (10 + count))
         torch._foreach_lerp_(averages, currents, 1 - rate)
 
     return AveragedModel(model, multi_avg_fn=update, use_buffers=True)

@@ -25,7 +25,7 @@ from pipeline.models import servable
 from pipeline.registry.store import CHALLENGER, CHAMPION, ModelRegistry
 from pipeline.rollout.actions import rollout_actions
 from pipeline.rollout.analysis import analyse_rollout
-from pipeline.serving.app import API_KEY_HEADER
+from pipeline.serving.api_key import API_KEY_HEADER
 from pipeline.serving.export import LoggedBundle, build_bundle, version_tags
 from pipeline.serving.ledger import PredictionLedger
 from pipeline.serving.service import API_KEY_ENV

@@ -521,6 +521,24 @@ class RolloutConfig(_Section):
         return value
 
 
+# Batch active-learning strategies of the read worklist (pipeline.loop.selection documents each and its source)
+WorklistStrategy = Literal["random", "uncertainty", "diverse", "hybrid"]
+
+
+class LoopConfig(_Section):
+    """The learning loop: which served cases a radiologist is asked to read (pipeline.loop)."""
+
+    worklist_strategy: WorklistStrategy = Field(
+        default="hybrid", description="How the read worklist ranks a site's unlabelled served cases."
+    )
+    worklist_window_days: float = Field(
+        default=28.0, gt=0, description="Only cases served this recently are candidates (older ones are rarely read)."
+    )
+    hybrid_pool_factor: float = Field(
+        default=4.0, ge=1, description="hybrid: k-center picks the batch among this many × budget most uncertain cases."
+    )
+
+
 class RunsConfig(_Section):
     """Where each flow run (``crosssim run``, a deployment) keeps its own outputs."""
 
@@ -557,6 +575,7 @@ class PipelineConfig(_Section):
     runs: RunsConfig = Field(default_factory=RunsConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    loop: LoopConfig = Field(default_factory=LoopConfig)
 
     def served_sites(self) -> tuple[str, ...]:
         """The sites a served request (and its outcome) may name: ``serve.sites``, else the training sites."""

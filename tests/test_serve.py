@@ -488,10 +488,55 @@ def test_feedback_attaches_outcomes_to_served_predictions(registered, tmp_path):
     got = asyncio.run(scenario())
     assert got["no_key"].status_code == 401
     for name, status in (("recorded", "recorded"), ("duplicate", "duplicate"), ("conflict", "conflict")):
-        assert got[name].status_code == 200 and got[name].json() == {"status": status, "inference_ids": [got["answer"]["inference_id"]]}
+        assert got[name].status_code == 200
+        assert got[name].json() == {"status": status, "inference_ids": [got["answer"]["inference_id"]], "requested": False}
     assert (got["unknown"].status_code, got["unknown"].json()["error"]) == (404, "unknown_inference")
     assert (got["unknown_study"].status_code, got["unknown_study"].json()["error"]) == (404, "unknown_inference")
     assert (got["bad_label"].status_code, got["bad_label"].json()["error"]) == (422, "unknown_label")
+
+
+def test_worklist_asks_for_served_cases_once_and_counts_their_reads_as_requested(registered, tmp_path, data_dir):
+    cfg = serve_config(registered, tmp_path)
+    key = {"X-API-Key": API_KEY}
+    studies = sorted((data_dir / "nih-cxr8" / "images").iterdir())[:8]
+
+    async def scenario() -> dict:
+        async with served(cfg, {API_KEY_ENV: API_KEY}) as client:
+            answers = [(await client.post("/v1/predict", **upload(path, site="nih-cxr8"))).json() for path in studies]
+            first = await client.get("/v1/worklist", params={"site": "nih-cxr8", "budget": 3, "strategy": "uncertainty"}, headers=key)
+            second = await client.get("/v1/worklist", params={"site": "nih-cxr8", "budget": 10}, headers=key)
+            asked = first.json()["items"][0]["inference_id"]
+            return {
+                "answers": answers, "first": first, "second": second,
+                "no_key": await client.get("/v1/worklist", params={"site": "nih-cxr8", "budget": 3}),
+                "unknown_site": await client.get("/v1/worklist", params={"site": "st-elsewhere", "budget": 3}, headers=key),
+                "zero": await client.get("/v1/worklist", params={"site": "nih-cxr8", "budget": 0}, headers=key),
+                "bad_strategy": await client.get("/v1/worklist", params={"site": "nih-cxr8", "budget": 2, "strategy": "x"}, headers=key),
+                "requested": await client.post("/v1/feedback", headers=key,
+                                               json={"inference_id": asked, "label": "normal", "source": "radiologist_read"}),
+                "metrics": (await client.get("/metrics")).text,
+            }  # fmt: skip
+
+    got = asyncio.run(scenario())
+    assert got["first"].status_code == 200 and got["second"].status_code == 200
+    first, second = got["first"].json(), got["second"].json()
+    served_ids = {answer["inference_id"] for answer in got["answers"]}
+    first_ids = [item["inference_id"] for item in first["items"]]
+    second_ids = [item["inference_id"] for item in second["items"]]
+    assert len(first_ids) == 3 and first["recorded"] and second["strategy"] == "hybrid"  # loop.worklist_strategy
+    assert set(first_ids) | set(second_ids) == served_ids and not set(first_ids) & set(second_ids)
+    by_id = {answer["inference_id"]: answer for answer in got["answers"]}
+    margins = sorted(abs(np.log(a["probability"] / (1 - a["probability"])) - np.log(a["threshold"] / (1 - a["threshold"])))
+                     for a in got["answers"])  # fmt: skip
+    picked = [abs(np.log(by_id[i]["probability"] / (1 - by_id[i]["probability"])) - np.log(by_id[i]["threshold"] / (1 - by_id[i]["threshold"])))
+              for i in first_ids]  # fmt: skip
+    assert sorted(picked) == pytest.approx(margins[:3])
+    assert got["no_key"].status_code == 401
+    assert (got["unknown_site"].status_code, got["unknown_site"].json()["error"]) == (422, "unknown_site")
+    assert got["zero"].status_code == 422 and got["bad_strategy"].status_code == 422
+    assert got["requested"].json()["requested"] is True
+    assert 'crosssim_outcomes_total{requested="true"} 1.0' in got["metrics"]
+    assert 'crosssim_reads_requested_total{site="nih-cxr8"} 8.0' in got["metrics"]
 
 
 def test_serve_follows_a_rollout_in_shadow_then_canary_with_sticky_patients(registered, tmp_path):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import typer
 
 from flows.cli import services, stages
-from flows.cli.feedback import feedback_app
+from flows.cli.feedback import feedback_app, worklist
 from flows.cli.options import CleanErrors
 from flows.cli.registry import registry_app
 from flows.cli.rollout import rollout_app
@@ -23,6 +23,7 @@ for command in (stages.validate, stages.prepare, stages.pretrain, stages.train, 
     app.command()(command)
 app.command("serve-flows")(services.serve_flows)
 app.command()(services.deploy)
+app.command()(worklist)
 app.command(epilog=services.serve_help())(services.serve)
 app.add_typer(registry_app, name="registry")
 app.add_typer(feedback_app, name="feedback")

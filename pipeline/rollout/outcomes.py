@@ -22,7 +22,7 @@ from typing import Literal
 import sqlalchemy as sa
 
 from pipeline.errors import RequestRefused
-from pipeline.serving.ledger import PredictionLedger, outcomes, predictions
+from pipeline.serving.ledger import PredictionLedger, outcomes, predictions, read_requests
 
 LABELS = {"normal": 0, "pneumonia": 1}
 LABEL_NAMES = {code: name for name, code in LABELS.items()}
@@ -50,6 +50,7 @@ class RecordedOutcome:
     where: str
     inference_ids: tuple[str, ...]
     status: Literal["recorded", "duplicate", "conflict"]
+    requested: bool  # a read worklist asked for it (pipeline.loop.worklist); False: an unrequested report, kept too
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,10 @@ def record_outcomes(
             targets = _targets(connection, report)
             statuses = [_store(connection, inference_id, report, now) for inference_id in targets]
             status = "conflict" if "conflict" in statuses else "recorded" if "recorded" in statuses else "duplicate"
-            results.append(RecordedOutcome(report.where, tuple(targets), status))
+            asked = connection.execute(
+                sa.select(sa.func.count()).select_from(read_requests).where(read_requests.c.inference_id.in_(targets))
+            ).scalar_one()
+            results.append(RecordedOutcome(report.where, tuple(targets), status, requested=asked > 0))
     return results
 
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,25 +25,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pipeline.config import IngestConfig, ServeConfig
+from pipeline.config import ServeConfig
 from pipeline.data.preprocessing import Preprocessing
 from pipeline.data.salt import resolve_salt
 from pipeline.errors import PipelineError, RequestRefused
 from pipeline.rollout.assignment import CHAMPION_ARM, Assignments
-from pipeline.rollout.outcomes import OutcomeError, OutcomeReport, record_outcomes
+from pipeline.serving.api_key import api_key_check
 from pipeline.serving.batcher import MicroBatcher, Scored
+from pipeline.serving.dependencies import ServeDependencies
 from pipeline.serving.image_store import ImageStore
 from pipeline.serving.ledger import (
     LedgerUnavailable,
     NoSiteSalt,
-    PredictionLedger,
     PredictionRow,
     Pseudonyms,
     new_inference_id,
@@ -52,32 +51,31 @@ from pipeline.serving.ledger import (
 )
 from pipeline.serving.metrics import MetricsMiddleware, ServeMetrics
 from pipeline.serving.model_source import LiveModel, Refresh, RolloutServing
+from pipeline.serving.outcome_routes import outcome_routes
 from pipeline.serving.schemas import (
     ErrorBody,
     Explanation,
     Health,
     ModelIdentity,
-    OutcomeIn,
-    OutcomeRecorded,
     Prediction,
     Readiness,
     Reload,
     ServedModelInfo,
 )
 from pipeline.serving.uploads import (
+    UNSPECIFIED_SITE,
     DecodedUpload,
     UploadError,
     UploadLimits,
     decode_upload,
     deidentified_image,
+    served_site,
     sniff_format,
 )
 
 if TYPE_CHECKING:  # torch and captum load on the first explanation, not at start
     from pipeline.serving.explain import GradCam
 
-API_KEY_HEADER = "X-API-Key"
-UNSPECIFIED_SITE = "unspecified"  # the ledger's site when a request names none
 IMAGE_EXPIRY_SECONDS = 3600.0  # how often images past their retention are deleted
 _RULE_OF_STATUS = {400: "bad_request", 401: "api_key", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -91,20 +89,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 log = logging.getLogger("crosssim.serve")
-
-
-@dataclass(frozen=True)
-class ServeDependencies:
-    """What the app serves with. The app closes ``ledger`` at shutdown."""
-
-    live: LiveModel
-    ledger: PredictionLedger
-    images: ImageStore
-    sites: tuple[str, ...]  # what a request's ``site`` may be
-    ingest: IngestConfig  # names the environment variables holding each site's secret salt
-    environ: Mapping[str, str]  # where those salts are read
-    api_key: str | None  # None: the admin routes are not mounted
-    outcome_sources: tuple[str, ...] = ()  # who may report labels (rollout.outcome_sources), precedence first
 
 
 @dataclass(frozen=True)
@@ -202,7 +186,7 @@ def create_app(settings: ServeConfig, deps: ServeDependencies) -> FastAPI:
     ) -> _Received:
         """The checked upload; ``keep``: a prediction's (inference_id, time), under which its image is kept."""
         data = await _upload_bytes(request, file)
-        site_name = _site(site, deps.sites)
+        site_name = served_site(site, deps.sites)
         patient_id, study_id = ids
         try:
             form_ids = pseudonymise_ids(site_name, patient_id, study_id, deps.ingest, deps.environ)
@@ -404,51 +388,15 @@ def create_app(settings: ServeConfig, deps: ServeDependencies) -> FastAPI:
 
     if deps.api_key:
         app.include_router(_admin_routes(deps.live, deps.api_key, metrics))
-        app.include_router(_outcome_routes(deps, deps.api_key))
+        app.include_router(outcome_routes(deps, deps.api_key, metrics))
     _install_error_handlers(app, metrics)
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_upload_mb * 2**20), metrics=metrics)
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=[getattr(r, "path", "") for r in app.routes])
     return app
 
 
-def _key_check(api_key: str) -> Callable[..., None]:
-    def require_key(key: Annotated[str | None, Header(alias=API_KEY_HEADER)] = None) -> None:
-        if key is None or not hmac.compare_digest(key.encode(), api_key.encode()):
-            raise HTTPException(401, f"missing or wrong {API_KEY_HEADER} header")
-
-    return require_key
-
-
-def _outcome_routes(deps: ServeDependencies, api_key: str) -> APIRouter:
-    router = APIRouter(prefix="/v1", tags=["outcomes"], dependencies=[Depends(_key_check(api_key))])
-
-    @router.post(
-        "/feedback",
-        response_model=OutcomeRecorded,
-        responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 422: {"model": ErrorBody}},
-    )
-    async def feedback(body: OutcomeIn) -> OutcomeRecorded:
-        """Attach a label to an answered prediction (header X-API-Key). Idempotent: the same label from the same
-        source again is a ``duplicate``; a disagreeing label is kept as a ``conflict``."""
-        study = None
-        if body.study_id is not None:
-            site = _site(body.site, deps.sites)
-            try:
-                study = pseudonymise_ids(site, None, body.study_id, deps.ingest, deps.environ).study
-            except NoSiteSalt as exc:
-                raise OutcomeError("site_without_salt", str(exc)) from exc
-        report = OutcomeReport(body.label, body.source, body.inference_id, study, body.observed_at, "request body")
-        try:
-            recorded = await asyncio.to_thread(record_outcomes, deps.ledger, [report], deps.outcome_sources)
-        except LedgerUnavailable as exc:
-            raise RequestRefused("ledger_unavailable", "the ledger database cannot commit; retry later", 503) from exc
-        return OutcomeRecorded(status=recorded[0].status, inference_ids=list(recorded[0].inference_ids))
-
-    return router
-
-
 def _admin_routes(live: LiveModel, api_key: str, metrics: ServeMetrics) -> APIRouter:
-    router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(_key_check(api_key))])
+    router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(api_key_check(api_key))])
 
     @router.post("/reload", response_model=Reload, responses={401: {"model": ErrorBody}, 409: {"model": ErrorBody}})
     async def reload() -> Reload | JSONResponse:
@@ -506,15 +454,6 @@ async def _upload_bytes(request: Request, file: UploadFile | None) -> bytes:
     if not data:
         raise UploadError("empty_file", "field 'file' is empty (0 bytes)")
     return data
-
-
-def _site(site: str | None, allowed: tuple[str, ...]) -> str:
-    name = (site or "").strip()
-    if not name:
-        return UNSPECIFIED_SITE
-    if name not in allowed:
-        raise UploadError("unknown_site", f"site {name!r} is not served here; one of: {', '.join(allowed)} (serve.sites)")
-    return name
 
 
 def _decode(

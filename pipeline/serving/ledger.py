@@ -207,6 +207,19 @@ exported_cases = sa.Table(
     sa.Column("batch", sa.String, nullable=False),
     sa.Column("exported_at", sa.DateTime(timezone=True), nullable=False),
 )
+# Reads asked of a radiologist (pipeline.loop.worklist): a case is asked for once, so a read that comes back is
+# known to have been requested, and a pending request is never asked again.
+read_requests = sa.Table(
+    "read_requests",
+    _metadata,
+    sa.Column("inference_id", sa.String(32), sa.ForeignKey("predictions.inference_id"), primary_key=True),
+    sa.Column("worklist_id", sa.String(32), nullable=False, index=True),
+    sa.Column("site", sa.String, nullable=False),
+    sa.Column("strategy", sa.String(16), nullable=False),
+    sa.Column("rank", sa.Integer, nullable=False),
+    sa.Column("score", sa.Double, nullable=False),
+    sa.Column("requested_at", sa.DateTime(timezone=True), nullable=False, index=True),
+)
 _ROW_FIELDS = tuple(field.name for field in fields(PredictionRow))
 
 
@@ -278,10 +291,13 @@ class PredictionLedger:
         study_pseudonym: str | None = None,
         since: datetime | None = None,
         rollout_id: str | None = None,
+        site: str | None = None,
         limit: int | None = None,
     ) -> list[PredictionRow]:
         """Stored rows, oldest first, filtered by the arguments given."""
         query = sa.select(predictions).order_by(predictions.c.created_at, predictions.c.inference_id).limit(limit)
+        if site is not None:
+            query = query.where(predictions.c.site == site)
         if rollout_id is not None:
             query = query.where(predictions.c.rollout_id == rollout_id)
         if inference_id is not None:

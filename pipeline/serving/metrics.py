@@ -53,6 +53,13 @@ class ServeMetrics:
         self.rejected = Counter(
             "crosssim_rejected_requests", "Requests refused, by the rule they broke", ["rule"], registry=self.registry
         )
+        self.outcomes = Counter(
+            "crosssim_outcomes", "Labels recorded, by whether a read worklist asked for them", ["requested"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.reads_requested = Counter(
+            "crosssim_reads_requested", "Cases put on a read worklist, by site", ["site"], registry=self.registry
+        )
         self.ledger_failures = Counter(
             "crosssim_ledger_failures", "Predictions refused (503) because the ledger could not commit them",
             registry=self.registry,

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -36,7 +37,9 @@ class Prediction(BaseModel):
     decision: Literal["pneumonia", "normal"] = Field(description="pneumonia when probability >= threshold.")
     threshold: float = Field(description="The version's operating point (chosen on its source validation split).")
     model: ModelIdentity
-    latency_ms: float = Field(description="Server time from the received upload to the answer (decode, batch, inference).")
+    latency_ms: float = Field(
+        description="Server time from the received upload to the answer (decode, batch, inference)."
+    )
     converted_from: str | None = Field(
         description="The stored format when it was converted to 8-bit grayscale as training images were "
         "(RGB, RGBA, I;16, P, DICOM, ...); null for 8-bit grayscale."
@@ -109,3 +112,41 @@ class OutcomeRecorded(BaseModel):
         description="duplicate: already known, nothing stored; conflict: stored, but another label disagrees."
     )
     inference_ids: list[str]
+    requested: bool = Field(description="A read worklist asked for this case; false: an unrequested report (kept too).")
+
+
+class WorklistEntry(BaseModel):
+    rank: int = Field(description="1: read first.")
+    inference_id: str = Field(description="As /v1/predict returned it; report the read with it to /v1/feedback.")
+    site: str
+    study_pseudonym: str | None = Field(
+        description="The study's keyed pseudonym (the study id itself is never stored)."
+    )
+    served_at: datetime
+    probability: float = Field(description="P(pneumonia) as served.")
+    threshold: float = Field(description="The operating point it was served at.")
+    score: float = Field(description="The strategy's priority: higher is asked first.")
+
+
+class WorklistSite(BaseModel):
+    site: str
+    candidates: int = Field(description="Served, unlabelled, not yet asked for, image kept, inside the window.")
+    labelled: int
+    pending: int = Field(description="Asked for earlier, no read yet (never asked again).")
+    without_image: int = Field(description="Unlabelled, but the image is no longer kept: a read could not train.")
+    asked: int = Field(description="Of this worklist.")
+
+
+class WorklistOut(BaseModel):
+    worklist_id: str
+    strategy: str
+    budget: int
+    requested_at: datetime
+    recorded: bool = Field(description="false: a preview (or nothing to ask), nothing recorded as asked for.")
+    items: list[WorklistEntry]
+    sites: list[WorklistSite]
+
+    @classmethod
+    def of(cls, worklist: Any) -> WorklistOut:
+        """From ``pipeline.loop.worklist.Worklist`` (its dataclasses, field for field)."""
+        return cls.model_validate(asdict(worklist))

@@ -16,7 +16,9 @@ from pipeline.config import PipelineConfig
 from pipeline.data.salt import resolve_salt, salt_variables
 from pipeline.errors import ConfigError
 from pipeline.registry.store import ModelRegistry, RegistryError
-from pipeline.serving.app import API_KEY_HEADER, ServeDependencies, create_app
+from pipeline.serving.api_key import API_KEY_HEADER
+from pipeline.serving.app import create_app
+from pipeline.serving.dependencies import ServeDependencies
 from pipeline.serving.image_store import ImageStore
 from pipeline.serving.ledger import PredictionLedger, resolve_ledger_url
 from pipeline.serving.model_source import LiveModel, ModelRef, ModelSource
@@ -52,7 +54,7 @@ def build_app(cfg: PipelineConfig, environ: Mapping[str, str]) -> tuple[FastAPI,
     ledger = PredictionLedger(ledger_url)
     images = ImageStore(settings.image_store, settings.image_retention_days)
     live = LiveModel(source, initial, source.rollout_serving(initial, None))
-    deps = ServeDependencies(live, ledger, images, sites, cfg.ingest, environ, api_key, tuple(cfg.rollout.outcome_sources))
+    deps = ServeDependencies(live, ledger, images, sites, cfg.ingest, environ, api_key, tuple(cfg.rollout.outcome_sources), cfg.loop)
     try:
         app = create_app(settings, deps)
     except BaseException:

@@ -29,8 +29,21 @@ DICOM_MARKER_AT = 128  # Part 10 files: a 128-byte preamble, then "DICM"
 _PIXEL_ELEMENTS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
+UNSPECIFIED_SITE = "unspecified"  # the ledger's site when a request names none
+
+
 class UploadError(RequestRefused):
     """An upload the server refuses (a 4xx naming the rule)."""
+
+
+def served_site(site: str | None, allowed: tuple[str, ...]) -> str:
+    """The request's site, one of ``allowed`` (serve.sites); ``UNSPECIFIED_SITE`` when it names none."""
+    name = (site or "").strip()
+    if not name:
+        return UNSPECIFIED_SITE
+    if name not in allowed:
+        raise UploadError("unknown_site", f"site {name!r} is not served here; one of: {', '.join(allowed)} (serve.sites)")
+    return name
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 # The ephemeral server of `crosssim run` gets 20 s to start by default: too short on a busy 2-core machine.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: setup chromium run test test-fast bench-source bench-crosssim bench-gpu-train bench-serve bench-rollout bench-smoke data dvc-repro mlflow-ui prefect-ui clean
+.PHONY: setup chromium run test test-fast bench-source bench-crosssim bench-gpu-train bench-serve bench-rollout bench-loop bench-smoke data dvc-repro mlflow-ui prefect-ui clean
 
 # Bytecode compiled at install: with PYTHONDONTWRITEBYTECODE set, every command would otherwise recompile
 # MLflow, Prefect and torch's Python (a `crosssim registry list` took 7 s instead of 3).
@@ -60,11 +60,17 @@ bench-serve: setup
 bench-rollout: setup
 	$(PY) benchmarks/rollout.py $(BENCH_ARGS)
 
+# The learning loop at NIH: a simulated hospital per worklist strategy and seed, with the oracle and batch
+# fine-tuning as references (BENCH_ARGS="--strategies S... --seeds N... --weeks W" for a development run).
+bench-loop: setup
+	$(PY) benchmarks/loop.py $(BENCH_ARGS)
+
 # Every benchmark in seconds on a tiny real subset (what tests/test_benchmarks.py runs in CI); JSON to a temp folder.
 bench-smoke: setup
 	$(PY) benchmarks/source_pneumoniamnist.py --smoke
 	$(PY) benchmarks/crosssim_kermany_nih.py --smoke
 	$(PY) benchmarks/rollout.py --smoke
+	$(PY) benchmarks/loop.py --smoke
 	$(PY) benchmarks/gpu_train.py --smoke
 
 # Put the datasets under DVC: copy them from FROM into data/raw, `dvc add data` (→ data.dvc), push to the remote.

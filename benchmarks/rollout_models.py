@@ -55,20 +55,22 @@ class RolloutData:
         return self.nih_test["label"].to_numpy("int64")
 
 
-def rollout_data(cfg: PipelineConfig) -> tuple[RolloutData, DomainData, DomainData]:
-    """The data, plus Kermany validation and NIH's labelled target-train as the threshold rule reads them."""
+def rollout_data(cfg: PipelineConfig, test_set: Path | None = None) -> tuple[RolloutData, DomainData, DomainData]:
+    """The data, plus Kermany validation and NIH's labelled target-train as the threshold rule reads them.
+    ``test_set``: any NIH-format folder of held-out patients as the target-test (they leave target-train)."""
     root = cfg.data.resolved_root()
     kermany = assign_splits(read_dataset(root / cfg.data.source), cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
     source = prepare_dataset(subsample(kermany, cfg.data.max_images_per_class, cfg.seed), cfg.data.preprocessing(), cfg.data.cache_dir)
     nih = read_dataset(root / cfg.crosssim.target)
     nih = subsample(nih[nih["label"].notna()], cfg.data.max_images_per_class, cfg.seed).reset_index(drop=True)
     target = prepare_dataset(nih, cfg.data.preprocessing(), cfg.data.cache_dir)
-    split = split_target(target.manifest, cfg.crosssim.test_fraction, 1.0, cfg.seed)
+    split = split_target(target.manifest, cfg.crosssim.test_fraction, 1.0, cfg.seed, test_set=test_set)
+    tested = target if test_set is None else prepare_dataset(split.test, cfg.data.preprocessing(), cfg.data.cache_dir)
     val_images, val_rows = source.subset(source.manifest["split"] == "val")
     source_val = DomainData(f"{cfg.data.source}/val", np.asarray(val_images), val_rows["label"].to_numpy("int64"))
     target_train = DomainData(f"{cfg.crosssim.target}/target-train", target.images_of(split.train),
                               split.train["label"].to_numpy("int64"))  # fmt: skip
-    data = RolloutData(source, target, split.test, target.images_of(split.test))
+    data = RolloutData(source, target, split.test, tested.images_of(split.test))
     return data, source_val, target_train
 
 

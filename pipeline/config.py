@@ -537,6 +537,13 @@ class LoopConfig(_Section):
     hybrid_pool_factor: float = Field(
         default=4.0, ge=1, description="hybrid: k-center picks the batch among this many × budget most uncertain cases."
     )
+    retrain_steps: int = Field(
+        default=150, ge=1, description="Warm-start retraining: optimiser steps on the site's labelled cases (batch train.batch_size)."
+    )
+    retrain_lr: float = Field(default=3e-4, gt=0, description="Warm-start retraining's learning rate (cosine decay, no warm-up).")
+    source_replay: float = Field(
+        default=0.0, ge=0, description="Source images mixed in per labelled site case (0: the site's reads alone)."
+    )
 
 
 class RunsConfig(_Section):

@@ -119,3 +119,17 @@ def test_bench_rollout_smoke_writes_decisions_and_drift(data_dir, tmp_path):
     assert report["challengers"]["worse"]["served"]["auc"] < report["challengers"]["better"]["served"]["auc"]
     assert report["drift"]["nih_images_until_alarm"] in (25, 50, 100, 200, None)
     assert 0.0 <= report["drift"]["kermany_test_false_alarm_rate"] <= 1.0
+
+
+def test_bench_loop_smoke_runs_every_strategy_and_its_references(data_dir, tmp_path):
+    report = run_smoke("loop.py", data_dir, tmp_path)
+    assert report["strategies"] == ["random", "uncertainty", "diverse", "hybrid"]
+    for key in ("auc_vs_oracle_at_300", "labels_share_to_match_random", "wrong_promotions", "cycle_seconds_max", "wall_minutes"):
+        assert key in report
+    assert set(report["curves"]) == set(report["strategies"])
+    weeks = {(w["strategy"], w["week"]) for w in report["weeks"]}
+    assert len(weeks) == 4 * 3 and all(_is_score(w["auc"]) for w in report["weeks"])
+    # reads arrive a week after they were asked; the first week has none
+    assert all(w["labelled"] == (0 if w["week"] == 0 else 4 * w["week"]) for w in report["weeks"])
+    assert _is_score(report["oracle_auc"]) and report["references"][0]["oracle"]["labels"] > report["references"][0]["batch_labels"]
+    assert Path(tmp_path / "result.png").stat().st_size > 10_000  # the learning-curve figure

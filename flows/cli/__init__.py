@@ -3,6 +3,7 @@
     stages.py    validate, prepare, pretrain, train, evaluate, adapt, run
     services.py  ingest, serve-flows, deploy, serve
     registry.py  crosssim registry …      rollout.py  crosssim rollout …      feedback.py  crosssim feedback …
+    loop.py      worklist, change-plan (the learning loop)
     options.py   the shared options, config reading and the one error handler
 """
 
@@ -11,7 +12,8 @@ from __future__ import annotations
 import typer
 
 from flows.cli import services, stages
-from flows.cli.feedback import feedback_app, worklist
+from flows.cli.feedback import feedback_app
+from flows.cli.loop import change_plan, worklist
 from flows.cli.options import CleanErrors
 from flows.cli.registry import registry_app
 from flows.cli.rollout import rollout_app
@@ -24,6 +26,7 @@ for command in (stages.validate, stages.prepare, stages.pretrain, stages.train, 
 app.command("serve-flows")(services.serve_flows)
 app.command()(services.deploy)
 app.command()(worklist)
+app.command("change-plan")(change_plan)
 app.command(epilog=services.serve_help())(services.serve)
 app.add_typer(registry_app, name="registry")
 app.add_typer(feedback_app, name="feedback")

@@ -10,9 +10,12 @@ One week (``simulate``):
 4. the worklist (``pipeline.loop.selection.select``, the strategy under test) asks for ``budget`` reads among the
    served cases of the last ``loop.worklist_window_days`` that are neither labelled nor asked for, on the served
    probabilities and the drift monitor's image embeddings;
-5. with no rollout under way and new reads since the last retrain, ``pipeline.loop.retrain.warm_start_retrain``
-   makes a challenger from the champion on every read so far, and its shadow rollout starts next week; no new read:
-   the retrain is skipped and recorded so.
+5. with new reads since the last retrain, ``pipeline.loop.retrain.warm_start_retrain`` makes a candidate from the
+   champion on every read so far (no new read: skipped, and recorded so); with no rollout under way the newest
+   candidate becomes the challenger and its shadow rollout starts next week. A rollout needs more labelled cases
+   than one week brings (``make bench-rollout``: a truly better challenger took a median of 140), so candidates
+   trained meanwhile wait, and the rollout slot takes the newest when it frees. Each week's candidate is scored on
+   the held-out patients too: that is the learning curve of the strategy, whatever the rule has decided yet.
 Truth is measured where the simulated hospital cannot look: every model's AUC on the fixed held-out patients.
 """
 
@@ -140,7 +143,7 @@ def stream_weeks(hospital: Hospital, settings: LoopSettings) -> list[np.ndarray]
 def simulate(hospital: Hospital, start: Model, settings: LoopSettings, cfg: PipelineConfig, log=print) -> Simulation:
     """The loop over ``settings.weeks`` weeks from the ``start`` champion (the module's text)."""
     result = Simulation(settings)
-    champion, challenger = start, None
+    champion, challenger, candidate = start, None, None
     rollout_cases: list[LabelledCase] = []
     served_week = np.full(len(hospital.images), -1)
     served_p = np.zeros(len(hospital.images))
@@ -157,13 +160,13 @@ def simulate(hospital: Hospital, start: Model, settings: LoopSettings, cfg: Pipe
             shadow_p[studies], shadow_t[studies] = challenger.pool_scores[studies], challenger.threshold
         arrived = np.flatnonzero((asked_week >= 0) & (asked_week == week - settings.read_delay_weeks))
         labelled[arrived] = True
-        decision = "no rollout" if challenger is None else "continue"
+        decision, why = ("no rollout", "") if challenger is None else ("continue", "")
         if challenger is not None:
             for i in arrived[~np.isnan(shadow_p[arrived])]:  # its own traffic, scored by both
                 rollout_cases.append(LabelledCase(str(i), pd.Timestamp(0).to_pydatetime(), hospital.site, "champion",
                                                   int(hospital.labels[i]), served_p[i], shadow_p[i], served_t[i], shadow_t[i]))  # fmt: skip
             verdict = decide_cases(rollout_cases, cfg.rollout)
-            decision = verdict.decision
+            decision, why = verdict.decision, "; ".join(verdict.reasons)
             if decision != "continue":
                 result.decisions.append(Decision(
                     week, challenger.version, champion.version, decision, len(rollout_cases),
@@ -171,6 +174,8 @@ def simulate(hospital: Hospital, start: Model, settings: LoopSettings, cfg: Pipe
                 ))  # fmt: skip
                 champion = challenger if decision == "promote" else champion
                 challenger, rollout_cases = None, []
+                if candidate is not None and decision == "promote":
+                    candidate = None  # trained from the old champion: the new one is retrained below
                 shadow_p[:], shadow_t[:] = np.nan, np.nan
         candidates = np.flatnonzero((served_week >= 0) & (served_week > week - settings.window_weeks) & (asked_week < 0))
         known = np.flatnonzero(asked_week >= 0)
@@ -180,23 +185,26 @@ def simulate(hospital: Hospital, start: Model, settings: LoopSettings, cfg: Pipe
                             pool_factor=cfg.loop.hybrid_pool_factor, seed=settings.seed * 1000 + week).indices  # fmt: skip
             asked_week[candidates[picked]] = week
         one_class = len(set(hospital.labels[labelled])) < 2
-        retrained = ("rollout under way" if challenger is not None else "skipped: no new reads"
-                     if labelled.sum() == labels_at_retrain else "skipped: reads of one class only")  # fmt: skip
-        if challenger is None and labelled.sum() > labels_at_retrain and not one_class:
+        retrained = "skipped: no new reads" if labelled.sum() == labels_at_retrain else "skipped: reads of one class only"
+        if labelled.sum() > labels_at_retrain and not one_class:
             reads = DomainData(f"{hospital.site} reads", hospital.images[labelled], hospital.labels[labelled])
             made = warm_start_retrain(champion.network, reads, cfg.loop, cfg.train, cfg.augment, settings.seed * 1000 + week)
             versions += 1
-            challenger = Model.of(versions, made.model, made.threshold, int(labelled.sum()), hospital)
+            candidate = Model.of(versions, made.model, made.threshold, int(labelled.sum()), hospital)
             labels_at_retrain = int(labelled.sum())
-            result.retrains.append(Retrain(week, labels_at_retrain, versions, challenger.held_out(hospital)["auc"], made.seconds))
+            result.retrains.append(Retrain(week, labels_at_retrain, versions, candidate.held_out(hospital)["auc"], made.seconds))
             retrained = f"v{versions} on {labels_at_retrain} reads ({made.seconds:.0f} s)"
+        if challenger is None and candidate is not None and candidate.version > champion.version:
+            challenger, candidate = candidate, None  # its shadow rollout starts with next week's studies
+            retrained += f"; v{challenger.version} in shadow"
         this_week = served_week == week
         truth = binary_metrics(hospital.labels[this_week], served_p[this_week], champion.threshold)["auc"]
         result.weeks.append({
             "week": week, "labelled": int(labelled.sum()), "asked": int((asked_week >= 0).sum()), "arrived": int(len(arrived)),
             "champion": champion.version, **champion.held_out(hospital), "threshold": champion.threshold,
             "estimated_auc": estimated_performance(served_p[this_week], champion.threshold).auc, "served_week_auc": truth,
-            "decision": decision, "retrain": retrained, "cycle_seconds": time.perf_counter() - started,
+            "decision": decision, "why": why, "rollout_cases": len(rollout_cases), "retrain": retrained,
+            "candidate_auc": result.retrains[-1].held_out_auc if result.retrains else start.held_out(hospital)["auc"], "cycle_seconds": time.perf_counter() - started,
         })  # fmt: skip
         row = result.weeks[-1]
         log(f"  {settings.strategy} seed {settings.seed} week {week}: {row['labelled']} reads, champion v{champion.version} "

@@ -532,13 +532,15 @@ class LoopConfig(_Section):
         default="hybrid", description="How the read worklist ranks a site's unlabelled served cases."
     )
     worklist_window_days: float = Field(
-        default=28.0, gt=0, description="Only cases served this recently are candidates (older ones are rarely read)."
+        default=7.0, gt=0,
+        description="Only cases served this recently are candidates: a weekly worklist reads the week's studies, which "
+        "a running rollout has scored with both models (its evidence).",
     )
     hybrid_pool_factor: float = Field(
         default=4.0, ge=1, description="hybrid: k-center picks the batch among this many × budget most uncertain cases."
     )
     retrain_steps: int = Field(
-        default=150, ge=1, description="Warm-start retraining: optimiser steps on the site's labelled cases (batch train.batch_size)."
+        default=100, ge=1, description="Warm-start retraining: optimiser steps on the site's labelled cases (batch train.batch_size)."
     )
     retrain_lr: float = Field(default=3e-4, gt=0, description="Warm-start retraining's learning rate (cosine decay, no warm-up).")
     source_replay: float = Field(

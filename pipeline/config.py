@@ -10,19 +10,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.data.preprocessing import Harmonisation, Preprocessing
 from pipeline.errors import ConfigError
 
-if TYPE_CHECKING:
-    from pipeline.data.preprocessing import Preprocessing
-
-# Per-image intensity standardisation after the resize (pipeline.data.preprocessing)
-Harmonisation = Literal["none", "histeq", "clahe"]
 DATA_DIR_ENV = "CROSSSIM_DATA_DIR"
 DEFAULT_DATA_DIR = "data/raw"
 PRETRAIN_WEIGHTS = "pretrain"  # train.pretrained_weights: the pretrain stage's backbone, not a file
@@ -68,8 +64,6 @@ class DataConfig(_Section):
 
     def preprocessing(self) -> Preprocessing:
         """What turns a decoded image into this configuration's model input (prepare and serving)."""
-        from pipeline.data.preprocessing import Preprocessing
-
         return Preprocessing(self.image_size, self.harmonisation)
 
     def prepared_site(self, site: str) -> Path:

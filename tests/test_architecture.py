@@ -59,3 +59,23 @@ def test_no_import_cycle_in_pipeline_or_flows():
         tuple(TopologicalSorter(graph).static_order())
     except CycleError as cycle:
         raise AssertionError(f"import cycle: {' → '.join(cycle.args[1])}") from None
+
+
+def _all_imports(path: Path) -> set[str]:
+    """Every module ``path`` imports anywhere: at the top, inside functions, under TYPE_CHECKING."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_the_configuration_owns_no_stage_and_preprocessing_reads_no_configuration():
+    """config → data.preprocessing, one way: the preprocessing settings are defined where they are applied, and the
+    configuration takes its types from there (not even a lazy import back)."""
+    config = {m for m in _all_imports(REPO / "pipeline" / "config.py") if m.startswith("pipeline")}
+    assert config <= {"pipeline.errors", "pipeline.data.preprocessing"}, config
+    below = [REPO / "pipeline" / "data" / name for name in ("preprocessing.py", "images.py")]
+    assert not any(m.startswith("pipeline.config") for path in below for m in _all_imports(path))

@@ -21,14 +21,15 @@ mapped to white.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import get_args
+from typing import Literal, get_args
 
 import numpy as np
 from skimage import exposure
 
-from pipeline.config import Harmonisation
 from pipeline.data.images import resize_square, to_grayscale
 
+# Per-image intensity standardisation after the resize; the configuration (data.harmonisation) takes its values here
+Harmonisation = Literal["none", "histeq", "clahe"]
 HARMONISATIONS: tuple[str, ...] = get_args(Harmonisation)
 CLAHE_CLIP_LIMIT = 0.01  # scikit-image's default; tiles are 1/8 of the side (8 px at 64 px)
 

@@ -40,6 +40,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
+from bench_cli import run_benchmark
 from rich.console import Console
 from rich.table import Table
 from scipy import stats
@@ -543,4 +544,4 @@ def _print(report: dict, console: Console) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

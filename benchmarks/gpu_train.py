@@ -27,6 +27,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
+from bench_cli import run_benchmark
 from rich.console import Console
 from rich.table import Table
 
@@ -125,4 +126,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

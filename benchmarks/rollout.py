@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_cli import run_benchmark
 from rich.console import Console
 from rich.table import Table
 from rollout_models import CHALLENGERS, models_cached, rollout_data, rollout_models
@@ -213,4 +214,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

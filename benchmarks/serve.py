@@ -33,6 +33,7 @@ import aiohttp
 import mlflow
 import numpy as np
 import torch
+from bench_cli import run_benchmark
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 from rich.table import Table
@@ -277,4 +278,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

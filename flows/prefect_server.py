@@ -5,11 +5,17 @@ does not run when the process is killed (SIGKILL) or ends on Prefect's re-raised
 uvicorn process was left behind, holding a port and the state database. This starts the same app
 with the same settings, but the child asks the kernel for a SIGTERM the moment its parent dies
 (``PR_SET_PDEATHSIG``, Linux), however the parent dies. Elsewhere only the orderly stop applies.
+
+Prefect sends log records and events to the API from background workers (``APILogWorker``, ``EventsWorker``) that
+batch them and are otherwise drained only at interpreter exit: by then this server is gone, their last batches fail
+("--- Error logging to API --- All connection attempts failed") and are lost. So they are drained while the server is
+still up, as ``prefect_test_harness`` does before it stops its own, and only then is the server stopped.
 """
 
 from __future__ import annotations
 
 import ctypes
+import inspect
 import os
 import signal
 import socket
@@ -23,6 +29,8 @@ import httpx
 import prefect
 from filelock import FileLock
 from filelock import Timeout as FileLockTimeout
+from prefect.events.worker import EventsWorker
+from prefect.logging.handlers import APILogWorker
 from prefect.settings import (
     PREFECT_API_URL,
     PREFECT_HOME,
@@ -30,10 +38,12 @@ from prefect.settings import (
     get_current_settings,
     temporary_settings,
 )
+from prefect.utilities.asyncutils import run_coro_as_sync
 
 from pipeline.errors import PipelineError
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_DRAIN_TIMEOUT_S = 30.0  # per worker kind; a server that stopped answering must not hold up the stop for long
 
 
 class OrchestrationError(PipelineError):
@@ -87,6 +97,18 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
+def _drain_prefect_workers(timeout: float = _DRAIN_TIMEOUT_S) -> None:
+    """Send every queued log record, then every queued event, to the API and stop their workers (Prefect's calls)."""
+
+    async def drain() -> None:
+        for worker in (APILogWorker, EventsWorker):  # logs first: the flow run's last lines matter most
+            result = worker.drain_all(timeout=timeout)  # awaitable here, in an event loop
+            if inspect.isawaitable(result):
+                await result
+
+    run_coro_as_sync(drain())
+
+
 def _wait_until_healthy(process: subprocess.Popen, api_url: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     with httpx.Client(timeout=2) as client:
@@ -135,6 +157,10 @@ def temporary_server() -> Iterator[str]:
         ) from exc
     try:
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
-            yield api_url
+            try:
+                yield api_url
+            finally:
+                _drain_prefect_workers()  # while the server still answers
+        # The settings that point at it are gone with the block, so later records do not go to a dead server.
     finally:
         _stop(process)

@@ -32,13 +32,16 @@ CROSSSIM_VARIANTS = {
 }
 
 
-def run_smoke(script: str, data_dir: Path, tmp_path: Path, *options: str) -> dict:
-    """Runs the benchmark's smoke mode; returns its result JSON, checking what every benchmark reports."""
+def run_smoke(script: str, data_dir: Path, tmp_path: Path, *options: str, find_data: bool = False) -> dict:
+    """Runs the benchmark's smoke mode; returns its result JSON, checking what every benchmark reports.
+    ``find_data``: without $CROSSSIM_DATA_DIR, as `python benchmarks/X.py` is run by hand (found as make finds it)."""
     committed = {path: path.read_bytes() for path in (REPO / "benchmarks" / "results").glob("*.json")}
     tmp_path.mkdir(parents=True, exist_ok=True)
     output = tmp_path / "result.json"
     # TMPDIR: the benchmark's work folders (checkpoints, prepared images) land in tmp_path too
     env = {**os.environ, "CROSSSIM_DATA_DIR": str(data_dir), "TMPDIR": str(tmp_path)}
+    if find_data:
+        del env["CROSSSIM_DATA_DIR"]
     command = [sys.executable, f"benchmarks/{script}", "--smoke", "--output", str(output), *options]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{script} --smoke failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
@@ -106,7 +109,7 @@ def test_bench_crosssim_only_runs_the_named_variants_beside_source_only(data_dir
 
 
 def test_bench_rollout_smoke_writes_decisions_and_drift(data_dir, tmp_path):
-    report = run_smoke("rollout.py", data_dir, tmp_path)
+    report = run_smoke("rollout.py", data_dir, tmp_path, find_data=True)
     assert set(report["challengers"]) == {"better", "worse", "equivalent"} and report["streams"] == 10
     films = report["nih_test_cases"]
     for name, row in report["challengers"].items():
@@ -133,3 +136,11 @@ def test_bench_loop_smoke_runs_every_strategy_and_its_references(data_dir, tmp_p
     assert all(w["labelled"] == (0 if w["week"] == 0 else 4 * w["week"]) for w in report["weeks"])
     assert _is_score(report["oracle_auc"]) and report["references"][0]["oracle"]["labels"] > report["references"][0]["batch_labels"]
     assert Path(tmp_path / "result.png").stat().st_size > 10_000  # the learning-curve figure
+
+
+def test_a_benchmark_without_its_datasets_says_so_in_one_line(tmp_path):
+    env = {**os.environ, "CROSSSIM_DATA_DIR": str(tmp_path / "nowhere")}
+    done = subprocess.run([sys.executable, "benchmarks/rollout.py", "--smoke", "--output", str(tmp_path / "r.json")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().count("\n") == 0 and "does not exist" in done.stderr and "CROSSSIM_DATA_DIR" in done.stderr

@@ -520,7 +520,8 @@ WorklistStrategy = Literal["random", "uncertainty", "diverse", "hybrid"]
 
 
 class LoopConfig(_Section):
-    """The learning loop: which served cases a radiologist is asked to read (pipeline.loop)."""
+    """The learning loop: which served cases a radiologist is asked to read, and each site's operating point
+    chosen on them (pipeline.loop)."""
 
     worklist_strategy: WorklistStrategy = Field(
         default="hybrid", description="How the read worklist ranks a site's unlabelled served cases."
@@ -541,6 +542,17 @@ class LoopConfig(_Section):
     retrain_lr: float = Field(default=3e-4, gt=0, description="Warm-start retraining's learning rate (cosine decay, no warm-up).")
     source_replay: float = Field(
         default=0.0, ge=0, description="Source images mixed in per labelled site case (0: the site's reads alone)."
+    )
+    site_sensitivity_target: float = Field(
+        default=0.9, gt=0, lt=1,
+        description="A site's own operating point (crosssim registry site-threshold): the highest threshold at which "
+        "its matured reads reach this sensitivity (the source's threshold does not transfer across the shift).",
+    )
+    min_threshold_reads: int = Field(
+        default=40, ge=1, description="Matured labelled reads of the site, scored by the version, before its threshold is chosen."
+    )
+    min_threshold_class_reads: int = Field(
+        default=10, ge=1, description="Of those, at least this many of each class (pneumonia and normal)."
     )
 
 

@@ -1,9 +1,10 @@
-"""``crosssim registry …``: what a reviewer runs — list, review, approve, reject, rollback, lineage, audit."""
+"""``crosssim registry …``: what a reviewer runs — list, review, approve, reject, rollback, site-threshold, lineage,
+audit."""
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -11,11 +12,13 @@ from rich.table import Table
 from flows.cli.options import ConfigOption, NameOption, ReasonOption, ReviewerOption, SetOption, console, read_config
 
 if TYPE_CHECKING:
+    from pipeline.loop.thresholds import SiteThreshold
     from pipeline.registry.review import RegistryActions
 
 # The registry modules import MLflow: each command imports them when it runs, so that `crosssim --help`
 # and the stage commands (one process per DVC stage) do not pay for it. No command here imports torch
-# (flows.promotion, pipeline.registry.gate): a table must not wait for a deep-learning framework.
+# (flows.promotion, pipeline.registry.gate): a table must not wait for a deep-learning framework. site-threshold
+# alone does, inside the command: its bootstrap intervals are the evaluation's (torch).
 
 registry_app = typer.Typer(help="Registered models: review the challenger, decide, roll back, trace.", no_args_is_help=True)
 OverrideGateOption = Annotated[
@@ -25,6 +28,10 @@ OverrideGateOption = Annotated[
         help="Approve a challenger the promotion gate rejected; --reason must say why (recorded as an override).",
     ),
 ]
+
+SiteArgument = Annotated[str, typer.Argument(help="The site whose operating point is chosen (one of serve.sites).")]
+VersionOption = Annotated[Optional[str], typer.Option("--version", help="Version number or alias (default: champion).")]
+DryRunOption = Annotated[bool, typer.Option("--dry-run", help="Show the threshold it would choose; change nothing.")]
 
 
 @registry_app.callback()
@@ -124,6 +131,55 @@ def _decide(action: str, reviewer: str, reason: str, config, set_, name: str | N
     overridden = " against the promotion gate (override recorded)" if options.get("override_gate") else ""
     console.print(f"{action}: {actions.name} v{decision.version}{overridden}; aliases now {aliases or 'none'}")
     console.print(f"audit entry: {decision.audit_artifact}")
+
+
+@registry_app.command("site-threshold")
+def site_threshold(
+    site: SiteArgument,
+    reviewer: ReviewerOption,
+    reason: ReasonOption,
+    version: VersionOption = None,
+    dry_run: DryRunOption = False,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    name: NameOption = None,
+) -> None:
+    """Choose SITE's threshold on its matured reads (the highest reaching loop.site_sensitivity_target) and set it
+    on the version (audited); servers answer SITE at it from their next alias check."""
+    from pipeline.loop.thresholds import choose_site_threshold, operating_point
+    from pipeline.registry.review import actions_for
+    from pipeline.registry.store import CHAMPION
+    from pipeline.serving.ledger import opened_ledger
+
+    cfg = read_config(config, set_)
+    actions = actions_for(cfg, name)
+    number, current = operating_point(actions.registry, actions.name, version or CHAMPION, site)
+    with opened_ledger(cfg.serve, os.environ) as ledger:
+        chosen = choose_site_threshold(
+            ledger, actions.name, number, site, current, cfg.loop, cfg.rollout, served_sites=cfg.served_sites()
+        )
+    console.print(_threshold_table(chosen))
+    if dry_run:
+        console.print("dry run: nothing changed")
+        return
+    decision = actions.set_site_threshold(chosen, reviewer, reason)
+    console.print(f"site-threshold: {actions.name} v{decision.version} answers {site} at {chosen.threshold:.6g} "
+                  "from each server's next alias check")  # fmt: skip
+    console.print(f"audit entry: {decision.audit_artifact}")
+
+
+def _threshold_table(chosen: SiteThreshold) -> Table:
+    table = Table(title=f"{chosen.model} v{chosen.version} at {chosen.site}: sensitivity target {chosen.target_sensitivity:g}")
+    for column in ("", "before", "chosen"):
+        table.add_column(column)
+    points = (chosen.before, chosen.chosen)
+    table.add_row("threshold", *(f"{point.threshold:.6g}" for point in points))
+    for metric in ("sensitivity", "specificity"):
+        cells = ((getattr(point, metric), getattr(point, f"{metric}_ci")) for point in points)
+        table.add_row(f"{metric} (95% CI)", *(f"{value:.3f} [{low:.3f}, {high:.3f}]" for value, (low, high) in cells))
+    normals = chosen.reads - chosen.positives
+    table.add_row("reads (pneumonia / normal)", f"{chosen.reads} ({chosen.positives} / {normals})", "same reads")
+    return table
 
 
 @registry_app.command()

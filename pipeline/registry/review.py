@@ -1,4 +1,4 @@
-"""Registry actions: register a challenger, record the gate, approve / reject / roll back.
+"""Registry actions: register a challenger, record the gate, approve / reject / roll back, set a site's threshold.
 
 Each action is one registry transaction (aliases and model tags move together or not at all,
 see :meth:`ModelRegistry.transaction`) that also appends its audit entry: if the entry cannot be
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from mlflow.entities.model_registry import ModelVersion
@@ -20,9 +20,11 @@ from pipeline.config import PipelineConfig
 from pipeline.registry.audit import AuditEntry, AuditLog
 from pipeline.registry.card import gate_override_note
 from pipeline.registry.store import CHALLENGER, CHAMPION, HISTORY_TAG, ModelRegistry, RegistryError
+from pipeline.serving.bundle import SITE_THRESHOLDS_TAG, site_thresholds
 from pipeline.tracking import embedded_artifact_dir, resolve_tracking_uri
 
-if TYPE_CHECKING:  # the gate needs scikit-learn; reviewing and deciding do not
+if TYPE_CHECKING:  # the gate and the threshold's bootstrap need scikit-learn and torch; reviewing and deciding do not
+    from pipeline.loop.thresholds import SiteThreshold
     from pipeline.registry.gate import GateDecision
 
 STUDENT_SUFFIX = "-student"
@@ -190,6 +192,19 @@ class RegistryActions:
         self._mark(_number(current), "rolled back", reviewer, reason)
         return decided
 
+    def set_site_threshold(self, chosen: SiteThreshold, reviewer: str, reason: str) -> Decision:
+        """``chosen.version`` answers ``chosen.site`` at ``chosen.threshold`` (servers pick it up at their next check):
+        the version's ``site_thresholds`` tag (other sites' kept) and the audit entry with the evidence, all or nothing.
+        """
+        if chosen.model != self.name:
+            raise RegistryError(f"a threshold chosen on {chosen.model} cannot be set on {self.name}")
+        target = self.registry.version(self.name, chosen.version)
+        before = site_thresholds(target.tags)
+        after = dict(sorted({**before, chosen.site: chosen.threshold}.items()))
+        evidence = {"site_threshold": asdict(chosen), "site_thresholds_before": before, "site_thresholds_after": after}
+        tags = {SITE_THRESHOLDS_TAG: json.dumps(after)}
+        return self.apply("site-threshold", _number(target), reviewer, reason, {}, evidence, version_tags=tags)
+
     def _pending(self, version: str | None) -> ModelVersion:
         challenger = self.registry.find(self.name, CHALLENGER)
         if challenger is None:
@@ -250,11 +265,15 @@ class RegistryActions:
         evidence: Mapping[str, object],
         tags: Mapping[str, str | None] | None = None,
         override_gate: bool = False,
+        version_tags: Mapping[str, str] | None = None,
     ) -> Decision:
-        """Alias ``moves``, model ``tags`` (None: removed) and the audit entry of ``action``, all or nothing."""
+        """Alias ``moves``, model ``tags`` (None: removed), ``version_tags`` of ``version`` and the audit entry of
+        ``action``, all or nothing."""
         _require(actor, reason)
         before = self.registry.aliases(self.name)
-        with self.registry.transaction([self.name, *(name for name in moves if name != self.name)]):
+        names = [self.name, *(name for name in moves if name != self.name)]
+        with self.registry.transaction(names, [(self.name, version)] if version_tags else []):
+            self.registry.set_version_tags(self.name, version, version_tags or {})
             for name, aliases in moves.items():
                 for alias, target in aliases.items():
                     self.registry.move_alias(name, alias, target)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -29,6 +29,7 @@ class RegistryError(PipelineError):
 class _Snapshot:
     aliases: dict[str, dict[str, str]] = field(default_factory=dict)  # model → alias → version
     tags: dict[str, dict[str, str | None]] = field(default_factory=dict)  # model → tag → value (None: absent)
+    version_tags: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)  # (model, version) → its tags
 
 
 class ModelRegistry:
@@ -103,15 +104,17 @@ class ModelRegistry:
             self.client.set_model_version_tag(name, version, key, str(value))
 
     @contextmanager
-    def transaction(self, names: list[str]) -> Iterator[None]:
-        """Alias and model-tag changes inside the block happen all together or not at all.
+    def transaction(self, names: list[str], versions: Sequence[tuple[str, str]] = ()) -> Iterator[None]:
+        """Alias and model-tag changes of ``names``, and tag changes of ``versions`` ((model, version) pairs),
+        inside the block happen all together or not at all.
 
-        The registry has no transactions, so the state of every alias and tag of ``names`` is
-        saved first and written back if anything in the block fails; the error then propagates.
+        The registry has no transactions, so the state of every alias and tag of ``names`` (and every tag of
+        ``versions``) is saved first and written back if anything in the block fails; the error then propagates.
         """
         snapshot = _Snapshot(
             aliases={name: self.aliases(name) for name in names},
             tags={name: dict(self.model_tags(name)) for name in names},
+            version_tags={(name, version): dict(self.client.get_model_version(name, version).tags) for name, version in versions},
         )
         try:
             yield
@@ -149,3 +152,10 @@ class ModelRegistry:
             for key, value in saved_tags.items():
                 if current_tags.get(key) != value:
                     self.client.set_registered_model_tag(name, key, value)
+        for (name, version), saved_version_tags in snapshot.version_tags.items():
+            current_version_tags = dict(self.client.get_model_version(name, version).tags)
+            for key in current_version_tags.keys() - saved_version_tags.keys():
+                self.client.delete_model_version_tag(name, version, key)
+            for key, value in saved_version_tags.items():
+                if current_version_tags.get(key) != value:
+                    self.client.set_model_version_tag(name, version, key, value)

@@ -249,7 +249,7 @@ def create_app(settings: ServeConfig, deps: ServeDependencies) -> FastAPI:
                 log.warning("the rollout's unanswered model failed to score: %s", type(shadowed).__name__)
             else:
                 shadow = shadowed
-        model = scored.model
+        model, threshold = scored.model, scored.model.threshold_for(upload.site)  # the site's operating point
         latency_ms = (time.perf_counter() - started) * 1000
         row = PredictionRow(
             inference_id=inference_id,
@@ -263,15 +263,15 @@ def create_app(settings: ServeConfig, deps: ServeDependencies) -> FastAPI:
             artifact_sha256=model.artifact_sha256,
             precision=model.precision,
             probability=scored.probability,
-            decision=int(scored.probability >= model.threshold),
-            threshold=model.threshold,
+            decision=int(scored.probability >= threshold),
+            threshold=threshold,
             latency_ms=latency_ms,
             converted_from=upload.decoded.converted_from,
             arm=arm,
             rollout_id=following.rollout.rollout_id if following is not None else None,
             shadow_version=shadow.model.version if shadow is not None else None,
             shadow_probability=shadow.probability if shadow is not None else None,
-            shadow_threshold=shadow.model.threshold if shadow is not None else None,
+            shadow_threshold=shadow.model.threshold_for(upload.site) if shadow is not None else None,
         )
         try:
             await deps.ledger.record(row)
@@ -353,20 +353,8 @@ def create_app(settings: ServeConfig, deps: ServeDependencies) -> FastAPI:
 
     @app.get("/v1/models", response_model=ServedModelInfo, tags=["models"])
     async def models() -> ServedModelInfo:
-        """The version being served and what it carries."""
-        model = deps.live.current
-        return ServedModelInfo(
-            model=ModelIdentity.of(model),
-            backbone=model.bundle.backbone,
-            image_size=model.bundle.image_size,
-            harmonisation=model.bundle.harmonisation,
-            threshold=model.threshold,
-            threshold_chosen_on=model.bundle.threshold_chosen_on,
-            precisions=sorted(model.bundle.artifacts),
-            notes=model.bundle.notes,
-            follows_alias=deps.live.follows_alias,
-            poll_seconds=settings.poll_seconds,
-        )
+        """The version being served, what it carries, and the sites it answers at their own threshold."""
+        return ServedModelInfo.of(deps.live.current, deps.live.follows_alias, settings.poll_seconds)
 
     @app.get("/healthz", response_model=Health, tags=["operations"])
     async def healthz() -> Health:

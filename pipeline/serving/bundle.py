@@ -18,6 +18,8 @@ harmonise, scale to [0, 1] — the functions the training images went through (p
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,6 +39,9 @@ PRECISIONS = ("fp32", "int8")
 ARTIFACT_URI_TAG = "serving.artifact_uri"  # runs:/<run id>/serving/<registered name>: the bundle folder
 FP32_SHA256_TAG = "serving.fp32_sha256"  # the FP32 file's hash, as the registry vouches for it
 INT8_TAG = "serving.int8"  # "yes", or why the version has no INT8 artifact
+# JSON {site: threshold}: each site's operating point, chosen on its own matured reads after registration
+# (pipeline.loop.thresholds, set by pipeline.registry.review's site-threshold action); other sites get the bundle's
+SITE_THRESHOLDS_TAG = "site_thresholds"
 
 
 class BundleError(PipelineError):
@@ -100,3 +105,17 @@ def read_bundle(directory: Path) -> ServingBundle:
     artifacts = {precision: ArtifactInfo(**info) for precision, info in raw.pop("artifacts").items()}
     return ServingBundle(artifacts=artifacts, **raw)
 
+
+def site_thresholds(tags: Mapping[str, str]) -> dict[str, float]:
+    """The per-site thresholds a version's tags carry ({} when none was chosen); a malformed tag is a BundleError."""
+    raw = tags.get(SITE_THRESHOLDS_TAG)
+    if not raw:
+        return {}
+    try:
+        parsed = json.loads(raw)
+        thresholds = {str(site): float(value) for site, value in parsed.items()}
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
+        raise BundleError(f"version tag {SITE_THRESHOLDS_TAG}: not a JSON object of site → threshold ({exc})") from exc
+    if not all(math.isfinite(value) and 0.0 <= value <= 1.0 for value in thresholds.values()):
+        raise BundleError(f"version tag {SITE_THRESHOLDS_TAG}: thresholds must be probabilities in [0, 1]")
+    return thresholds

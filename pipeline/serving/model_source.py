@@ -5,7 +5,10 @@
 session. ``LiveModel`` holds the version being served and replaces it by a single assignment once the next one
 is loaded, so a request (or a micro-batch) that took the old one finishes on it, and every answer names the
 version that computed it. A server following ``champion`` also follows the model's rollout (``rollout.active``):
-the rollout's challenger is loaded beside the champion, and dropped when the rollout ends.
+the rollout's challenger is loaded beside the champion, and dropped when the rollout ends. Each version answers a
+site at the threshold the registry chose on that site's reads (version tag ``site_thresholds``), else at its
+bundle's; a changed tag is picked up at the next check by swapping in the same loaded version with the new
+thresholds (no download, no new ONNX session).
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ import asyncio
 import logging
 import tempfile
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 from mlflow.artifacts import download_artifacts
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from pipeline.data.preprocessing import Preprocessing
@@ -31,10 +36,12 @@ from pipeline.serving.bundle import (
     FP32_FILE,
     FP32_SHA256_TAG,
     INPUT_NAME,
+    MANIFEST,
     OUTPUT_NAME,
     BundleError,
     ServingBundle,
     read_bundle,
+    site_thresholds,
 )
 from pipeline.serving.runtime import onnx_session
 
@@ -59,7 +66,8 @@ class ModelRef:
 
 @dataclass(eq=False)
 class ServedModel:
-    """One loaded registered version; never changes once built (the twin is loaded on first use)."""
+    """One loaded registered version; never changes once built (the twin is loaded on first use): new per-site
+    thresholds make a new ``ServedModel`` sharing the session, so a batch keeps the thresholds it was scored under."""
 
     name: str
     version: str
@@ -69,6 +77,7 @@ class ServedModel:
     session: ort.InferenceSession
     twin_uri: str  # where the registry keeps the version's PyTorch model
     tracking_uri: str
+    site_thresholds: dict[str, float] = field(default_factory=dict)  # site → its own operating point
     _twin: torch.nn.Module | None = field(default=None, init=False, repr=False)
     _twin_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -82,7 +91,20 @@ class ServedModel:
 
     @property
     def threshold(self) -> float:
+        """The bundle's threshold (chosen on the source's validation split): what a site without its own gets."""
         return self.bundle.threshold
+
+    def threshold_for(self, site: str) -> float:
+        """The operating point ``site``'s answers are decided at."""
+        return self.site_thresholds.get(site, self.bundle.threshold)
+
+    def with_site_thresholds(self, thresholds: Mapping[str, float]) -> ServedModel:
+        """This version answering at ``thresholds`` (itself when they are its own): same session, same twin."""
+        if dict(thresholds) == self.site_thresholds:
+            return self
+        updated = replace(self, site_thresholds=dict(thresholds))
+        updated._twin = self._twin  # loaded once per version, whatever its thresholds
+        return updated
 
     def predict(self, inputs: np.ndarray) -> np.ndarray:
         """(B, 1, S, S) float32 pixels in [0, 1] → (B,) P(pneumonia)."""
@@ -124,9 +146,14 @@ class ModelSource:
         self.precision = precision
         self.threads = threads  # ONNX Runtime intra-op threads (0: every core)
 
+    def target(self) -> ModelVersion:
+        """The registered version to serve now, with its tags: the pinned one, else the alias's (a RegistryError
+        when it names none)."""
+        return self.registry.version(self.ref.name, self.ref.version or str(self.ref.alias))
+
     def target_version(self) -> str:
-        """The version to serve now: the pinned one, else the alias's (a RegistryError when it names none)."""
-        return str(self.registry.version(self.ref.name, self.ref.version or str(self.ref.alias)).version)
+        """The number of ``target()``."""
+        return str(self.target().version)
 
     def load(self, version: str) -> ServedModel:
         """Download, check and open ``version``'s bundle; a BundleError says what is missing or altered."""
@@ -164,6 +191,7 @@ class ModelSource:
             session=session,
             twin_uri=self.registry.client.get_model_version_download_uri(self.ref.name, str(registered.version)),
             tracking_uri=self.registry.tracking_uri,
+            site_thresholds=site_thresholds(registered.tags),
         )
 
     def rollout_serving(self, champion: ServedModel, running: RolloutServing | None) -> RolloutServing | None:
@@ -185,7 +213,8 @@ class ModelSource:
         if rollout.champion != champion.version:
             return None
         if running is not None and running.challenger.version == rollout.challenger:
-            return RolloutServing(rollout, running.challenger)
+            tags = self.registry.version(self.ref.name, rollout.challenger).tags
+            return RolloutServing(rollout, running.challenger.with_site_thresholds(site_thresholds(tags)))
         try:
             return RolloutServing(rollout, self.load(rollout.challenger))
         except BundleError as exc:
@@ -233,15 +262,32 @@ class LiveModel:
         return self.source.ref.version is None
 
     async def refresh(self) -> Refresh:
-        """Serve the alias's version if it moved, and the rollout's state; what serves keeps answering until
-        what replaces it is loaded."""
+        """Serve the alias's version if it moved (else its per-site thresholds as tagged now), and the rollout's
+        state; what serves keeps answering until what replaces it is loaded."""
         async with self._lock:
             previous = self._current
-            target = await asyncio.to_thread(self.source.target_version)
-            if target != previous.version:
-                self._current = await asyncio.to_thread(self.source.load, target)
+            target = await asyncio.to_thread(self.source.target)
+            if str(target.version) != previous.version:
+                self._current = await asyncio.to_thread(self.source.load, str(target.version))
+            else:
+                self._current = previous.with_site_thresholds(site_thresholds(target.tags))
+                if self._current is not previous:
+                    log.info("v%s: per-site thresholds now %s", previous.version, self._current.site_thresholds)
             before = self._rollout
             self._rollout = await asyncio.to_thread(self.source.rollout_serving, self._current, before)
             if (before and before.rollout) != (self._rollout and self._rollout.rollout):
                 log.info("rollout: %s", self._rollout.rollout.describe() if self._rollout else "none running")
             return Refresh(previous.version, self._current.version)
+
+
+def registered_bundle(registry: ModelRegistry, name: str, version: str) -> ServingBundle:
+    """``name`` v``version``'s serving manifest alone (its threshold, preprocessing), without the ONNX files."""
+    uri = registry.version(name, version).tags.get(ARTIFACT_URI_TAG)
+    if not uri:
+        raise BundleError(f"{name} v{version} has no serving bundle (no {ARTIFACT_URI_TAG} tag)")
+    with tempfile.TemporaryDirectory(prefix="crosssim-manifest-") as folder:
+        try:
+            local = download_artifacts(f"{uri}/{MANIFEST}", dst_path=folder, tracking_uri=registry.tracking_uri)
+        except (MlflowException, OSError) as exc:
+            raise BundleError(f"{name} v{version}: cannot download {MANIFEST} of {uri} ({exc})") from exc
+        return read_bundle(Path(local).parent)

@@ -35,7 +35,10 @@ class Prediction(BaseModel):
     inference_id: str = Field(description="The ledger row's key (and the stored image's name).")
     probability: float = Field(ge=0, le=1, description="P(pneumonia).")
     decision: Literal["pneumonia", "normal"] = Field(description="pneumonia when probability >= threshold.")
-    threshold: float = Field(description="The version's operating point (chosen on its source validation split).")
+    threshold: float = Field(
+        description="The operating point decided at: the site's own, chosen on its matured reads (registry site-threshold), "
+        "else the version's, chosen on its source validation split."
+    )
     model: ModelIdentity
     latency_ms: float = Field(
         description="Server time from the received upload to the answer (decode, batch, inference)."
@@ -67,12 +70,32 @@ class ServedModelInfo(BaseModel):
     backbone: str
     image_size: int
     harmonisation: str = Field(description="Intensity harmonisation applied after the resize (none, histeq, clahe).")
-    threshold: float
+    threshold: float = Field(description="The bundle's: what a site without its own threshold is answered at.")
     threshold_chosen_on: str
+    site_thresholds: dict[str, float] = Field(
+        description="Sites answered at their own operating point, chosen on their matured reads (version tag site_thresholds)."
+    )
     precisions: list[str] = Field(description="Artifacts the version carries (fp32, int8).")
     notes: list[str] = Field(description="Why an artifact is missing, if one is.")
-    follows_alias: bool = Field(description="True: an alias move is picked up without a restart.")
+    follows_alias: bool = Field(description="True: an alias move (or a site's new threshold) is picked up without a restart.")
     poll_seconds: float
+
+    @classmethod
+    def of(cls, model: ServedModel, follows_alias: bool, poll_seconds: float) -> ServedModelInfo:
+        bundle = model.bundle
+        return cls(
+            model=ModelIdentity.of(model),
+            backbone=bundle.backbone,
+            image_size=bundle.image_size,
+            harmonisation=bundle.harmonisation,
+            threshold=model.threshold,
+            threshold_chosen_on=bundle.threshold_chosen_on,
+            site_thresholds=model.site_thresholds,
+            precisions=sorted(bundle.artifacts),
+            notes=bundle.notes,
+            follows_alias=follows_alias,
+            poll_seconds=poll_seconds,
+        )
 
 
 class Health(BaseModel):

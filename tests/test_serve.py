@@ -523,7 +523,7 @@ def test_worklist_asks_for_served_cases_once_and_counts_their_reads_as_requested
     served_ids = {answer["inference_id"] for answer in got["answers"]}
     first_ids = [item["inference_id"] for item in first["items"]]
     second_ids = [item["inference_id"] for item in second["items"]]
-    assert len(first_ids) == 3 and first["recorded"] and second["strategy"] == "hybrid"  # loop.worklist_strategy
+    assert len(first_ids) == 3 and first["recorded"] and second["strategy"] == "uncertainty"  # loop.worklist_strategy
     assert set(first_ids) | set(second_ids) == served_ids and not set(first_ids) & set(second_ids)
     by_id = {answer["inference_id"]: answer for answer in got["answers"]}
     margins = sorted(abs(np.log(a["probability"] / (1 - a["probability"])) - np.log(a["threshold"] / (1 - a["threshold"])))

@@ -46,3 +46,28 @@ def running_server(command: list[str], ready_url: str, env: dict[str, str], log:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@contextmanager
+def prefect_api(home: Path, log: Path) -> Iterator[str]:
+    """A Prefect server (`prefect server start`, its database under ``home``) on a free loopback port; yields its
+    API URL."""
+    import os
+    import sys
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    home.mkdir(parents=True, exist_ok=True)
+    env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    command = [
+        str(Path(sys.executable).parent / "prefect"),
+        "server",
+        "start",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--no-ui",
+    ]
+    with running_server(command, f"{url}/health", env, log, timeout=180):
+        yield url

@@ -4,6 +4,9 @@
   (default Mondays 02:00 UTC); it registers its model as challenger at its end.
 - ``crosssim-rollout-analysis/scheduled``: the running rollout's analysis and decision on ``rollout.analysis_cron``
   (default hourly); it does nothing while no rollout runs.
+- ``crosssim-continuous-learning/<site>``: one per site of ``loop.sites``, on ``loop.cycle_cron`` (default weekly):
+  the site's learning-loop cycle (flows/loop.py) — last week's rollout decided, the new reads exported, ingested,
+  a warm-start challenger registered and rolled out in shadow.
 - ``crosssim-ingest/on-demand``: the ingest flow (which retrains after an accepted batch when
   ``ingest.retrain_after``), no schedule. A hospital's batch arrives when it arrives, and a timer
   on a drop folder would pick up a half-copied export: the sender (or an automation) starts one
@@ -43,6 +46,7 @@ from prefect.types.entrypoint import EntrypointType
 from prefect.workers.process import ProcessWorker
 
 from flows.ingest import ingest
+from flows.loop import continuous_learning
 from flows.retrain import retrain
 from flows.rollout import rollout_analysis
 from pipeline.config import PipelineConfig
@@ -54,6 +58,11 @@ ANALYSIS_DEPLOYMENT = "scheduled"
 RETRAIN = f"{retrain.name}/{RETRAIN_DEPLOYMENT}"  # full names, as `prefect deployment run` and run_deployment take them
 INGEST = f"{ingest.name}/{INGEST_DEPLOYMENT}"
 ANALYSIS = f"{rollout_analysis.name}/{ANALYSIS_DEPLOYMENT}"
+
+
+def loop_deployment(site: str) -> str:
+    """The full name of ``site``'s continuous-learning deployment."""
+    return f"{continuous_learning.name}/{site}"
 
 
 def build_deployments(cfg: PipelineConfig, config_path: Path | None, overrides: list[str]) -> list[RunnerDeployment]:
@@ -69,8 +78,24 @@ def build_deployments(cfg: PipelineConfig, config_path: Path | None, overrides: 
         analysis_cron = Cron(cfg.rollout.analysis_cron, timezone=schedule.timezone, active=schedule.active)
     except ValueError as exc:
         raise ConfigError(f"rollout.analysis_cron: {exc}") from exc
+    try:
+        cycle_cron = Cron(cfg.loop.cycle_cron, timezone=schedule.timezone, active=schedule.active)
+    except ValueError as exc:
+        raise ConfigError(f"loop.cycle_cron: {exc}") from exc
     common = {"tags": ["crosssim"], "entrypoint_type": EntrypointType.MODULE_PATH}
+    cycles = [
+        continuous_learning.to_deployment(
+            name=site,
+            schedule=cycle_cron,
+            parameters=defaults | {"site": site},
+            description=f"The learning loop at {site}: rollout decided, reads exported and ingested, a warm-start "
+            f"challenger registered and rolled out in shadow; cron {cfg.loop.cycle_cron!r}.",
+            **common,
+        )
+        for site in cfg.loop.sites
+    ]
     return [
+        *cycles,
         retrain.to_deployment(
             name=RETRAIN_DEPLOYMENT,
             schedule=cron,

@@ -57,8 +57,8 @@ def report(cfg: PipelineConfig, analysis: RolloutAnalysis, drift: list[DriftChec
 
 
 @task(cache_policy=NO_CACHE)
-def decide(rollouts: RolloutActions, analysis: RolloutAnalysis) -> Decision | Rollout:
-    return rollouts.act_on(analysis.decision, analysis.reasons, "rollout analysis flow")
+def decide(rollouts: RolloutActions, analysis: RolloutAnalysis, run_id: str) -> Decision | Rollout:
+    return rollouts.act_on(analysis.decision, analysis.reasons, "rollout analysis flow", analysis_run=run_id)
 
 
 @flow(name="crosssim-rollout-analysis", log_prints=True)
@@ -76,7 +76,7 @@ def rollout_analysis(config_path: str | None = None, overrides: list[str] | None
     alarms = [check for check in drift if check.alarm]
     alarmed = raise_alarm(rollouts, rollout, alarms) if alarms else None
     run_id = report(cfg, analysis, drift)
-    outcome = decide(rollouts, analysis)
+    outcome = decide(rollouts, analysis, run_id)
     summary = AnalysisSummary(
         rollout_id=rollout.rollout_id,
         description=rollout.describe(),

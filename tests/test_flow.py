@@ -289,6 +289,8 @@ def test_the_rollout_analysis_flow_reports_and_decides_under_policy_auto(tmp_pat
     page = Path(client.download_artifacts(run.info.run_id, "rollout/rollout-report.html", str(tmp_path))).read_text()
     assert "<svg" in page and "id='per-site'" in page and "id='roc'" in page and ">promote<" in page
     assert "v2 vs champion v1" in Artifact.get("rollout-analysis").data
+    card = rollouts.actions.registry.version("cxr", "2").description  # the evidence that admitted it, linked
+    assert f"## Admitted by rollout {rollout.rollout_id}" in card and summary.mlflow_run_id in card and "Brier gain" in card
 
 
 def test_a_drift_alarm_puts_a_canary_back_into_shadow(tmp_path, monkeypatch):

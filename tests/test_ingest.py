@@ -522,6 +522,10 @@ def test_labelled_served_cases_export_as_a_batch_that_ingest_accepts(data_dir, r
         reports.append(OutcomeReport(label, "radiologist_read", inference_id=row.inference_id))
     unlabelled = make_row(9, site=SITE)  # a pending prediction is not exported
     asyncio.run(ledger.record(unlabelled))
+    copy = make_row(10, site=SITE, created_at=datetime.now(timezone.utc))  # the very same file served again
+    store.put(copy.inference_id, store.get(reports[0].inference_id).read_bytes(), copy.created_at)
+    asyncio.run(ledger.record(copy))
+    reports.append(OutcomeReport(reports[0].label, "radiologist_read", inference_id=copy.inference_id))
     record_outcomes(ledger, reports, ("radiologist_read", "follow_up"))
     ledger.close()
     sets = [arg for item in served for arg in ("--set", item)]
@@ -529,6 +533,7 @@ def test_labelled_served_cases_export_as_a_batch_that_ingest_accepts(data_dir, r
 
     exported = runner.invoke(app, [*export, "--out", str(tmp_path / "week-served")])
     assert exported.exit_code == 0 and "6 labelled served cases" in exported.output, exported.output
+    assert "1 held back: the same image file" in " ".join(exported.output.split())  # ingest would refuse the copy
     batch = pd.read_csv(tmp_path / "week-served" / "Data_Entry_2017.csv", dtype=str, keep_default_na=False)
     assert len(batch) == 6 and set(batch["Finding Labels"]) == {"Pneumonia", "No Finding"}
     assert (batch["Finding Labels"] == "Pneumonia").sum() == rows["Finding Labels"].str.contains("Pneumonia").sum()
@@ -538,4 +543,4 @@ def test_labelled_served_cases_export_as_a_batch_that_ingest_accepts(data_dir, r
 
     again = runner.invoke(app, [*export, "--out", str(tmp_path / "week-again")])
     said = " ".join(again.output.split())  # the error console wraps long lines
-    assert again.exit_code == 2 and "6 exported before" in said and not (tmp_path / "week-again").exists()
+    assert again.exit_code == 2 and "7 exported before" in said and not (tmp_path / "week-again").exists()

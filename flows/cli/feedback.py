@@ -68,7 +68,8 @@ def export_cases(
         )  # fmt: skip
     console.print(
         f"{batch.cases} labelled served cases of {site} → {batch.folder} ({batch.exported_before} exported before, "
-        f"{batch.without_image} without a kept image, {batch.known_patients} held back: patient already in the dataset)"
+        f"{batch.without_image} without a kept image, {batch.known_patients} held back: patient already in the dataset, "
+        f"{batch.duplicates} held back: the same image file as another case)"
     )
     console.print(f"next: crosssim ingest {site} {batch.folder}")
 

@@ -44,10 +44,15 @@ def change_plan(cfg: PipelineConfig) -> ChangePlan:
         modifications=(
             PlanItem("Re-training of the weights", f"every weight of the registered {train.backbone} is re-estimated on the "
                      "site's labelled reads; architecture, input and preprocessing stay fixed", ("train.backbone",)),
-            PlanItem("Operating threshold", "re-chosen from the site's labelled reads (Youden's J); carried by the "
-                     "version's serving bundle", ("loop",)),
+            PlanItem("Operating threshold", "re-chosen from the site's labelled reads (Youden's J"
+                     + (f", on the {loop.calibration_share:g} of them held out of fine-tuning, after temperature scaling"
+                        if loop.calibration_share else "") + "); carried by the version's serving bundle",
+                     ("loop.calibration_share",)),
         ),  # fmt: skip
         data_protocol=(
+            PlanItem("When", f"one cycle per site ({', '.join(loop.sites)}) on cron {loop.cycle_cron!r} "
+                     f"({cfg.schedule.timezone}): the deployment crosssim-continuous-learning/<site>",
+                     ("loop.sites", "loop.cycle_cron", "schedule.timezone")),
             PlanItem("Which cases get labels", f"a read worklist, strategy {loop.worklist_strategy}, over cases served in "
                      f"the last {loop.worklist_window_days:g} days; a case is asked for once",
                      ("loop.worklist_strategy", "loop.worklist_window_days", "loop.hybrid_pool_factor")),
@@ -97,6 +102,8 @@ def change_plan(cfg: PipelineConfig) -> ChangePlan:
                      "reviewed registration", ("train.backbone", "data.image_size", "data.harmonisation")),
             PlanItem("A new site, or a new label definition or source", "outside the plan: configuration change and review",
                      ("serve.sites", "rollout.outcome_sources")),
+            PlanItem("A challenger the registry gate rejected", "not rolled out; only a reviewer's audited "
+                     "approval with --override-gate promotes it", ("registry.policy",)),
             PlanItem("A change to the acceptance criteria", "the gate's and the rule's values above are the plan", ("registry", "rollout")),
         ),  # fmt: skip
     )

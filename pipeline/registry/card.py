@@ -174,3 +174,20 @@ def gate_override_note(reviewer: str, reason: str, failures: list[str], audit_ar
             "",
         ]
     )
+
+
+def rollout_evidence_note(rollout_id: str, actor: str, reasons: str, analysis: str, audit_artifact: str) -> str:
+    """The card section saying which rollout admitted this version and where its evidence is."""
+    return "\n".join(
+        [
+            f"## Admitted by rollout {rollout_id}",
+            f'Promoted by {actor} at the end of its rollout (decision rule: README "Rollouts"); reason:',
+            "",
+            f"{reasons}",
+            "",
+            f"Analysis (decision, bounds, per-site metrics, HTML report): {analysis}",
+            "",
+            f"Audit entry: `{audit_artifact}`",
+            "",
+        ]
+    )

@@ -18,8 +18,10 @@ from typing import Any
 
 import mlflow.pytorch
 import numpy as np
+import pandas as pd
 
 from pipeline.config import PipelineConfig
+from pipeline.crosssim.stage import ADAPTED_MODEL
 from pipeline.data.prepare import open_prepared, prepare_dataset
 from pipeline.data.preprocessing import Preprocessing
 from pipeline.evaluation import ScoredModel
@@ -27,6 +29,7 @@ from pipeline.registry.card import CardFacts, model_card
 from pipeline.registry.gate import GateDecision, decide, score_set
 from pipeline.registry.review import Decision, actions_for, student_name
 from pipeline.registry.store import CHAMPION, ModelRegistry
+from pipeline.registry.weights import WEIGHTS_FILE, WEIGHTS_TAG
 from pipeline.retrain.adaptation import AdaptationOutcome
 from pipeline.retrain.data import CrossSimData, crosssim_data
 from pipeline.serving.export import LoggedBundle, build_bundle, version_tags
@@ -40,10 +43,20 @@ HARMONISATION_TAG = "harmonisation"  # absent on versions registered before harm
 def gate_sets(
     cfg: PipelineConfig, preprocessing: Preprocessing, shared: CrossSimData | None = None
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The frozen evaluation sets: source test, and each external site's labelled images (for the
-    CrossSim target only its held-out target-test: adaptation saw the rest), prepared with ``preprocessing``
-    since a champion may have been trained at another size or harmonisation. ``shared``: the run's CrossSim
-    split, if built."""
+    """Each frozen set's images and labels (``gate_frames``)."""
+    return {
+        name: (images, rows["label"].to_numpy(dtype=np.int64))
+        for name, (images, rows) in gate_frames(cfg, preprocessing, shared).items()
+    }
+
+
+def gate_frames(
+    cfg: PipelineConfig, preprocessing: Preprocessing, shared: CrossSimData | None = None
+) -> dict[str, tuple[np.ndarray, pd.DataFrame]]:
+    """The frozen evaluation sets, images and manifest rows: source test, and each external site's labelled
+    images (for the CrossSim target only its held-out target-test: adaptation saw the rest), prepared with
+    ``preprocessing`` since a champion may have been trained at another size or harmonisation. ``shared``: the
+    run's CrossSim split, if built."""
     source = open_prepared(cfg.data.prepared_site(cfg.data.source))
     rows = {f"{cfg.data.source}/test": source.manifest[source.manifest["split"] == "test"]}
     for site in cfg.data.external:
@@ -55,7 +68,7 @@ def gate_sets(
     sets = {}
     for name, frame in rows.items():
         prepared = prepare_dataset(frame.reset_index(drop=True), preprocessing, cfg.data.cache_dir)
-        sets[name] = (np.asarray(prepared.images), prepared.manifest["label"].to_numpy(dtype=np.int64))
+        sets[name] = (np.asarray(prepared.images), prepared.manifest)
     return sets
 
 
@@ -219,6 +232,7 @@ def register_run(
         "backbone": cfg.train.backbone,
         "model_kind": "adapted" if crosssim else "source",
         "parent_model": model_uri if crosssim else "",
+        WEIGHTS_TAG: f"runs:/{tracker.run_id}/" + (f"crosssim/{ADAPTED_MODEL}" if crosssim else f"weights/{WEIGHTS_FILE}"),
     }
 
     def card(version: str) -> str:
@@ -230,7 +244,7 @@ def register_run(
                 lineage={
                     key: value
                     for key, value in tags.items()
-                    if value and key not in (IMAGE_SIZE_TAG, HARMONISATION_TAG, "backbone")
+                    if value and key not in (IMAGE_SIZE_TAG, HARMONISATION_TAG, "backbone", WEIGHTS_TAG)
                 },
                 data=data,
                 scored=scored,

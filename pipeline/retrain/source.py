@@ -17,6 +17,7 @@ from pipeline.config import PipelineConfig
 from pipeline.data.prepare import PreparedDataset, open_prepared
 from pipeline.evaluation import ScoredModel, choose_threshold, evaluate_sites
 from pipeline.models import PneumoniaProbability, servable
+from pipeline.registry.weights import log_weights
 from pipeline.training import TrainResult, load_trained_model, train_model
 from pipeline.training.distributed import Ranks, ranks_from_environment
 from pipeline.training.engine import select_device
@@ -90,4 +91,5 @@ def log_source(cfg: PipelineConfig, tracker, trained: TrainResult, evaluation: S
     tracker.log_metrics({"threshold": evaluation.threshold, **evaluation.flat_metrics()})
     tracker.log_artifacts(cfg.evaluate.output_dir, artifact_path="eval")
     model, example = serving_model(cfg, trained.model_path)
+    log_weights(tracker, model.classifier)  # trainable, for the learning loop (pipeline.registry.weights)
     return tracker.log_model(model, name="model", input_example=example)

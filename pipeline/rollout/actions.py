@@ -14,6 +14,7 @@ from dataclasses import asdict, replace
 from datetime import UTC, datetime
 
 from pipeline.config import PipelineConfig, RolloutConfig
+from pipeline.registry.card import rollout_evidence_note
 from pipeline.registry.review import Decision, RegistryActions, actions_for
 from pipeline.registry.store import CHALLENGER, CHAMPION, RegistryError
 from pipeline.rollout.state import MODES, ROLLOUT_TAG, Mode, Rollout
@@ -105,21 +106,25 @@ class RolloutActions:
         self._change("rollout-analysis", updated, actor, reason)
         return updated
 
-    def act_on(self, recommendation: str, reasons: list[str], actor: str) -> Decision | Rollout:
+    def act_on(
+        self, recommendation: str, reasons: list[str], actor: str, analysis_run: str | None = None
+    ) -> Decision | Rollout:
         """An analysis's verdict: recorded on the rollout when it changed; under ``policy: auto`` a promote or
-        roll back is also carried out (and ends the rollout)."""
+        roll back is also carried out (and ends the rollout). ``analysis_run``: the analysis's MLflow run, which
+        a promoted version's model card then links."""
         rollout = self.running()
         reason = "; ".join(reasons) or recommendation
         if rollout.recommendation != recommendation:
             rollout = self.record_recommendation(recommendation, actor, reason)
         if rollout.policy == "auto" and recommendation == "promote":
-            return self.promote(f"{actor} (policy auto)", reason)
+            return self.promote(f"{actor} (policy auto)", reason, analysis_run=analysis_run)
         if rollout.policy == "auto" and recommendation == "rollback":
             return self.rollback(f"{actor} (policy auto)", reason)
         return rollout
 
-    def promote(self, actor: str, reason: str, force: bool = False) -> Decision:
-        """The challenger becomes champion and the rollout ends."""
+    def promote(self, actor: str, reason: str, force: bool = False, analysis_run: str | None = None) -> Decision:
+        """The challenger becomes champion and the rollout ends; its model card gains the evidence that admitted
+        it (the rollout, the rule's reasons, the analysis run ``analysis_run`` when known, the audit entry)."""
         rollout = self.running()
         if rollout.recommendation != "promote" and not force:
             said = f"the latest analysis says {rollout.recommendation}" if rollout.recommendation else "no analysis has run"
@@ -127,10 +132,27 @@ class RolloutActions:
                 f"{rollout.describe()}: {said}. To promote anyway add --force and say why in --reason (recorded)"
             )
         overriding_gate = bool(self.actions.gate_failures(rollout.challenger)) and force
-        return self.actions.approve(
-            actor, reason, rollout.challenger, override_gate=overriding_gate,
-            also={ROLLOUT_TAG: None}, evidence=self._evidence(rollout, forced=force and rollout.recommendation != "promote"),
-        )  # fmt: skip
+        evidence = self._evidence(rollout, forced=force and rollout.recommendation != "promote")
+        if analysis_run:
+            evidence["analysis_run"] = analysis_run
+        decided = self.actions.approve(
+            actor,
+            reason,
+            rollout.challenger,
+            override_gate=overriding_gate,
+            also={ROLLOUT_TAG: None},
+            evidence=evidence,
+        )
+        registry, version = self.actions.registry, rollout.challenger
+        card = (registry.version(self.name, version).description or "").rstrip()
+        analysis = (
+            self.actions.run_link(analysis_run)
+            if analysis_run
+            else "the rollout's latest analysis run (crosssim rollout analyse)"
+        )
+        note = rollout_evidence_note(rollout.rollout_id, actor, reason, analysis, decided.audit_artifact)
+        registry.describe(self.name, version, f"{card}\n\n{note}")
+        return decided
 
     def rollback(self, actor: str, reason: str) -> Decision:
         """The challenger is rejected and the rollout ends; the champion never stopped serving."""

@@ -1,6 +1,6 @@
 """A rollout analysis as one self-contained HTML page a reviewer would rather look at than read: the decision and
 why, the challenger's Brier gain over the labelled cases with its always-valid bounds, both models' ROC per site
-on the same cases, and the per-site tables. Figures are inline SVG (no external file, script or font)."""
+on the same cases, the site's learning curve when the challenger is a loop version, and the per-site tables. Figures are inline SVG (no external file, script or font)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
+from pipeline.loop.curve import LearningPoint  # noqa: E402
 from pipeline.rollout.analysis import MODELS, RolloutAnalysis, brier_gain  # noqa: E402
 from pipeline.rollout.monitor import DriftCheck  # noqa: E402
 
@@ -29,8 +30,11 @@ th { background: #f3f3f3; } .figures { display: flex; flex-wrap: wrap; gap: 1rem
 """
 
 
-def render_report(analysis: RolloutAnalysis, path: Path, drift: Sequence[DriftCheck] = ()) -> Path:
-    """Write the report of ``analysis`` (and the ``drift`` checks run with it) to ``path`` (HTML)."""
+def render_report(
+    analysis: RolloutAnalysis, path: Path, drift: Sequence[DriftCheck] = (), curve: Sequence[LearningPoint] = ()
+) -> Path:
+    """Write the report of ``analysis`` (and the ``drift`` checks run with it) to ``path`` (HTML); ``curve``: the
+    learning curve of the challenger's site when it is a loop version (pipeline.loop.curve)."""
     a = analysis
     colour = _DECISION_COLOURS[a.decision]
     reasons = "".join(f"<li>{html.escape(reason)}</li>" for reason in a.reasons)
@@ -47,6 +51,15 @@ def render_report(analysis: RolloutAnalysis, path: Path, drift: Sequence[DriftCh
         "and its always-valid bounds: promote above 0, roll back below.</figcaption></figure>",
         f"<figure id='roc'>{_roc_figure(a)}<figcaption>ROC of both models on the same labelled cases, per site."
         "</figcaption></figure>",
+        *(
+            [
+                f"<figure id='learning-curve'>{_learning_figure(curve, a)}<figcaption>The site's learning curve: each loop "
+                "version's AUC on the frozen evaluation sets, against the site's reads it learnt from (this challenger "
+                "circled).</figcaption></figure>"
+            ]
+            if curve
+            else []
+        ),
         "</div>",
         _metrics_table(a),
         _sensitivity_table(a),
@@ -76,6 +89,19 @@ def _gain_figure(a: RolloutAnalysis) -> str:
     axes.axhline(0, color="black", linewidth=0.8)
     axes.set(xlabel="labelled cases", ylabel="Brier gain of the challenger", ylim=(-1, 1))
     axes.legend(loc="upper right")
+    return _svg(figure)
+
+
+def _learning_figure(curve: Sequence[LearningPoint], a: RolloutAnalysis) -> str:
+    figure, axes = plt.subplots(figsize=(6, 3.6))
+    for set_name in sorted({name for point in curve for name in point.auc}):
+        points = [(p.reads, p.auc[set_name], p.version) for p in curve if set_name in p.auc]
+        axes.plot([x for x, _, _ in points], [y for _, y, _ in points], marker="o", label=set_name)
+        axes.scatter([x for x, _, v in points if v == a.challenger], [y for _, y, v in points if v == a.challenger],
+                     s=160, facecolors="none", edgecolors="black")  # fmt: skip
+    axes.set(xlabel="site reads learnt from", ylabel="AUC", ylim=(0.4, 1))
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right", fontsize=8)
     return _svg(figure)
 
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import PipelineConfig
+from pipeline.loop.curve import LOOP_SITE_TAG, LearningPoint, site_learning_curve
+from pipeline.registry.store import ModelRegistry
 from pipeline.rollout.actions import RolloutActions
 from pipeline.rollout.analysis import RolloutAnalysis, analyse_rollout
 from pipeline.rollout.monitor import DriftCheck, drift_checks, model_reference
@@ -17,7 +19,7 @@ from pipeline.rollout.report import render_report
 from pipeline.rollout.state import Rollout
 from pipeline.serving.image_store import ImageStore
 from pipeline.serving.ledger import opened_ledger
-from pipeline.tracking import MlflowTracker
+from pipeline.tracking import MlflowTracker, resolve_tracking_uri
 
 DECISION_CODES = {"continue": 0, "promote": 1, "rollback": -1}
 
@@ -57,8 +59,16 @@ def log_analysis(cfg: PipelineConfig, analysis: RolloutAnalysis, drift: list[Dri
                              "rollout.conflicts": analysis.conflicts, "rollout.brier_gain_low": low,
                              "rollout.brier_gain_high": high, "rollout.decision": DECISION_CODES[analysis.decision],
                              "rollout.drift_alarms": sum(check.alarm for check in drift)})  # fmt: skip
-        tracker.log_artifact(render_report(analysis, Path(folder) / "rollout-report.html", drift), "rollout")
+        curve = _site_curve(cfg, analysis.challenger)
+        tracker.log_artifact(render_report(analysis, Path(folder) / "rollout-report.html", drift, curve), "rollout")
         return tracker.run_id
+
+
+def _site_curve(cfg: PipelineConfig, challenger: str) -> list[LearningPoint]:
+    """The learning curve of the challenger's site, when the challenger is a loop version."""
+    registry = ModelRegistry(resolve_tracking_uri(cfg.tracking))
+    site = registry.version(cfg.registry.model_name, challenger).tags.get(LOOP_SITE_TAG)
+    return site_learning_curve(registry, cfg.registry.model_name, site) if site else []
 
 
 @dataclass(frozen=True)

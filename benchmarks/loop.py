@@ -9,11 +9,16 @@ the rollout rule promotes or rolls them back on their own shadow traffic. Two re
 random labels as the loop ended with, without the loop. Every model is scored on the fixed held-out NIH patients
 (``--eval-set DIR``: any NIH-format folder of patients; default the project's own patient split), with 95% CIs.
 
+Part ``live`` (``loop_live.py``): the same hospital, one strategy and seed, through a running `crosssim serve` (real
+HTTP: /v1/predict, /v1/worklist, /v1/feedback) and the ``crosssim-continuous-learning`` deployment served by
+`crosssim serve-flows` on a Prefect server, one run per week; its results go into the ``live`` section of the same
+JSON.
+
 Start champion: a ResNet-18 trained on Kermany at ``make run``'s 64 px and preprocessing, served at the threshold
 chosen on Kermany validation — ``make run``'s source model (its CrossSim adaptation, without target labels, leaves
 NIH AUC at the same near-chance level: README "CrossSim benchmark"); ``--champion CHECKPOINT`` starts from another.
 
-    python benchmarks/loop.py [--part strategies] [--strategies random uncertainty diverse hybrid] [--seeds 42 43 44]
+    python benchmarks/loop.py [--part strategies|live] [--strategies random uncertainty diverse hybrid] [--seeds 42 43 44]
         [--weeks 8] [--studies-per-week 60] [--budget 30] [--read-delay 1] [--eval-set DIR] [--champion PT]
         [--smoke] [--output FILE] [--set key=value ...]
 """
@@ -66,7 +71,8 @@ def main() -> None:
         default="strategies",
         help="strategies: the stage functions in one process; live: crosssim serve + the deployment's flow.",
     )
-    parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
+    parser.add_argument("--strategies", nargs="+", choices=STRATEGIES,
+                        help="Default: all four (strategies part); loop.worklist_strategy (live part, which runs one).")
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
     parser.add_argument("--weeks", type=int, default=8)
     parser.add_argument("--studies-per-week", type=int, default=60)
@@ -79,6 +85,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
+    args.live_default = args.part == "live" and args.strategies is None
+    args.strategies = args.strategies or list(STRATEGIES)
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="bench-loop-"))
     overrides = [*DEFAULTS, *(SMOKE if args.smoke else []), f"train.output_dir={work / 'train'}", *args.overrides]
@@ -140,11 +148,12 @@ def _log_to_mlflow(cfg: PipelineConfig, output: Path, figure: Path) -> str:
 
 def _live(args, cfg: PipelineConfig, overrides: list[str], hospital: Hospital, pool_rows, start: Model, champion,
           data, work: Path, output: Path, started: float, console: Console) -> None:  # fmt: skip
-    """Part live (benchmarks/loop_live.py): one strategy (the first of --strategies), one seed (the first)."""
+    """Part live (benchmarks/loop_live.py): one strategy (loop.worklist_strategy, or the first of --strategies), one
+    seed (the first)."""
     from loop_live import live_overrides, register_start_champion, run_live, serving_flows, site_repository
     from servers import prefect_api
 
-    strategy, seed = args.strategies[0], args.seeds[0]
+    strategy, seed = (cfg.loop.worklist_strategy if args.live_default else args.strategies[0]), args.seeds[0]
     live = [*overrides, *live_overrides(cfg, work)]
     live_cfg = load_config(PARAMS, live)
     site_repository(work / "site-repo")

@@ -60,10 +60,12 @@ bench-serve: setup
 bench-rollout: setup
 	$(PY) benchmarks/rollout.py $(BENCH_ARGS)
 
-# The learning loop at NIH: a simulated hospital per worklist strategy and seed, with the oracle and batch
-# fine-tuning as references (BENCH_ARGS="--strategies S... --seeds N... --weeks W" for a development run).
+# The learning loop at NIH, two parts: a simulated hospital per worklist strategy and seed, with the oracle and
+# batch fine-tuning as references (BENCH_ARGS="--strategies S... --seeds N... --weeks W" for a development run),
+# then the live loop through crosssim serve and the continuous-learning deployment (LIVE_ARGS="--weeks W").
 bench-loop: setup
-	$(PY) benchmarks/loop.py $(BENCH_ARGS)
+	$(PY) benchmarks/loop.py --part strategies $(BENCH_ARGS)
+	$(PY) benchmarks/loop.py --part live $(LIVE_ARGS)
 
 # Every benchmark in seconds on a tiny real subset (what tests/test_benchmarks.py runs in CI); JSON to a temp folder.
 bench-smoke: setup

@@ -8,6 +8,7 @@ bad ``--set``) ends the run with its first line and its exit code, not a traceba
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,8 @@ def run_benchmark(main: Callable[[], None]) -> None:
         found = next((path for path in DATA_CANDIDATES if path.is_dir()), None)
         if found is not None:
             os.environ[DATA_DIR_ENV] = str(found)
+    # a SIGTERM (a kill, a CI timeout) unwinds like Ctrl-C: the servers a benchmark started are stopped, not orphaned
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         main()
     except PipelineError as error:

@@ -311,9 +311,11 @@ def _write(path: Path, report: dict) -> None:
     else:
         merged = {**report, **({"live": earlier["live"]} if "live" in earlier else {})}
     live = merged.get("live", {})
-    merged["wall_minutes"] = max(merged.get("strategies_wall_minutes") or 0, live.get("wall_minutes") or 0)
-    merged["cycle_seconds_max"] = live.get("cycle_seconds_max", merged.get("strategies_cycle_seconds_max"))
-    merged["wrong_promotions"] = (merged.get("strategies_wrong_promotions") or 0) + (live.get("wrong_promotions") or 0)
+    for key in ("wall_minutes", "cycle_seconds_max", "wrong_promotions"):  # a strategies result from before the split
+        merged.setdefault(f"strategies_{key}", merged.get(key))
+    merged["wall_minutes"] = max(merged["strategies_wall_minutes"] or 0, live.get("wall_minutes") or 0)
+    merged["cycle_seconds_max"] = live.get("cycle_seconds_max", merged["strategies_cycle_seconds_max"])
+    merged["wrong_promotions"] = (merged["strategies_wrong_promotions"] or 0) + (live.get("wrong_promotions") or 0)
     temporary = path.with_suffix(".partial")
     temporary.write_text(json.dumps(merged, indent=2, default=str) + "\n")
     temporary.replace(path)

@@ -2,9 +2,10 @@
 its weights as well as its serving form.
 
 MLflow 3 logs a PyTorch model as a torch.export archive (``serialization_format: pt2``), which serves but cannot
-be trained further. So registration also points the version tag ``weights_artifact`` at a run artifact in
-``pipeline.crosssim.model.save_model``'s format (architecture + state_dict): the adapted model CrossSim wrote, the
-source model's, or a loop retrain's. ``load_weights`` rebuilds that network.
+be trained further. So registration also points the version tag ``weights_artifact`` at a run artifact holding the
+network's weights: a ``pipeline.crosssim.model.save_model`` file (architecture + state_dict: the adapted model
+CrossSim wrote, a loop retrain's) or the source training's checkpoint (a state_dict of the version's ``backbone``).
+``load_weights`` rebuilds that network.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import tempfile
 from pathlib import Path
 
 import mlflow.artifacts
+import torch
 from mlflow.exceptions import MlflowException
 from torch import nn
 
 from pipeline.crosssim.model import load_model, save_model
+from pipeline.models import build_model
 from pipeline.registry.store import ModelRegistry, RegistryError
 
 WEIGHTS_TAG = "weights_artifact"
@@ -48,4 +51,11 @@ def load_weights(registry: ModelRegistry, name: str, ref: str) -> nn.Module:
             raise RegistryError(
                 f"{name} v{version.version}: its weights at {uri} cannot be read ({exc.message})"
             ) from exc
-        return load_model(Path(path))
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(payload, dict) and "spec" in payload:
+            return load_model(Path(path))
+        if "backbone" not in version.tags:
+            raise RegistryError(f"{name} v{version.version}: its weights are a bare state_dict and it has no backbone tag")
+        network = build_model(version.tags["backbone"])  # a source checkpoint: the state_dict alone
+        network.load_state_dict(payload)
+        return network.eval()

@@ -29,12 +29,14 @@ from pipeline.registry.card import CardFacts, model_card
 from pipeline.registry.gate import GateDecision, decide, score_set
 from pipeline.registry.review import Decision, actions_for, student_name
 from pipeline.registry.store import CHAMPION, ModelRegistry
-from pipeline.registry.weights import WEIGHTS_FILE, WEIGHTS_TAG
+from pipeline.registry.weights import WEIGHTS_TAG
 from pipeline.retrain.adaptation import AdaptationOutcome
 from pipeline.retrain.data import CrossSimData, crosssim_data
+from pipeline.retrain.source import SOURCE_WEIGHTS
 from pipeline.serving.export import LoggedBundle, build_bundle, version_tags
 from pipeline.serving.runtime import torch_probabilities
 from pipeline.tracking import resolve_tracking_uri
+from pipeline.training.handlers import BEST_CHECKPOINT
 
 IMAGE_SIZE_TAG = "image_size"
 HARMONISATION_TAG = "harmonisation"  # absent on versions registered before harmonisation existed: none
@@ -224,6 +226,7 @@ def register_run(
             )
         bundles = export_bundles(cfg, tracker, deployables, frozen, shared)
     kind = f"CrossSim-adapted {cfg.train.backbone}" if crosssim else cfg.train.backbone
+    weights = f"crosssim/{ADAPTED_MODEL}" if crosssim else f"{SOURCE_WEIGHTS}/{BEST_CHECKPOINT}"  # trainable copies
     tags = {
         **{f"data_version.{site}": info["version"] for site, info in data.items()},
         **{key: value for key, value in provenance.items() if value},
@@ -232,7 +235,7 @@ def register_run(
         "backbone": cfg.train.backbone,
         "model_kind": "adapted" if crosssim else "source",
         "parent_model": model_uri if crosssim else "",
-        WEIGHTS_TAG: f"runs:/{tracker.run_id}/" + (f"crosssim/{ADAPTED_MODEL}" if crosssim else f"weights/{WEIGHTS_FILE}"),
+        WEIGHTS_TAG: f"runs:/{tracker.run_id}/{weights}",
     }
 
     def card(version: str) -> str:

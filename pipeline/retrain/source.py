@@ -17,7 +17,6 @@ from pipeline.config import PipelineConfig
 from pipeline.data.prepare import PreparedDataset, open_prepared
 from pipeline.evaluation import ScoredModel, choose_threshold, evaluate_sites
 from pipeline.models import PneumoniaProbability, servable
-from pipeline.registry.weights import log_weights
 from pipeline.training import TrainResult, load_trained_model, train_model
 from pipeline.training.distributed import Ranks, ranks_from_environment
 from pipeline.training.engine import select_device
@@ -84,6 +83,9 @@ def _predictions(model, prepared: PreparedDataset, mask: pd.Series, device: torc
     return rows
 
 
+SOURCE_WEIGHTS = "weights"  # the run folder of the source model's checkpoint (its state_dict)
+
+
 def log_source(cfg: PipelineConfig, tracker, trained: TrainResult, evaluation: ScoredModel) -> str:
     """The training summary, the evaluation's numbers and files, and the model in its serving form into the
     run's tracker; returns the logged model's URI."""
@@ -91,5 +93,6 @@ def log_source(cfg: PipelineConfig, tracker, trained: TrainResult, evaluation: S
     tracker.log_metrics({"threshold": evaluation.threshold, **evaluation.flat_metrics()})
     tracker.log_artifacts(cfg.evaluate.output_dir, artifact_path="eval")
     model, example = serving_model(cfg, trained.model_path)
-    log_weights(tracker, model.classifier)  # trainable, for the learning loop (pipeline.registry.weights)
+    # trainable weights for the learning loop (pipeline.registry.weights reads them back with the backbone tag)
+    tracker.log_artifact(trained.model_path, artifact_path=SOURCE_WEIGHTS)
     return tracker.log_model(model, name="model", input_example=example)

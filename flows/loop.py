@@ -27,12 +27,10 @@ from pipeline.errors import DataValidationError
 from pipeline.loop import cycle
 from pipeline.loop.cycle import CycleResult
 from pipeline.loop.retrain import WarmStartResult
-from pipeline.registry.store import ModelRegistry
 from pipeline.retrain import sites as retrain_sites
 from pipeline.retrain.promotion import Registration
-from pipeline.rollout.actions import rollout_actions
 from pipeline.serving.ledger import opened_ledger
-from pipeline.tracking import MlflowTracker, resolve_tracking_uri, run_context_tags
+from pipeline.tracking import MlflowTracker, run_context_tags
 
 
 @task(cache_policy=NO_CACHE)
@@ -89,32 +87,19 @@ def continuous_learning(site: str, config_path: str | None = None, overrides: li
     logger.info("export: %s", said)
     ingested = _ingest_waiting(cfg, site, config_path, overrides)
     data_version = cycle.site_data_version(cfg, site)
-    registry = ModelRegistry(resolve_tracking_uri(cfg.tracking))
-    newest = cycle.newest_loop_version(registry, cfg.registry.model_name, site)
-    trained_on = newest.tags.get(f"data_version.{site}") if newest is not None else None
     common = {"site": site, "exported": exported, "ingested": ingested, "data_version": data_version}
-    running = rollout_actions(cfg).active()
-    if running is not None and data_version and trained_on != data_version:
-        # a challenger registered now would take the alias from the one being judged
-        why = f"{running.describe()} is running: the next challenger is trained once it is decided"
-        result = CycleResult(status="waiting", reason=why, rollout=running.describe(), **common)
-    elif not data_version or trained_on == data_version:
-        status = "skipped" if not exported and not ingested else "up to date"
-        why = f"no new reads ({said})" if status == "skipped" else f"v{newest.version} was trained on this data version"
-        result = CycleResult(status=status, reason=why, rollout=start_shadow(cfg, site), **common)
+    idle = cycle.without_retrain(cfg, site, exported, ingested, said)
+    if idle is not None:
+        result = CycleResult(status=idle[0], reason=idle[1], rollout=start_shadow(cfg, site), **common)
     else:
         made, champion, why = retrain_site(cfg, site, cfg.seed)
         if made is None:
             result = CycleResult(status="skipped", reason=why, **common)
         else:
-            run_dir, _ = retrain_sites.run_folder(cfg.runs.dir, _flow_run_id() or uuid.uuid4().hex)
-            in_run = cfg.in_run_folder(run_dir)
+            in_run = cfg.in_run_folder(retrain_sites.run_folder(cfg.runs.dir, _flow_run_id() or uuid.uuid4().hex)[0])
             prepare_gate_sites(in_run)
             with MlflowTracker(cfg.tracking, run_name=f"loop-{site}") as tracker:
-                tracker.set_tags({"loop.site": site, f"data_version.{site}": data_version})
-                tracker.log_params(cfg.model_dump(mode="json", include={"loop", "train", "augment"}))
-                tracker.log_metrics({"loop.reads": made.labelled + made.calibrated_on, "loop.retrain_seconds": made.seconds,
-                                     "loop.temperature": made.temperature, "loop.threshold": made.threshold})  # fmt: skip
+                cycle.log_retrain(tracker, cfg, made, site, data_version)
                 provenance = {"git_commit": run_context_tags().get("mlflow.source.git.commit", ""),
                               "prefect_flow_run_id": _flow_run_id() or "", "mlflow_run_id": tracker.run_id}  # fmt: skip
                 registered = register(in_run, tracker, made, champion, site, data_version, provenance)

@@ -151,6 +151,34 @@ def newest_loop_version(registry: ModelRegistry, name: str, site: str) -> ModelV
     return found[-1] if found else None
 
 
+def without_retrain(
+    cfg: PipelineConfig, site: str, exported: int, ingested: list[str], export_said: str
+) -> tuple[CycleStatus, str] | None:
+    """Why this cycle trains nothing (its status and reason), or None when a challenger is due: the site's data
+    version differs from the one its newest loop version was trained on and no rollout is still undecided."""
+    registry = ModelRegistry(resolve_tracking_uri(cfg.tracking))
+    newest = newest_loop_version(registry, cfg.registry.model_name, site)
+    data_version = site_data_version(cfg, site)
+    trained_on = newest.tags.get(f"data_version.{site}") if newest is not None else None
+    if data_version and trained_on != data_version:
+        running = rollout_actions(cfg).active()
+        if running is None:
+            return None
+        # a challenger registered now would take the alias from the one being judged
+        return "waiting", f"{running.describe()} is running: the next challenger is trained once it is decided"
+    if not exported and not ingested:
+        return "skipped", f"no new reads ({export_said})"
+    return "up to date", f"v{newest.version} was trained on this data version"
+
+
+def log_retrain(tracker, cfg: PipelineConfig, made: WarmStartResult, site: str, data_version: str) -> None:
+    """The retrain's settings and figures into the cycle's MLflow run."""
+    tracker.set_tags({LOOP_SITE_TAG: site, f"data_version.{site}": data_version})
+    tracker.log_params(cfg.model_dump(mode="json", include={"loop", "train", "augment"}))
+    tracker.log_metrics({"loop.reads": made.labelled + made.calibrated_on, "loop.retrain_seconds": made.seconds,
+                         "loop.temperature": made.temperature, "loop.threshold": made.threshold})  # fmt: skip
+
+
 def site_reads(cfg: PipelineConfig, site: str, champion: ModelVersion) -> DomainData:
     """Every labelled case of the site's dataset, prepared as the champion's inputs are."""
     manifest = read_dataset(site_folder(cfg, site))
